@@ -1,0 +1,168 @@
+"""Paper presets (configs/*.yaml): they parse, name only parameters of the stages' run notebooks, agree with the
+stage modules' reference constants, flatten for papermill, and every stage of the VOC preset starts on voc-mini.
+
+The voc-mini run keeps every preset value except the overrides listed in `TINY` (sizes, a tiny backbone, no weight
+files, a few images/steps) and the dataset plumbing of voc-mini (its `SegmentationClass` holds the Aug masks).
+"""
+import io
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weaktr.core import REPO_ROOT, cfg_from_flat, shared_data
+from weaktr.grid import STAGES, check_preset, export_preset, load_preset, main, notebook_parameters, stage_notebook
+
+PRESETS = ["configs/voc.yaml", "configs/coco.yaml", "configs/voc_vit_s_dagger.yaml"]
+
+
+def _cfg_classes():
+    from weaktr.camgen import CamGenCfg
+    from weaktr.evaluate import EvalCfg
+    from weaktr.pseudo import PseudoCfg
+    from weaktr.train_cam import CamTrainCfg
+    from weaktr.train_seg import SegTrainCfg
+    return dict(train_cam=CamTrainCfg, gen_cams=CamGenCfg, pseudo_labels=PseudoCfg, train_seg=SegTrainCfg, evaluate=EvalCfg)
+
+
+def _norm(v):
+    "Tuples -> lists (what a YAML file gives back)."
+    if isinstance(v, (tuple, list)): return [_norm(x) for x in v]
+    if isinstance(v, dict): return {k: _norm(x) for k, x in v.items()}
+    return v
+
+
+@pytest.mark.parametrize("path", PRESETS)
+def test_preset_parses_and_names_only_parameters(path):
+    pre = load_preset(REPO_ROOT / path)
+    assert list(pre) == list(STAGES), f"{path}: every stage, in pipeline order"
+    classes = _cfg_classes()
+    for stage, params in pre.items():
+        fields = set(classes[stage].__dataclass_fields__)
+        assert not set(params) - fields, f"{path} [{stage}]: not {classes[stage].__name__} fields: {set(params) - fields}"
+        cfg_from_flat(classes[stage], params)                     # names, types and value choices accepted
+        nb = stage_notebook(stage)
+        if nb.is_file():                                          # keys are parameters of the run notebook
+            known = notebook_parameters(nb)
+            assert not set(params) - set(known), f"{path} [{stage}]: not parameters of {nb.name}: {set(params) - set(known)}"
+    assert check_preset(REPO_ROOT / path) == {}
+    assert "~" not in yaml.safe_dump(pre), "~ paths are expanded"
+
+
+RUN_CONTROL = ("smoke", "progress", "resume")
+
+
+@pytest.mark.parametrize("path", PRESETS)
+def test_preset_sets_every_non_reference_notebook_default(path):
+    "A run notebook's defaults are the CPU demo's: every parameter the preset leaves out must default to the reference value."
+    import ast
+    import dataclasses
+    pre, classes = load_preset(REPO_ROOT / path), _cfg_classes()
+    for stage, cls in classes.items():
+        nb = stage_notebook(stage)
+        if not nb.is_file(): continue
+        ref = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(cls)}
+        for k, info in notebook_parameters(nb).items():
+            if k in pre[stage] or k in RUN_CONTROL: continue
+            nb_default = ast.literal_eval(info["default"])
+            assert k in ref, f"{nb.name}: parameter {k} is not a {cls.__name__} field"
+            assert _norm(nb_default or None) == _norm(ref[k] or None), \
+                f"{path} [{stage}] must set {k}: the notebook default {nb_default!r} is not the reference {ref[k]!r}"
+
+
+def test_presets_agree_with_stage_constants():
+    "The presets restate the stage modules' reference constants (spec §3, §5.7) and the documented per-dataset flags."
+    from weaktr.evaluate import MS_RATIOS
+    from weaktr.train_cam import CAM_TRAIN_COCO, CAM_TRAIN_VOC
+    from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_VOC
+    voc, coco, dagger = (load_preset(REPO_ROOT / p) for p in PRESETS)
+    for pre, cam, seg in ((voc, CAM_TRAIN_VOC, SEG_TRAIN_VOC), (coco, CAM_TRAIN_COCO, SEG_TRAIN_COCO)):
+        for k, v in cam.items(): assert _norm(pre["train_cam"][k]) == _norm(v), f"train_cam.{k}: {pre['train_cam'][k]} != {v}"
+        for k, v in seg.items(): assert _norm(pre["train_seg"][k]) == _norm(v), f"train_seg.{k}: {pre['train_seg'][k]} != {v}"
+        assert pre["train_cam"]["pretrained"].endswith("weights/deit_small_patch16_224-cd65a155.pth")
+        assert pre["train_cam"]["embed_dim"] == pre["train_cam"]["depth"] == 0           # the backbone's own, not the demo's
+        assert _norm(pre["evaluate"]["ratios"]) == list(MS_RATIOS) and pre["evaluate"]["two_output"] and pre["evaluate"]["crf"]
+    assert voc["gen_cams"]["scales"] == [1.0, 1.2] and voc["pseudo_labels"]["threshold"] == 0.43          # HEAD VOC docs
+    assert coco["gen_cams"]["scales"] == [1.0, 0.8, 1.2] and coco["pseudo_labels"]["threshold"] == 0.42   # HEAD COCO docs
+    assert (voc["pseudo_labels"]["crf"], coco["pseudo_labels"]["crf"], coco["evaluate"]["crf_preset"]) == ("voc", "coco", "coco")
+    assert (voc["train_cam"]["lr"], coco["train_cam"]["lr"]) == (6e-4, 2e-4)
+    # WeakTr-dagger: Phase 2 only (spec §5.8); Phase 1 and the CAM labels are the DeiT-S ones
+    assert dagger["train_seg"]["backbone"] == "vit_small_patch16_384"
+    assert dagger["train_seg"]["pseudo_dir"] == voc["train_seg"]["pseudo_dir"]
+    for st in ("train_cam", "gen_cams", "pseudo_labels"): assert dagger[st] == voc[st]
+    assert {k: v for k, v in dagger["train_seg"].items() if k not in ("run_dir", "backbone", "init_path")} == \
+           {k: v for k, v in voc["train_seg"].items() if k not in ("run_dir", "backbone", "init_path")}
+
+
+def test_export_preset_cli():
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["export-preset", str(REPO_ROOT / "configs/coco.yaml"), "gen_cams", "--set", "data_root=/data/coco", "--set", "max_images=4"])
+    assert rc == 0
+    flat = yaml.safe_load(buf.getvalue())
+    assert flat == {**_norm(load_preset(REPO_ROOT / "configs/coco.yaml", "gen_cams")), "data_root": "/data/coco", "max_images": 4}
+    buf = io.StringIO()
+    with redirect_stdout(buf): rc = main(["check-preset", *(str(REPO_ROOT / p) for p in PRESETS)])
+    assert rc == 0 and buf.getvalue().count(": ok") == 3, buf.getvalue()
+
+
+TINY = dict(
+    train_cam=dict(backbone="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, reduction=2,  # 4 heads: AAF reduction 8 leaves 0 units
+                   pretrained="", epochs=1, max_steps=2,
+                   batch_size=4, max_train_images=8, max_val_images=4, cam_eval_max_images=2, num_workers=0, img_size=112),
+    gen_cams=dict(max_images=4, num_workers=0, batch_size=2),
+    pseudo_labels=dict(max_images=4, workers=1),
+    train_seg=dict(backbone="deit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, init="random", init_path="",
+                   epochs=2, max_steps=2, max_train_images=4, max_val_images=1, num_workers=0, crop_size=240, base_size=260,
+                   gc_window=60, window_size=240, window_stride=160),
+    evaluate=dict(max_images=1, ratios=[1.0], n_fig=1),
+)
+
+
+def test_voc_preset_stages_start_on_voc_mini(tmp_path):
+    "Every stage of configs/voc.yaml runs on voc-mini, chained through the preset's links, with only TINY overridden."
+    try: root = shared_data("voc-mini")
+    except FileNotFoundError as e: pytest.skip(f"voc-mini not available: {e}")
+    from weaktr.camgen import generate_cams, resolve_paths
+    from weaktr.evaluate import evaluate_seg
+    from weaktr.pseudo import make_pseudo_labels
+    from weaktr.train_cam import check_cam_cfg, train_cam
+    from weaktr.train_seg import train_seg
+    classes, t0 = _cfg_classes(), time.time()
+    pre = load_preset(REPO_ROOT / "configs/voc.yaml")
+    run = lambda rel: str(tmp_path / Path(rel).relative_to("runs/voc"))             # runs/voc/<x> -> tmp/<x>
+    def params(stage):
+        p = {**pre[stage], **TINY[stage], "data_root": str(root)}
+        if "device" in classes[stage].__dataclass_fields__: p["device"] = "cpu"
+        for k in ("run_dir", "checkpoint", "cams_dir", "pseudo_dir"):
+            if k in p and p[k].startswith("runs/voc/"): p[k] = run(p[k])
+        if (p.get("data_kw") or {}).get("mask_dir") == "SegmentationClassAug":      # voc-mini keeps the Aug masks here
+            p["data_kw"] = {**p["data_kw"], "mask_dir": "SegmentationClass"}
+        if "progress" in classes[stage].__dataclass_fields__: p["progress"] = False
+        return cfg_from_flat(classes[stage], p)
+
+    s1 = train_cam(check_cam_cfg(params("train_cam"), base_dir=REPO_ROOT))
+    assert s1["steps"] == 2 and s1["num_classes"] == 20 and s1["model"]["fusion"] == "v3"
+    assert (tmp_path / "train_cam" / "best.pt").is_file()
+    s2 = generate_cams(resolve_paths(params("gen_cams"), REPO_ROOT))
+    assert s2["n_generated"] == 4 and len(list((tmp_path / "gen_cams" / "cams").glob("*.npz"))) == 4
+    s3 = make_pseudo_labels(resolve_paths(params("pseudo_labels"), REPO_ROOT))
+    assert s3["threshold"] == 0.43 and s3["n_written"] == 4 and s3["n_scored"] == 4 and 0 <= s3["miou"] <= 1
+    cfg4 = params("train_seg")
+    assert cfg4.pseudo_dir == str(tmp_path / "pseudo_labels" / "pseudo")
+    s4 = train_seg(cfg4)
+    assert s4["steps"] == 2 and s4["n_cls"] == 21 and s4["n_train"] == 4
+    s5 = evaluate_seg(params("evaluate"))
+    assert s5["finished"] and s5["crf"] == "voc" and 0 <= s5["headline_miou"] <= 100
+    print(f"voc-mini preset chain: {time.time() - t0:.1f} s")
+
+
+def test_dagger_segmenter_builds():
+    "configs/voc_vit_s_dagger.yaml's Phase-2 encoder (timm vit_small_patch16_384 at 480 px) builds with the preset's kwargs."
+    from weaktr.segmenter import create_segmenter
+    from weaktr.train_seg import SegTrainCfg, segmenter_kwargs
+    cfg = cfg_from_flat(SegTrainCfg, load_preset(REPO_ROOT / "configs/voc_vit_s_dagger.yaml", "train_seg"))
+    m = create_segmenter(**segmenter_kwargs(cfg, 21))
+    assert m.encoder.pos_embed.shape[1] == 1 + 30 * 30 and m.encoder.patch_embed.proj.kernel_size == (16, 16)

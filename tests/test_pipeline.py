@@ -1,0 +1,80 @@
+"""`python -m weaktr.pipeline --quick` end to end: every stage's executed notebook and summary, the re-run that skips
+finished stages, and a failing stage that names its notebook and cell. (~2-3 min on a 2-core CPU.)"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from weaktr.core import REPO_ROOT
+from weaktr.pipeline import ABLATION_STAGES, MAIN_STAGES
+
+STAGES = MAIN_STAGES + ABLATION_STAGES
+
+
+def _run(args, timeout=420):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "weaktr.pipeline", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return r, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipe") / "demo"
+    r, dt = _run(["--quick", "--run-dir", str(run_dir), "--threads", "1"])
+    assert r.returncode == 0, f"pipeline failed ({dt:.0f} s):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return run_dir, r, dt
+
+
+def test_every_stage_ran_and_wrote_its_summary(quick_run):
+    run_dir, r, dt = quick_run
+    dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit())
+    assert [d.name.split("_", 1)[1] for d in dirs] == list(STAGES)
+    for d in dirs:
+        st = json.loads((d / "pipeline.json").read_text())
+        assert st["status"] == "done", (d, st)
+        nb = d / st["notebook"]
+        assert nb.is_file(), nb
+        cells = json.loads(nb.read_text())["cells"]
+        assert any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells)   # executed by papermill
+        assert (d / "summary.json").is_file(), d
+    s = json.loads((run_dir / "summary.json").read_text())
+    for k in ("cls_map", "cam_miou_no_crf", "pseudo_miou", "seg_miou"):
+        assert s["metrics"][k] is not None and 0 <= s["metrics"][k] <= 1, (k, s["metrics"])
+    assert (run_dir / "summary.md").is_file() and (run_dir / "figure.png").is_file()
+    assert s["ablation"] and {row["group"] for row in s["ablation"]} >= {"backbone init × CRF"}
+    assert "final segmentation mIoU" in r.stdout and "== " not in r.stderr[:0]
+    print(f"quick pipeline: {dt:.0f} s")
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    run_dir, _, _ = quick_run
+    before = {p: p.stat().st_mtime for p in run_dir.glob("*/*.ipynb")}
+    r, dt = _run(["--quick", "--run-dir", str(run_dir)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("skipped") >= len(STAGES), r.stdout[-3000:]
+    assert {p: p.stat().st_mtime for p in run_dir.glob("*/*.ipynb")} == before       # no notebook re-executed
+    assert dt < 60, f"a fully finished run took {dt:.0f} s"
+
+
+def test_failing_stage_names_its_notebook(tmp_path):
+    r, _ = _run(["--quick", "--no-ablation", "--run-dir", str(tmp_path / "bad"), "--stages", "train_cam",
+                 "-p", "train_cam.epochs=two"])
+    assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
+    nb = tmp_path / "bad" / "01_train_cam" / "train_cam.ipynb"
+    assert f"stage 'train_cam' failed in {nb} (cell " in r.stderr, r.stderr[-2000:]
+    assert "epochs" in r.stderr and nb.is_file()
+    st = json.loads((nb.parent / "pipeline.json").read_text())
+    assert st["status"] == "failed" and isinstance(st["cell"], int)
+
+
+def test_unknown_override_fails_before_running(tmp_path):
+    r, dt = _run(["--quick", "--no-ablation", "--run-dir", str(tmp_path / "x"), "-p", "train_cam.epochz=2"])
+    assert r.returncode == 2 and "train_cam.ipynb has no parameter 'epochz'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "x" / "01_train_cam").exists()

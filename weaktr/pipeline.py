@@ -174,11 +174,11 @@ def parse_overrides(items: Sequence,  # ["key=value", ...] or [["key", "value"],
     return out
 
 def notebook_params(notebook: str) -> dict:
-    "The parameters a run notebook declares (papermill.inspect_notebook): {name: info}."
-    import papermill as pm
+    "The parameters a run notebook declares: {name: info} (read with `ast`: papermill 2.7's `inspect_notebook` drops a parameter whose comment holds '=')."
+    from weaktr.grid import notebook_parameters
     path = RUNS_NB_DIR / notebook
     if not path.is_file(): raise FileNotFoundError(f"run notebook not found: {path}")
-    return pm.inspect_notebook(str(path))
+    return notebook_parameters(path)
 
 def resolve_overrides(parsed: list, # from parse_overrides
                       stages: list[Stage], # from build_stages (without overrides)

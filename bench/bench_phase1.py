@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,8 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _timing import peak_rss_mib, rss_mib, sync, time_steps  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import timm  # noqa: E402
 
@@ -36,20 +36,6 @@ MODELS = {"weaktr_fast": "WeakTr, fast attention (SDPA + no-grad probs)",
           "timm_vit": "plain timm ViT, fused attention, 1000-class head, CE"}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
-
-def _rss_mib() -> float:
-    "Current resident set size of this process (Linux /proc), MiB."
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    "Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sync(dev):
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
 
 
 def measure(kind: str, args) -> dict:
@@ -63,7 +49,7 @@ def measure(kind: str, args) -> dict:
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
         mem0 = torch.cuda.memory_allocated(dev)
     else:
-        rss0 = _rss_mib()
+        rss0 = rss_mib()
     if kind == "timm_vit":
         model = timm.create_model(args.backbone, pretrained=False, num_classes=1000, img_size=img, drop_path_rate=0.1)
         assert all(getattr(b.attn, "fused_attn", False) for b in model.blocks), "timm fused attention is off (TIMM_FUSED_ATTN?)"
@@ -87,15 +73,11 @@ def measure(kind: str, args) -> dict:
         scaler.step(opt); scaler.update()
         return loss.detach()
 
-    for _ in range(args.warmup): step()
-    _sync(dev)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter(); loss = step(); _sync(dev); times.append(time.perf_counter() - t0)
+    times, loss = time_steps(step, dev, args.warmup, args.steps)
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(dev) - mem0) / 2**20
     else:
-        peak = _peak_rss_mib() - rss0
+        peak = peak_rss_mib() - rss0
     med = statistics.median(times)
     return dict(model=kind, description=MODELS[kind], step_ms=1000 * med, step_ms_all=[1000 * t for t in times],
                 img_per_s=B / med, peak_mem_mib=peak, params_m=sum(p.numel() for p in model.parameters()) / 1e6,

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _timing import peak_rss_mib, rss_mib, sync, time_steps  # noqa: E402
 import timm  # noqa: E402
 
 from weaktr.core import atomic_save_json, get_device  # noqa: E402
@@ -44,18 +44,6 @@ from weaktr.segmenter import create_segmenter  # noqa: E402
 PATHS = {"kit": "fused attention (SDPA), autocast --amp", "reference": "explicit attention, --ref-amp (reference: fp32)"}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sync(dev):
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
 
 
 def build(args, dev, path: str, img: int):
@@ -87,7 +75,7 @@ def measure_train(path: str, B: int, args) -> dict:
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
         mem0 = torch.cuda.memory_allocated(dev)
     else:
-        rss0 = _rss_mib()
+        rss0 = rss_mib()
     model = build(args, dev, path, img).train()
     opt = torch.optim.SGD(param_groups(model, {"encoder.": 0.1}), lr=1e-4, momentum=0.9, nesterov=True)
     clip = ClipCfg(start_value=1e9, window=img // 4)                     # GC always on (its cost is what we time)
@@ -102,12 +90,8 @@ def measure_train(path: str, B: int, args) -> dict:
         scaler.step(opt); scaler.update()
         return loss.detach()
 
-    for _ in range(args.warmup): step()
-    _sync(dev)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter(); loss = step(); _sync(dev); times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated(dev) - mem0) / 2**20 if dev.type == "cuda" else _peak_rss_mib() - rss0
+    times, loss = time_steps(step, dev, args.warmup, args.steps)
+    peak = (torch.cuda.max_memory_allocated(dev) - mem0) / 2**20 if dev.type == "cuda" else peak_rss_mib() - rss0
     med = statistics.median(times)
     return dict(part="train", path=path, batch=B, amp=amp, step_ms=1000 * med, step_ms_all=[1000 * t for t in times],
                 img_per_s=B / med, peak_mem_mib=peak, final_loss=float(loss),
@@ -128,13 +112,13 @@ def measure_eval(args) -> dict:
     images = [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g) for _ in range(args.eval_images)]
     out = dict(part="eval", image_hw=(H, W), window=win, stride=icfg.stride, base_size=base, ratios=MS_RATIOS,
                flip=True, two_output=True, window_batch=args.window_batch, images=len(images))
-    predict(model, images[0], icfg); _sync(dev)                            # warm-up (kernels, allocator)
+    predict(model, images[0], icfg); sync(dev)                            # warm-up (kernels, allocator)
     res = {}
     for name, fn in (("batched", predict), ("window_by_window", predict_windowed_reference)):
         t0 = time.perf_counter(); probs = []
         for im in images:
             probs.append(fn(model, im, icfg).cpu())
-        _sync(dev); dt = time.perf_counter() - t0
+        sync(dev); dt = time.perf_counter() - t0
         res[name] = probs
         out[f"{name}_s_per_img"] = dt / len(images); out[f"{name}_img_per_s"] = len(images) / dt
     diffs = [float((a - b).abs().max()) for a, b in zip(res["batched"], res["window_by_window"])]

@@ -1,6 +1,6 @@
 """DDP through torchrun (gloo, 2 CPU processes): ranks stay identical, match a 1-process run with the same global batch,
 only rank 0 writes, and a killed DDP run resumes bitwise (each rank gets its own RNG state back)."""
-import json, os, subprocess, sys, textwrap, time
+import json, os, shutil, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import pytest
@@ -54,9 +54,16 @@ cleanup_distributed()
 '''
 
 
-def _run(cmd, env, timeout=120):
+GLOO_ABORT = "terminate called without an active exception"
+
+def _run(cmd, env, timeout=120, fresh_dir=None):
+    "Run `cmd`; a launch killed by gloo's intermittent C++ abort (seen once in ~5 runs on a 2-core machine under heavy"
+    "load) is launched once more — from a clean `fresh_dir` if given; a resume launch may simply resume again."
     t = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    for attempt in (0, 1):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if r.returncode == 0 or attempt or GLOO_ABORT not in r.stderr: break
+        if fresh_dir is not None: shutil.rmtree(fresh_dir, ignore_errors=True)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return time.time() - t
 
@@ -72,7 +79,7 @@ def test_ddp_two_ranks_match_single_process_and_resume(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir(); ddp.mkdir()
     _run([sys.executable, str(script), str(single), "first"], env)
-    _run([*torchrun, str(script), str(ddp), "first"], env)
+    _run([*torchrun, str(script), str(ddp), "first"], env, fresh_dir=ddp)
     _run([*torchrun, str(script), str(ddp), "resume"], env)
     w = lambda d, name, r, ws: torch.load(d / f"{name}_rank{r}_of{ws}.pt", weights_only=True)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from weaktr.core import REPO_ROOT
-from weaktr.pipeline import ABLATION_STAGES, MAIN_STAGES
+from weaktr.pipeline import MAIN_STAGES
 
-STAGES = MAIN_STAGES + ABLATION_STAGES
+STAGES = MAIN_STAGES + ("ablation",)   # the quick preset runs the ablation notebook without the extra trainings
 
 
 def _run(args, timeout=420):
@@ -48,8 +48,9 @@ def test_every_stage_ran_and_wrote_its_summary(quick_run):
     for k in ("cls_map", "cam_miou_no_crf", "pseudo_miou", "seg_miou"):
         assert s["metrics"][k] is not None and 0 <= s["metrics"][k] <= 1, (k, s["metrics"])
     assert (run_dir / "summary.md").is_file() and (run_dir / "figure.png").is_file()
-    assert s["ablation"] and {row["group"] for row in s["ablation"]} >= {"backbone init × CRF"}
-    assert "final segmentation mIoU" in r.stdout and "== " not in r.stderr[:0]
+    groups = {row["group"] for row in s["ablation"]}
+    assert {"backbone init × CRF", "attention type × refinement (pretrained, CRF off)"} <= groups, groups
+    assert "final segmentation mIoU" in r.stdout
     print(f"quick pipeline: {dt:.0f} s")
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d3e4875c
 from __future__ import annotations
-import csv, json, math, os, shutil, tempfile
+import colorsys, csv, hashlib, json, math, os, shutil, tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,15 +20,15 @@ from .core import atomic_path, atomic_save_json
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'COCO_CLASSES', 'COCO_UNUSED_IDS', 'COCO80_IDS', 'COCO80_CLASSES', 'IMAGE_EXTS',
-           'SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN', 'DATASETS',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'SEG_MEAN', 'SEG_STD', 'coco_lut', 'voc_palette', 'mask_to_rgb',
+           'SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DESIGNS', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN',
+           'DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SEG_MEAN', 'SEG_STD', 'coco_lut', 'voc_palette', 'mask_to_rgb',
            'DataError', 'read_image', 'read_mask', 'write_mask', 'read_id_list', 'resolve_split', 'read_label_json',
            'read_label_csv', 'convert_cls_labels_npy', 'identity_lut', 'SegDataset', 'voc_dataset', 'coco_dataset',
            'folder_dataset', 'synth_classes', 'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'runs_dir',
-           'open_dataset', 'plot_samples', 'phase1_train_transform', 'phase1_eval_transform', 'on_image',
-           'phase1_collate', 'ms_flip_views', 'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv', 'hsv_to_rgb',
-           'RatioResize', 'CatMaxRatioCrop', 'PhotoMetricDistortion', 'PadTo', 'JointTransform', 'seg_train_transform',
-           'seg_eval_transform']
+           'make_default_synthetic', 'open_dataset', 'plot_samples', 'phase1_train_transform', 'phase1_eval_transform',
+           'on_image', 'phase1_collate', 'ms_flip_views', 'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv',
+           'hsv_to_rgb', 'RatioResize', 'CatMaxRatioCrop', 'PhotoMetricDistortion', 'PadTo', 'JointTransform',
+           'seg_train_transform', 'seg_eval_transform']
 
 # %% ../nbs/01_data.ipynb #76d4d3f4
 IGNORE_INDEX = 255  # "ignore" value in masks (VOC boundary band, Phase-2 padding)
@@ -480,9 +480,17 @@ SYNTH_SHAPES = ("disk", "square", "triangle", "cross", "star", "crescent", "annu
 SYNTH_TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "waves", "pinwheel", "outline")
 SYNTH_VERSION = 1  # bump when the generator's output changes
 
-def synth_classes(num_classes: int, # C, at most 2 * 8 = 16
+SYNTH_DESIGNS = ("conjunction", "distinct", "palette")
+
+def synth_classes(num_classes: int, # C: at most 16 ("conjunction") or 8 ("distinct", "palette")
+                  design: str = "conjunction", # how classes are told apart, see SYNTH_DESIGNS
                  ) -> list[tuple[str, str]]:
-    "(shape, texture) of each synthetic class: a cycle in which each shape and texture serves two classes."
+    "(shape, texture) of each synthetic class (see the design list above)."
+    if design not in SYNTH_DESIGNS: raise ValueError(f"design={design!r}: expected one of {SYNTH_DESIGNS}")
+    if design != "conjunction":
+        if not 1 <= num_classes <= min(len(SYNTH_SHAPES), len(SYNTH_TEXTURES)):
+            raise ValueError(f"num_classes={num_classes}: design={design!r} makes 1..8 classes (one shape and texture each)")
+        return [(SYNTH_SHAPES[c], SYNTH_TEXTURES[c]) for c in range(num_classes)]
     g = math.ceil(num_classes / 2)
     if not 1 <= num_classes <= 2 * min(len(SYNTH_SHAPES), len(SYNTH_TEXTURES)):
         raise ValueError(f"num_classes={num_classes}: the synthetic generator makes 1..16 classes")
@@ -540,6 +548,14 @@ def _two_colours(rng, min_contrast):
         if abs(_lum(a) - _lum(b)) >= min_contrast: return a, b
     return a, 255.0 - a
 
+def _hue_colours(rng, hue, min_contrast, spread=0.04):
+    "Two RGB colours of hue `hue` ± `spread` (fractions of the wheel) whose luminance differs by >= `min_contrast`."
+    for _ in range(50):
+        cols = [np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-spread, spread)) % 1.0, rng.uniform(0.5, 1.0),
+                                             rng.uniform(0.2, 1.0))) * 255 for _ in range(2)]
+        if abs(_lum(cols[0]) - _lum(cols[1])) >= min_contrast: return cols[0], cols[1]
+    return np.array(colorsys.hsv_to_rgb(hue, 0.8, 1.0)) * 255, np.array(colorsys.hsv_to_rgb(hue, 0.8, 0.3)) * 255
+
 def _smooth_noise(rng, S, cells, amp):
     "(S, S) bilinear upsample of a (cells+1)^2 normal grid, std `amp`."
     g = rng.normal(0, amp, (cells + 1, cells + 1))
@@ -561,9 +577,10 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
                      obj_scale: tuple[float, float] = (0.12, 0.26), # object radius range, fraction of size
                      min_visible: float = 0.5, # every object keeps at least this fraction visible
                      noise: float = 3.0, # std of the final pixel noise
+                     design: str = "conjunction", # "conjunction", "distinct" or "palette" (see synth_classes)
                     ) -> tuple[np.ndarray, np.ndarray]:
     "Draw one synthetic image: -> (image (S, S, 3) uint8, mask (S, S) uint8 with values 0..C)."
-    S, classes = size, synth_classes(num_classes)
+    S, classes = size, synth_classes(num_classes, design)
     Y, X = np.mgrid[0:S, 0:S].astype(np.float64) + 0.5                          # pixel centres
     # background: two-colour ramp + low-frequency noise
     c0, c1 = rng.uniform(25, 230, (2, 3)); th = rng.uniform(0, 2 * np.pi)
@@ -607,7 +624,7 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
                 break
         else:
             areas.append(0); continue                                           # no valid placement: drop it
-        a_col, b_col = _two_colours(rng, 70)
+        a_col, b_col = _hue_colours(rng, c / 8, 70) if design == "palette" else _two_colours(rng, 70)
         pat = _texture(tex, x, y, rng.uniform(3.2, 6.0), rng.uniform(), region)
         gd = rng.uniform(0, 2 * np.pi)
         shade = 1 + rng.uniform(0, 0.2) * ((x * math.cos(gd) + y * math.sin(gd)) / R)  # (S, S) lighting ramp
@@ -618,8 +635,9 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), lut[inst]
 
 # %% ../nbs/01_data.ipynb #2450be45
-SYNTH_DEFAULT = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 3), clutter=0.5, seed=0)
-SYNTH_PRETRAIN = dict(size=64, num_classes=16, n_train=4000, n_val=400, objects=(1, 3), clutter=0.5, seed=1)
+SYNTH_DEFAULT = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 2), clutter=0.3, seed=0,
+                     obj_scale=(0.2, 0.35), design="palette")      # the demo's set (see 16_pipeline for why it is this easy)
+SYNTH_PRETRAIN = dict(size=64, num_classes=8, n_train=8000, n_val=400, objects=(1, 3), clutter=0.5, seed=1, design="palette")
 
 def make_synthetic(root, # output folder (created; reused if it holds the same set)
                    n_train: int = 600, n_val: int = 150, # images per split
@@ -631,6 +649,7 @@ def make_synthetic(root, # output folder (created; reused if it holds the same s
                    obj_scale: tuple[float, float] = (0.12, 0.26), # object radius range, fraction of size
                    min_visible: float = 0.5, # visible fraction every object keeps
                    noise: float = 3.0, # pixel noise std
+                   design: str = "conjunction", # class design: "conjunction", "distinct" or "palette" (see synth_classes)
                    overwrite: bool = False, # replace a set made with other parameters
                   ) -> Path:
     "Write a deterministic synthetic segmentation set in the VOC layout and return its root."
@@ -639,9 +658,10 @@ def make_synthetic(root, # output folder (created; reused if it holds the same s
     if not 0 <= clutter <= 1: raise ValueError(f"clutter={clutter}: expected a value in 0..1")
     if size < 16: raise ValueError(f"size={size}: expected at least 16 pixels")
     if n_train < 1 or n_val < 0: raise ValueError(f"n_train={n_train}, n_val={n_val}: need n_train >= 1, n_val >= 0")
-    classes = synth_classes(num_classes)
+    classes = synth_classes(num_classes, design)
     params = dict(n_train=n_train, n_val=n_val, size=size, num_classes=num_classes, objects=list(objects),
                   clutter=clutter, seed=seed, obj_scale=list(obj_scale), min_visible=min_visible, noise=noise)
+    if design != "conjunction": params["design"] = design        # sets written before `design` existed stay valid
     meta = dict(generator="weaktr.data.make_synthetic", version=SYNTH_VERSION,
                 class_names=[f"{s}-{t}" for s, t in classes],
                 classes=[dict(name=f"{s}-{t}", shape=s, texture=t, mask_value=i + 1) for i, (s, t) in enumerate(classes)],
@@ -666,7 +686,7 @@ def make_synthetic(root, # output folder (created; reused if it holds the same s
             lists[split] = [f"{split}_{i:05d}" for i in range(n)]
             for i, id in enumerate(lists[split]):
                 img, mask = render_synthetic(np.random.default_rng([seed, si, i]), size, num_classes, tuple(objects),
-                                             clutter, tuple(obj_scale), min_visible, noise)
+                                             clutter, tuple(obj_scale), min_visible, noise, design)
                 Image.fromarray(img).save(tmp / "JPEGImages" / f"{id}.png", compress_level=6)
                 pm = Image.fromarray(mask, "L").convert("P"); pm.putpalette(pal)
                 pm.save(tmp / "SegmentationClass" / f"{id}.png", compress_level=6)
@@ -705,6 +725,13 @@ def runs_dir() -> Path:
     env = os.environ.get("WEAKTR_RUNS")
     return Path(env).expanduser() if env else REPO_ROOT / "runs"
 
+def make_default_synthetic(smoke: bool = False, # a 16 + 8 image version of it (CI)
+                          ) -> Path:
+    "The embedded default set (`SYNTH_DEFAULT`), generated once under `runs/data/synthetic_<hash of its parameters>`."
+    p = {**SYNTH_DEFAULT, **({"n_train": 16, "n_val": 8} if smoke else {})}
+    tag = hashlib.sha1(json.dumps(p, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return make_synthetic(runs_dir() / "data" / f"synthetic_{tag}", **p)
+
 def open_dataset(data: str, # one of DATASETS
                  data_root: str | Path = "", # dataset root ("" only for "synthetic": the embedded default)
                  split: str = "train", # split name (list file under ImageSets/Segmentation) or a list file path
@@ -715,7 +742,7 @@ def open_dataset(data: str, # one of DATASETS
     if data not in DATASETS:
         raise ValueError(f"data={data!r}: expected one of {DATASETS}")
     if data == "synthetic":
-        root = Path(data_root) if str(data_root) else make_synthetic(runs_dir() / "data" / "synthetic", **SYNTH_DEFAULT)
+        root = Path(data_root) if str(data_root) else make_default_synthetic()
         return synthetic_dataset(root, split, transform=transform, **kw)
     if not str(data_root):
         raise ValueError(f"data={data!r} needs data_root (the dataset folder); got an empty string")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .camgen import evaluate_cams
 from .core import atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict, get_device, seed_everything
-from .data import (DATASETS, SYNTH_DEFAULT, SegDataset, make_synthetic, on_image, open_dataset, phase1_collate,
+from .data import (DATASETS, SYNTH_DEFAULT, SegDataset, make_default_synthetic, make_synthetic, on_image, open_dataset, phase1_collate,
                          phase1_eval_transform, phase1_train_transform, runs_dir)
 from .fusion import FUSIONS
 from .learner import PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, effective_lr, read_metrics, save_figure
@@ -43,7 +43,7 @@ class CamTrainCfg:
     run_dir: str = "runs/train_cam"          # config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = "voc"                        # "synthetic" | "voc" | "coco" (90 classes, §1.2) | "coco80" | "folder"
-    data_root: str = ""                      # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic
+    data_root: str = ""                      # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>
     data_kw: dict | None = None              # extra keyword arguments for the dataset builder, e.g. {"mask_space": "coco80"}
     train_split: str = "train_aug"           # training list (§3.1: VOC train_aug, COCO train)
     val_split: str = "val"                   # mAP list (§3.1)
@@ -197,7 +197,8 @@ def _split_kw(cfg: CamTrainCfg, root: Path, masks: bool) -> dict:
 def resolve_data_root(cfg: CamTrainCfg) -> Path:
     "The dataset folder; for synthetic data, generated if empty or missing (SYNTH_DEFAULT, or a tiny set when smoke)."
     if cfg.data != "synthetic": return Path(cfg.data_root)
-    root = Path(cfg.data_root) if cfg.data_root else runs_dir() / "data" / ("synthetic-smoke" if cfg.smoke else "synthetic")
+    if not cfg.data_root: return make_default_synthetic(smoke=cfg.smoke)
+    root = Path(cfg.data_root)
     if not (root / "meta.json").is_file():
         make_synthetic(root, **({**SYNTH_DEFAULT, "n_train": 16, "n_val": 8} if cfg.smoke else SYNTH_DEFAULT))
     return root

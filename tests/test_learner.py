@@ -266,3 +266,13 @@ def test_clear_errors(tmp_path):
         Learner(EncDec(), mse_loss, NoisyToy(4), BASE, tmp_path)
     with pytest.raises(TypeError, match="TrainCfg.epochs: expected int"):
         Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": "3"}, tmp_path)
+
+
+def test_config_name(tmp_path):
+    "The TrainCfg goes to `config_name` (stages keep their own config.json); '' writes none."
+    (tmp_path / "a").mkdir(); (tmp_path / "a/config.json").write_text('{"stage": "mine"}')
+    Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": 1}, tmp_path / "a", config_name="train_config.json").fit()
+    assert json.loads((tmp_path / "a/config.json").read_text()) == {"stage": "mine"}
+    assert json.loads((tmp_path / "a/train_config.json").read_text())["epochs"] == 1
+    Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": 1}, tmp_path / "b", config_name="").fit()
+    assert not (tmp_path / "b/config.json").exists() and (tmp_path / "b/last.pt").is_file()

@@ -13,7 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save', 'atomic_write_text',
-           'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'shared_data_dir', 'shared_data']
+           'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'shared_data_dir', 'shared_data',
+           'LoadReport']
 
 # %% ../nbs/00_core.ipynb #3fd950f3
 def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -135,3 +136,17 @@ def shared_data(name: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"shared data {name!r} not found at {p} (set WEAKTR_SHARED_DATA to the folder that holds it)")
     return p
+
+# %% ../nbs/00_core.ipynb #0c491550
+@dataclasses.dataclass
+class LoadReport:
+    "What a loader did: keys left at init, keys ignored or dropped on purpose, and the adaptations made."
+    path: str
+    missing: list[str] = dataclasses.field(default_factory=list)     # model keys not in the file (kept at their init)
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # file keys the model does not have (ignored)
+    dropped: list[str] = dataclasses.field(default_factory=list)     # file keys dropped on purpose (classifier heads, dist token, ...)
+    notes: list[str] = dataclasses.field(default_factory=list)       # adaptations (token replication, pos-embed resize, ...)
+    def __str__(self):
+        return "\n".join([f"loaded {self.path}"] + [f"{n} ({len(v)}): {v}" for n, v in
+                         [("missing", self.missing), ("unexpected", self.unexpected), ("dropped", self.dropped)]]
+                         + [f"note: {n}" for n in self.notes])

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 import torchvision.transforms.v2 as v2
@@ -25,10 +25,10 @@ __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'COCO_CLASSES', 'COCO_UNUSED_IDS', 'CO
            'DataError', 'read_image', 'read_mask', 'write_mask', 'read_id_list', 'resolve_split', 'read_label_json',
            'read_label_csv', 'convert_cls_labels_npy', 'identity_lut', 'SegDataset', 'voc_dataset', 'coco_dataset',
            'folder_dataset', 'synth_classes', 'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'runs_dir',
-           'make_default_synthetic', 'open_dataset', 'plot_samples', 'phase1_train_transform', 'phase1_eval_transform',
-           'on_image', 'phase1_collate', 'ms_flip_views', 'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv',
-           'hsv_to_rgb', 'RatioResize', 'CatMaxRatioCrop', 'PhotoMetricDistortion', 'PadTo', 'JointTransform',
-           'seg_train_transform', 'seg_eval_transform']
+           'make_default_synthetic', 'open_dataset', 'plot_samples', 'posterize_zero_bits_black',
+           'phase1_train_transform', 'phase1_eval_transform', 'on_image', 'phase1_collate', 'ms_flip_views',
+           'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv', 'hsv_to_rgb', 'RatioResize', 'CatMaxRatioCrop',
+           'PhotoMetricDistortion', 'PadTo', 'JointTransform', 'seg_train_transform', 'seg_eval_transform']
 
 # %% ../nbs/01_data.ipynb #76d4d3f4
 IGNORE_INDEX = 255  # "ignore" value in masks (VOC boundary band, Phase-2 padding)
@@ -778,6 +778,19 @@ def plot_samples(ds: SegDataset, # dataset to draw from
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    "timm's posterize with old Pillow's rule for 0 bits kept: a black image (Pillow >= 10 raises instead)."
+    if bits_to_keep >= 8: return img
+    if bits_to_keep <= 0: return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+def posterize_zero_bits_black(transform): # a timm transform (torchvision Compose), e.g. from timm.data.create_transform
+    "Make the RandAugment posterize ops of `transform` accept 0 bits (the reference's behaviour); returns the transform."
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"): op.aug_fn = _posterize
+    return transform
+
 def phase1_train_transform(img_size: int = 224, # output side
                            auto_augment: str | None = "rand-m9-mstd0.5-inc1", # timm RandAugment policy
                            re_prob: float = 0.25, # RandomErasing probability
@@ -789,9 +802,10 @@ def phase1_train_transform(img_size: int = 224, # output side
                           ):
     "timm train transform of spec §3.1: PIL RGB -> (3, img_size, img_size) float tensor."
     from timm.data import create_transform
-    return create_transform(img_size, is_training=True, scale=scale, ratio=(3 / 4, 4 / 3), hflip=hflip, vflip=0.0,
-                            color_jitter=None, auto_augment=auto_augment, interpolation=interpolation,
-                            mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=1)
+    return posterize_zero_bits_black(create_transform(
+        img_size, is_training=True, scale=scale, ratio=(3 / 4, 4 / 3), hflip=hflip, vflip=0.0, color_jitter=None,
+        auto_augment=auto_augment, interpolation=interpolation, mean=mean, std=std, re_prob=re_prob, re_mode=re_mode,
+        re_count=1))
 
 def phase1_eval_transform(img_size: int = 224, # output side
                           crop_pct: float = 224 / 256, # short side is resized to floor(img_size / crop_pct)

@@ -323,6 +323,7 @@ class Learner:
                  eval_fn: Callable | None = None, # eval_fn(model, epoch) -> dict of metrics (rank 0, eval mode, no_grad)
                  callbacks: dict | None = None,  # {event: fn or [fn, ...]}, fn(learner); events: on_fit_begin/batch_end/epoch_end/fit_end
                  collate_fn: Callable | None = None, # collate for a Dataset `train_data`
+                 config_name: str = "config.json", # file in run_dir for the TrainCfg ("" = don't write; stages use "train_config.json")
                 ):
         cfg = TrainCfg() if cfg is None else cfg
         self.cfg = cfg_from_flat(TrainCfg, cfg) if isinstance(cfg, dict) else cfg
@@ -338,6 +339,7 @@ class Learner:
                                 find_unused_parameters=cfg.ddp_find_unused) if self.dist.is_distributed else self.model)
         self.loss_fn, self.eval_fn = loss_fn, eval_fn
         self.run_dir = Path(run_dir)
+        self.config_name = config_name
         self.generator = torch.Generator()
         self.loader = self._make_loader(train_data, collate_fn)
         try: n = len(self.loader)
@@ -483,7 +485,7 @@ class Learner:
                 if (self.run_dir / "last.pt").exists(): warnings.warn(f"starting fresh in {self.run_dir}: last.pt / best.pt will be overwritten")
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text("", mfile)
-        if self.is_main: atomic_save_json(cfg_to_dict(cfg), self.run_dir / "config.json")
+        if self.is_main and self.config_name: atomic_save_json(cfg_to_dict(cfg), self.run_dir / self.config_name)
         self._trigger("on_fit_begin")
         for epoch in range(self.epoch, cfg.epochs):
             if cfg.max_steps is not None and self.step >= cfg.max_steps: break

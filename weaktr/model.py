@@ -17,10 +17,12 @@ from timm.layers import resample_abs_pos_embed
 
 from .backbone import WeakTrBackbone
 from .fusion import fuse_heads, make_fusion, stack_heads
+from .core import LoadReport
+
 
 # %% auto #0
 __all__ = ['ATTENTION_TYPES', 'refine_cam', 'select_cams', 'WeakTrOutput', 'weaktr_loss', 'WeakTrInspection', 'WeakTr',
-           'create_weaktr', 'LoadReport', 'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict',
+           'create_weaktr', 'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict',
            'load_official_checkpoint', 'weaktr_config_from_state_dict', 'create_weaktr_from_checkpoint']
 
 # %% ../nbs/04_model.ipynb #4ee2e0a6
@@ -175,15 +177,6 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
     return model
 
 # %% ../nbs/04_model.ipynb #5696682a
-@dataclass
-class LoadReport:
-    "What a loader did: keys left at init, keys ignored, and the adaptations made."
-    path: str
-    missing: list = field(default_factory=list)     # model keys not in the file (kept at their init)
-    unexpected: list = field(default_factory=list)  # file keys the model does not have (ignored)
-    dropped: list = field(default_factory=list)     # file keys dropped on purpose (classifier heads, ...)
-    notes: list = field(default_factory=list)       # adaptations (token replication, pos-embed resize, ...)
-
 def _read_state_dict(path, what="checkpoint") -> dict:
     "A flat {name: tensor} dict from .safetensors or a torch file (weights_only), unwrapping 'model'/'state_dict'."
     path = Path(path)

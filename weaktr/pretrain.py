@@ -352,7 +352,8 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
         return loss, dict(pos_per_img=y.sum(1).mean())
 
     eval_fn = lambda m, epoch: val_metrics(m, va_img, va_lab)
-    learner = Learner(model, loss_fn, TensorDataset(tr_img, tr_mask, tr_lab), tcfg, run, eval_fn=eval_fn)
+    learner = Learner(model, loss_fn, TensorDataset(tr_img, tr_mask, tr_lab), tcfg, run, eval_fn=eval_fn,
+                      config_name="train_config.json")          # config.json stays the PretrainCfg
     learner.fit(resume="auto")
     train_s = time.time() - t0
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)

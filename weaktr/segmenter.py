@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .decoder import MaskTransformer
+from .core import LoadReport
+
 
 # %% auto #0
-__all__ = ['resize_pos_embed', 'Segmenter', 'combine_two', 'create_segmenter', 'LoadReport', 'load_official_segmenter',
+__all__ = ['resize_pos_embed', 'Segmenter', 'combine_two', 'create_segmenter', 'load_official_segmenter',
            'load_segmenter_encoder']
 
 # %% ../nbs/08_segmenter.ipynb #bdbe6e54
@@ -145,19 +147,6 @@ def create_segmenter(backbone: str = "deit_small_patch16_224", # any timm Vision
     return Segmenter(encoder, decoder, num_classes)
 
 # %% ../nbs/08_segmenter.ipynb #a438a6d8
-@dataclass
-class LoadReport:
-    "What a loader did: keys left at init, keys ignored or dropped on purpose, and conversions applied."
-    path: str
-    missing: list[str] = field(default_factory=list)     # model keys not in the file (left at their init)
-    unexpected: list[str] = field(default_factory=list)  # file keys the model does not have (ignored)
-    dropped: list[str] = field(default_factory=list)     # file keys dropped on purpose (heads that do not fit, dist token)
-    notes: list[str] = field(default_factory=list)       # conversions (pos_embed resize, class tokens averaged, ...)
-    def __str__(self):
-        return "\n".join([f"loaded {self.path}"] + [f"{n} ({len(v)}): {v}" for n, v in
-                         [("missing", self.missing), ("unexpected", self.unexpected), ("dropped", self.dropped)]]
-                         + [f"note: {n}" for n in self.notes])
-
 def _shape_errors(src: dict, dst: dict, keys) -> list[str]:
     return [f"{k}: file {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}" for k in keys if src[k].shape != dst[k].shape]
 

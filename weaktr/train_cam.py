@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .camgen import evaluate_cams
 from .core import atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict, get_device, seed_everything
 from .data import (DATASETS, SYNTH_DEFAULT, SegDataset, make_default_synthetic, make_synthetic, on_image, open_dataset, phase1_collate,
-                         phase1_eval_transform, phase1_train_transform, runs_dir)
+                         phase1_eval_transform, phase1_train_transform, posterize_zero_bits_black, runs_dir)
 from .fusion import FUSIONS
 from .learner import PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, effective_lr, read_metrics, save_figure
 from .metrics import class_map, sample_map
@@ -27,8 +27,8 @@ from .model import WeakTr, create_weaktr, load_official_checkpoint, load_pretrai
 
 # %% auto #0
 __all__ = ['DATA_KINDS', 'HEADS', 'CAM_TRAIN_VOC', 'CAM_TRAIN_COCO', 'CAM_TRAIN_DEMO', 'SMOKE', 'CamTrainCfg', 'cam_thresholds',
-           'check_cam_cfg', 'smoke_cfg', 'resolve_data_root', 'first_n', 'posterize_zero_bits_black', 'build_datasets',
-           'build_cam_model', 'cam_loss', 'classification_metrics', 'make_eval_fn', 'plot_cam_training', 'train_cam']
+           'check_cam_cfg', 'smoke_cfg', 'resolve_data_root', 'first_n', 'build_datasets', 'build_cam_model',
+           'cam_loss', 'classification_metrics', 'make_eval_fn', 'plot_cam_training', 'train_cam']
 
 # %% ../nbs/10_train_cam.ipynb #fe4c84a2
 DATA_KINDS = DATASETS                  # "synthetic", "voc", "coco", "coco80", "folder" (weaktr.data.open_dataset)
@@ -209,28 +209,14 @@ def first_n(ds: SegDataset, n: int) -> SegDataset:
     out = copy.copy(ds); out.ids = list(ds.ids[:n])
     return out
 
-# %% ../nbs/10_train_cam.ipynb #bc1fcc67
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    "timm's posterize with old Pillow's rule for 0 bits kept: a black image (Pillow >= 10 raises instead)."
-    if bits_to_keep >= 8: return img
-    if bits_to_keep <= 0: return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-def posterize_zero_bits_black(transform): # a timm transform (torchvision Compose), e.g. phase1_train_transform(...)
-    "Make the RandAugment posterize ops of `transform` accept 0 bits (reference behaviour); returns the transform."
-    for t in getattr(transform, "transforms", [transform]):
-        for op in getattr(t, "ops", []):
-            if op.name.startswith("Posterize"): op.aug_fn = _posterize
-    return transform
-
 # %% ../nbs/10_train_cam.ipynb #ffb910e5
 def build_datasets(cfg: CamTrainCfg,   # the run's config
                    data_root,          # resolved dataset folder (see resolve_data_root)
                   ) -> tuple[SegDataset, SegDataset | None, SegDataset | None]:
     "(train with the training transform, val with the eval transform, cam split untransformed); None where not needed."
     root = Path(data_root)
-    train_tf = posterize_zero_bits_black(phase1_train_transform(cfg.img_size, auto_augment=cfg.auto_augment or None,
-                                                                re_prob=cfg.re_prob, scale=tuple(cfg.crop_scale)))
+    train_tf = phase1_train_transform(cfg.img_size, auto_augment=cfg.auto_augment or None, re_prob=cfg.re_prob,
+                                      scale=tuple(cfg.crop_scale))          # RandAugment posterize fixed there (notebook 01)
     train = first_n(open_dataset(cfg.data, root, cfg.train_split, **_split_kw(cfg, root, False)), cfg.max_train_images)
     train.transform = on_image(train_tf)
     val = first_n(open_dataset(cfg.data, root, cfg.val_split, **_split_kw(cfg, root, False)), cfg.max_val_images)
@@ -418,10 +404,9 @@ def train_cam(cfg: CamTrainCfg | dict, # the run's config (a flat dict is conver
     tcfg = _train_cfg(cfg, device)
     model = build_cam_model(cfg, C)
     eval_fn = make_eval_fn(cfg, val, cam, tcfg.amp)
-    def rewrite_config(learner):                      # the Learner writes its TrainCfg to config.json; keep ours there
-        if learner.is_main: atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
     learner = Learner(model, cam_loss, train, tcfg, run_dir, eval_fn, collate_fn=phase1_collate,
-                      callbacks=dict(on_fit_begin=rewrite_config, on_epoch_end=[_save_best_map, _save_curves]))
+                      callbacks=dict(on_epoch_end=[_save_best_map, _save_curves]),
+                      config_name="train_config.json")         # config.json stays this stage's CamTrainCfg
     learner.fit(resume="auto" if cfg.resume else False)
     if not learner.is_main: return {}
     summary = _summary(cfg, learner, train, val, cam, data_root, eval_fn.cam_curve, time.time() - t_start)

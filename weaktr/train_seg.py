@@ -276,13 +276,9 @@ def train_seg(cfg: SegTrainCfg) -> dict:
         r = evaluate_model(m, val_ds, icfg, max_images=cfg.max_val_images, progress=False)
         return dict(miou=r.get("miou"), pixel_acc=r.get("pixel_acc"))
 
-    def rewrite_config(learner):
-        atomic_save_json(cfg_to_dict(learner.cfg), run_dir / "train_config.json")
-        atomic_save_json(stage_conf, run_dir / "config.json")
-
     clip = ClipCfg(cfg.gc_start, cfg.gc_window, True) if cfg.gc else None
     learner = Learner(model, SegLoss(clip, cfg.gc_group), train_ds, learner_cfg(cfg), run_dir, eval_fn,
-                      callbacks=dict(on_fit_begin=rewrite_config), collate_fn=seg_collate)
+                      collate_fn=seg_collate, config_name="train_config.json")   # config.json stays the stage's
     learner.fit(resume="auto" if cfg.resume else False)
     # --- summary
     hist = [r for r in learner.history if r.get("kind") == "epoch"]

@@ -251,9 +251,14 @@ def init_distributed(device: str = "auto",     # the config's device: CUDA → n
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world_size, local_rank)
 
-def cleanup_distributed():
-    "Destroy the process group if there is one."
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+def cleanup_distributed(barrier_timeout_s: float = 60): # how long to wait for the other ranks first
+    "Wait for every rank (so no rank tears gloo/NCCL down while another still talks to it), then destroy the process group."
+    if not (dist.is_available() and dist.is_initialized()): return
+    try:
+        if dist.get_backend() == "gloo": dist.monitored_barrier(timeout=timedelta(seconds=barrier_timeout_s))
+        else: dist.barrier()
+    except RuntimeError as e: warnings.warn(f"cleanup_distributed: ranks did not meet before teardown ({e})")
+    finally: dist.destroy_process_group()
 
 def to_device(batch, device: torch.device, non_blocking: bool = False):
     "Move the tensors of a (nested dict / list / tuple) batch to `device`; other values pass through."

@@ -40,7 +40,7 @@ _CHOICES = dict(data=DATA_KINDS, fusion=tuple(FUSIONS), pool=("avg", "max"), att
 class CamTrainCfg:
     "Phase-1 training run (spec §3). Defaults: the reference V3 VOC recipe; set `data_root`."
     # -- where ---------------------------------------------------------------------------------------------------
-    run_dir: str = "runs/train_cam"          # config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
+    run_dir: str = "runs/train_cam"          # config.json, train_config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = "voc"                        # "synthetic" | "voc" | "coco" (90 classes, §1.2) | "coco80" | "folder"
     data_root: str = ""                      # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>

@@ -30,3 +30,23 @@ def time_steps(step: Callable[[], torch.Tensor], dev: torch.device, warmup: int,
     for _ in range(steps):
         t0 = time.perf_counter(); out = step(); sync(dev); times.append(time.perf_counter() - t0)
     return times, out
+
+
+def add_process_args(p, what: str = "measurement"):
+    "The flags every isolating bench script shares: --threads, --isolate, --out and the hidden --_child."
+    import argparse
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
+                   help=f"one subprocess per {what} (auto: on CPU, where peak RSS needs a fresh process)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+
+
+def run_child(script: str, spec: str) -> dict:
+    "Re-run `script` with this process's arguments plus `--_child spec` (minus --out) in a fresh process; -> its JSON."
+    import json, subprocess, sys
+    cmd = [sys.executable, script, "--_child", spec] + list(sys.argv[1:])
+    if "--out" in cmd: i = cmd.index("--out"); del cmd[i:i + 2]          # children never write the JSON
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0: raise RuntimeError(f"benchmark {spec} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _timing import peak_rss_mib, rss_mib, sync, time_steps  # noqa: E402
+from _timing import add_process_args, peak_rss_mib, rss_mib, run_child, sync, time_steps  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import timm  # noqa: E402
 
@@ -84,17 +83,6 @@ def measure(kind: str, args) -> dict:
                 final_loss=float(loss), memory_kind="cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS rise")
 
 
-def run_child(kind: str, args) -> dict:
-    "Run `measure(kind)` in a fresh Python process (clean peak-RSS accounting on CPU)."
-    cmd = [sys.executable, __file__, "--_child", kind] + [a for a in sys.argv[1:]]
-    # drop --out so that children never write the JSON
-    if "--out" in cmd: i = cmd.index("--out"); del cmd[i:i + 2]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"benchmark of {kind} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def table(results, args, dev) -> str:
     base = next((r for r in results if r["model"] == "timm_vit"), None)
     lines = [f"Phase-1 training step: {args.backbone}, batch {args.batch}, {args.img}px, C={args.classes}, "
@@ -121,11 +109,7 @@ def main(argv=None):
     p.add_argument("--backbone", default="deit_small_patch16_224")
     p.add_argument("--fusion", default="v3")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
-                   help="one subprocess per model (auto: on CPU, where peak RSS needs a fresh process)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    add_process_args(p, "model")
     args = p.parse_args(argv)
     if args._child:
         print(json.dumps(measure(args._child, args))); return
@@ -135,7 +119,7 @@ def main(argv=None):
     dev = get_device(args.device)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and dev.type != "cuda")
     t0 = time.time()
-    results = [run_child(k, args) if isolate else measure(k, args) for k in kinds]
+    results = [run_child(__file__, k) if isolate else measure(k, args) for k in kinds]
     md = table(results, args, dev)
     print(md)
     if args.out:

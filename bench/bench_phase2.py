@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _timing import peak_rss_mib, rss_mib, sync, time_steps  # noqa: E402
+from _timing import add_process_args, peak_rss_mib, rss_mib, run_child, sync, time_steps  # noqa: E402
 import timm  # noqa: E402
 
 from weaktr.core import atomic_save_json, get_device  # noqa: E402
@@ -130,15 +129,6 @@ def measure_eval(args) -> dict:
     return out
 
 
-def run_child(spec: str, args) -> dict:
-    "Run one measurement in a fresh Python process (clean peak-RSS accounting on CPU)."
-    cmd = [sys.executable, __file__, "--_child", spec] + list(sys.argv[1:])
-    if "--out" in cmd: i = cmd.index("--out"); del cmd[i:i + 2]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0: raise RuntimeError(f"benchmark {spec} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def _child(spec: str, args) -> dict:
     if spec == "eval": return measure_eval(args)
     path, B = spec.split(":")
@@ -185,11 +175,7 @@ def main(argv=None):
     p.add_argument("--eval-hw", type=int, nargs=2, default=None, help="evaluation image H W (default: 375x500 scaled by img/480)")
     p.add_argument("--window-batch", type=int, default=16)
     p.add_argument("--tol", type=float, default=1e-4, help="max |dp| allowed between batched and window-by-window")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
-                   help="one subprocess per measurement (auto: on CPU, where peak RSS needs a fresh process)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    add_process_args(p, "measurement")
     args = p.parse_args(argv)
     if args._child:
         print(json.dumps(_child(args._child, args))); return
@@ -199,7 +185,7 @@ def main(argv=None):
     isolate = args.isolate == "yes" or (args.isolate == "auto" and dev.type != "cuda")
     specs = [f"{k}:{B}" for B in args.batches for k in paths] + (["eval"] if args.eval_images else [])
     t0 = time.time()
-    results = [run_child(s, args) if isolate else _child(s, args) for s in specs]
+    results = [run_child(__file__, s) if isolate else _child(s, args) for s in specs]
     md = table(results, args, dev)
     print(md)
     if args.out:

@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save', 'atomic_write_text',
-           'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'shared_data_dir', 'shared_data',
-           'LoadReport']
+           'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths', 'shared_data_dir',
+           'shared_data', 'LoadReport']
 
 # %% ../nbs/00_core.ipynb #3fd950f3
 def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -121,6 +121,16 @@ def cfg_from_flat(cls, params: dict, strict: bool = True):
 def cfg_to_dict(cfg) -> dict:
     "A JSON-ready dict of a (nested) config dataclass."
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=_json_default))
+
+# %% ../nbs/00_core.ipynb #79c07d8c
+def resolve_paths(cfg,                  # a dataclass config
+                  fields: typing.Sequence[str], # its path fields
+                  base_dir=None,        # folder that relative paths are relative to (None: leave them)
+                 ):
+    "A copy of `cfg` with the non-empty relative paths among `fields` joined onto `base_dir`."
+    if base_dir is None: return cfg
+    return dataclasses.replace(cfg, **{k: str(Path(base_dir) / v) for k in fields
+                                       if (v := getattr(cfg, k)) and not Path(v).is_absolute()})
 
 # %% ../nbs/00_core.ipynb #7f5beaaa
 REPO_ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd().resolve().parent

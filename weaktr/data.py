@@ -25,10 +25,11 @@ __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'COCO_CLASSES', 'COCO_UNUSED_IDS', 'CO
            'DataError', 'read_image', 'read_mask', 'write_mask', 'read_id_list', 'resolve_split', 'read_label_json',
            'read_label_csv', 'convert_cls_labels_npy', 'identity_lut', 'SegDataset', 'voc_dataset', 'coco_dataset',
            'folder_dataset', 'synth_classes', 'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'runs_dir',
-           'make_default_synthetic', 'open_dataset', 'plot_samples', 'posterize_zero_bits_black',
-           'phase1_train_transform', 'phase1_eval_transform', 'on_image', 'phase1_collate', 'ms_flip_views',
-           'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv', 'hsv_to_rgb', 'RatioResize', 'CatMaxRatioCrop',
-           'PhotoMetricDistortion', 'PadTo', 'JointTransform', 'seg_train_transform', 'seg_eval_transform']
+           'make_synthetic_keyed', 'make_default_synthetic', 'open_dataset', 'plot_samples',
+           'posterize_zero_bits_black', 'phase1_train_transform', 'phase1_eval_transform', 'on_image', 'phase1_collate',
+           'ms_flip_views', 'rescale_size', 'cat_max_ratio_crop_box', 'rgb_to_hsv', 'hsv_to_rgb', 'RatioResize',
+           'CatMaxRatioCrop', 'PhotoMetricDistortion', 'PadTo', 'JointTransform', 'seg_train_transform',
+           'seg_eval_transform']
 
 # %% ../nbs/01_data.ipynb #76d4d3f4
 IGNORE_INDEX = 255  # "ignore" value in masks (VOC boundary band, Phase-2 padding)
@@ -725,12 +726,18 @@ def runs_dir() -> Path:
     env = os.environ.get("WEAKTR_RUNS")
     return Path(env).expanduser() if env else REPO_ROOT / "runs"
 
+def make_synthetic_keyed(parent, # folder that holds the sets
+                         **params, # make_synthetic arguments
+                        ) -> Path:
+    "`make_synthetic` into `<parent>/synthetic_<hash of params>`: other parameters never meet a stale folder."
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return make_synthetic(Path(parent) / f"synthetic_{tag}", **params)
+
 def make_default_synthetic(smoke: bool = False, # a 16 + 8 image version of it (CI)
                           ) -> Path:
     "The embedded default set (`SYNTH_DEFAULT`), generated once under `runs/data/synthetic_<hash of its parameters>`."
-    p = {**SYNTH_DEFAULT, **({"n_train": 16, "n_val": 8} if smoke else {})}
-    tag = hashlib.sha1(json.dumps(p, sort_keys=True, default=list).encode()).hexdigest()[:8]
-    return make_synthetic(runs_dir() / "data" / f"synthetic_{tag}", **p)
+    return make_synthetic_keyed(runs_dir() / "data", **SYNTH_DEFAULT, **({"n_train": 16, "n_val": 8} if smoke else {}))
 
 def open_dataset(data: str, # one of DATASETS
                  data_root: str | Path = "", # dataset root ("" only for "synthetic": the embedded default)

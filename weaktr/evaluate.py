@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .core import get_device, atomic_save_json, atomic_write_text, cfg_to_dict, cfg_from_flat
+from .core import get_device, atomic_save_json, atomic_write_text, cfg_to_dict, cfg_from_flat, resolve_paths
 from .data import (SegDataset, open_dataset, read_id_list, resolve_split, read_mask, write_mask, mask_to_rgb,
                          rescale_size, SEG_MEAN, SEG_STD, VOC_CLASSES, COCO_CLASSES, COCO80_CLASSES,
                          COCO80_IDS, IMAGE_EXTS, IGNORE_INDEX)
@@ -421,8 +421,7 @@ def check_eval_cfg(cfg: EvalCfg,                     # a config (types and choic
                    base_dir: str | Path | None = None, # resolve relative paths against this folder (None: leave them)
                   ) -> EvalCfg:
     "File checks with clear errors; returns the path-resolved config."
-    if base_dir is not None:
-        cfg = replace(cfg, **{k: str(Path(base_dir) / v) for k in _EVAL_PATH_FIELDS if (v := getattr(cfg, k)) and not Path(v).is_absolute()})
+    cfg = resolve_paths(cfg, _EVAL_PATH_FIELDS, base_dir)
     if cfg.checkpoint and not Path(cfg.checkpoint).exists(): raise FileNotFoundError(f"EvalCfg.checkpoint not found: {cfg.checkpoint}")
     if cfg.data != "synthetic" and not cfg.data_root:
         raise ValueError(f"EvalCfg.data_root: required for data={cfg.data!r} (the dataset folder)")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, get_device
-from .data import SYNTH_DEFAULT, make_synthetic
+from .data import SYNTH_DEFAULT, make_synthetic, make_synthetic_keyed
 
 # %% auto #0
 __all__ = ['DEMO_THRESHOLD', 'DEMO', 'QUICK', 'PRESETS', 'RUNS_NB_DIR', 'MAIN_STAGES', 'ABLATION_STAGES', 'SETUP_CELL', 'Stage',
@@ -86,9 +86,7 @@ def backbone_params(asset: str = "") -> dict:
 
 def demo_data(run_dir: Path, params: dict) -> Path:
     "The demo's synthetic set in <run_dir>/data/synthetic_<hash of params> (deterministic; reused when it exists)."
-    p = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    tag = hashlib.sha1(json.dumps(_jsonable(p), sort_keys=True).encode()).hexdigest()[:8]
-    return make_synthetic(Path(run_dir) / "data" / f"synthetic_{tag}", **p)
+    return make_synthetic_keyed(Path(run_dir) / "data", **params)
 
 def build_stages(run_dir,                         # the pipeline's run folder
                  preset: dict = DEMO,             # DEMO, QUICK or a dict of the same shape

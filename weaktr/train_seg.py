@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import atomic_save_json, cfg_from_flat, cfg_to_dict, get_device
+from .core import atomic_save_json, cfg_from_flat, cfg_to_dict, get_device, resolve_paths
 from .data import SegDataset, open_dataset, identity_lut, seg_train_transform, DATASETS
 from .decoder import ClipCfg, seg_loss
 from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder
@@ -112,8 +112,7 @@ def check_seg_cfg(cfg: SegTrainCfg,                # a config (types and choices
                   base_dir: str | Path | None = None, # resolve relative paths against this folder (None: leave them)
                  ) -> SegTrainCfg:
     "Cross-field and file checks with clear errors (run before anything is built); returns the path-resolved config."
-    if base_dir is not None:
-        cfg = replace(cfg, **{k: str(Path(base_dir) / v) for k in _PATH_FIELDS if (v := getattr(cfg, k)) and not Path(v).is_absolute()})
+    cfg = resolve_paths(cfg, _PATH_FIELDS, base_dir)
     if cfg.gc and cfg.crop_size % cfg.gc_window:
         raise ValueError(f"SegTrainCfg: crop_size={cfg.crop_size} is not a multiple of gc_window={cfg.gc_window} "
                          f"(spec §5.4 / pitfall 20: the GC windows must tile the crop, e.g. gc_window = crop_size / 4)")

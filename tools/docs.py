@@ -1,0 +1,373 @@
+"""Build the documentation site: `./kit docs [--quick | --no-exec] [--clean] [-j N]`.
+
+Sphinx + MyST-NB render the notebooks of `nbs/` into `settings.ini`'s `doc_path` (`_docs/`). The pipeline:
+
+1. **stage** (`stage()`): every notebook is copied into `_proc/` (a sibling of `nbs/`, so the notebooks see the same
+   relative paths as under `nbs/`) with nbdev's cell directives turned into MyST-NB tags (`#| hide` -> removed cell,
+   `#| eval: false` -> not executed, `#| echo: false` -> output only, ...), the docs' fast settings injected after a
+   notebook's `parameters` cell (`DOCS_PARAMS`), an anchor and an "API" line at every exported definition, and a
+   header on each run notebook (its papermill command and parameter table). The API reference (`api/*.md`, nbdev's
+   `show_doc` of every name in `__all__`, each linking to the cell of the notebook that defines it) and the navigation
+   (`index`'s toctree, in notebook order) are generated there too. Files are written only when their content changes,
+   so Sphinx re-reads only what changed.
+2. **execute once, reuse**: MyST-NB runs the notebooks through a jupyter-cache in `_proc/.cache/jupyter` keyed by each
+   notebook's code: a rebuild re-executes only notebooks whose code changed (the run notebooks are recipes and are not
+   executed; `--quick` executes only `QUICK_EXECUTE`, `--no-exec` nothing).
+3. **build**: `sphinx-build -b html` with `docs/conf.py` (book theme, MathJax 2 from the `jupyter-server-mathjax`
+   package copied into the site: no network at build or view time).
+
+Prints the per-notebook execution times from the cache at the end (`--times` prints only those).
+"""
+from __future__ import annotations
+
+import argparse, ast, configparser, hashlib, json, os, re, shutil, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / "nbs"
+STAGE = ROOT / "_proc"                       # nbdev's processed-notebooks folder; depth 1, like nbs/
+CACHE = STAGE / ".cache"
+JCACHE = CACHE / "jupyter"
+
+# Notebooks too slow at their defaults for every docs build get a fast setting here; each page says what it ran with.
+# name: (parameters injected after the `parameters` cell, why)
+DOCS_PARAMS: dict[str, tuple[dict, str]] = {
+    "walkthrough.ipynb": ({"train_seconds": 45.0, "n_images": 12},
+                          "fine-tuning budget 45 s and 12 images (defaults: 60 s, 16 images; a reading group uses 120 s "
+                          "or a trained checkpoint)"),
+    "explore.ipynb": ({"train_seconds": 15.0},
+                      "fine-tuning budget 15 s when `runs/demo` has no checkpoint (as the default); with `./kit demo` "
+                      "run first, the page shows the demo's Phase-1 model"),
+}
+QUICK_EXECUTE = ("index.ipynb", "method_notes.ipynb", "03_head_fusion.ipynb", "07_decoder.ipynb")
+RUNS = "runs"                                 # papermill run notebooks: recipes, not executed
+
+# The sidebar, in notebook order: (caption, glob patterns relative to nbs/)
+NAV = [("Method", ["method_notes.ipynb"]),
+       ("Guides", ["walkthrough.ipynb", "explore.ipynb"]),
+       ("Notebooks", ["[0-9][0-9]_*.ipynb"]),
+       ("Run recipes (papermill)", ["runs/*.ipynb"])]
+
+DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
+
+
+def settings() -> configparser.SectionProxy:
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
+    return cfg["DEFAULT"]
+
+
+def notebooks() -> list[Path]:
+    "Every notebook the site shows: nbs/*.ipynb and nbs/runs/*.ipynb (files starting with _ or . skipped)."
+    out = [p for p in sorted(NBS.glob("*.ipynb")) + sorted((NBS / RUNS).glob("*.ipynb")) if not p.name[0] in "_."]
+    return out
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text() == text: return False
+    path.write_text(text); return True
+
+
+# ------------------------------------------------------------------------------------------------ nbdev -> MyST-NB
+def _directives(src: str) -> tuple[dict, str]:
+    "nbdev `#| name value` lines at the top of a code cell -> ({name: value}, source without them)."
+    lines, found = src.splitlines(), {}
+    while lines and (m := DIRECTIVE.match(lines[0])):
+        found[m.group(1).replace("-", "_")] = m.group(2); lines.pop(0)
+    return found, "\n".join(lines)
+
+
+def _tags_for(d: dict) -> list[str]:
+    tags = []
+    false = lambda v: v.strip().lower() in ("false", "0", "no")
+    if "default_exp" in d or "hide" in d or "exporti" in d: tags.append("remove-cell")
+    if "eval" in d and false(d["eval"]): tags.append("skip-execution")
+    if any(f in d for f in ("slow", "gpu")): tags.append("skip-execution")   # settings.ini tst_flags: not on a CPU build
+    if "echo" in d and false(d["echo"]): tags.append("remove-input")
+    if "output" in d and false(d["output"]): tags.append("remove-output")
+    if "include" in d and false(d["include"]): tags.append("remove-cell")
+    return tags
+
+
+def md_cell(text: str, tags=()) -> dict:
+    return {"cell_type": "markdown", "metadata": {"tags": list(tags)} if tags else {}, "source": text}
+
+
+def code_cell(text: str, tags=()) -> dict:
+    return {"cell_type": "code", "metadata": {"tags": list(tags)} if tags else {}, "source": text,
+            "execution_count": None, "outputs": []}
+
+
+def definitions() -> dict[tuple[str, str], list[tuple[str, str]]]:
+    "(notebook path relative to nbs, cell id) -> [(module, exported name)], read from the `# %%` markers of weaktr/*.py."
+    out: dict = {}
+    for py in sorted((ROOT / "weaktr").glob("*.py")):
+        text = py.read_text()
+        if "AUTOGENERATED" not in text.split("\n", 3)[0] + text.split("\n", 3)[1]: continue
+        mod = f"weaktr.{py.stem}"
+        try: names = set(ast.literal_eval(re.search(r"__all__\s*=\s*(\[.*?\])", text, re.S).group(1)))
+        except Exception: names = set()
+        cell = None
+        for line in text.splitlines():
+            if m := re.match(r"# %% \.\./nbs/(\S+\.ipynb) #(\w+)", line): cell = (m.group(1), m.group(2)); continue
+            if line.startswith("# %% "): cell = None; continue
+            m = re.match(r"(?:async\s+)?(?:def|class)\s+(\w+)|(\w+)\s*(?::[^=]*)?=", line)
+            name = m and (m.group(1) or m.group(2))
+            if cell and name in names and all(name != n for _, n in out.get(cell, [])):
+                out.setdefault(cell, []).append((mod, name)); names.discard(name)
+    return out
+
+
+def _rel(frm: str, to: str) -> str:
+    "Relative URL from page `frm` to page `to` (both relative to the site root)."
+    return os.path.relpath(to, os.path.dirname(frm) or ".")
+
+
+def _links(text: str, page: str) -> str:
+    "Markdown links to notebooks with a #fragment -> HTML links (MyST resolves pages, not raw-HTML anchors)."
+    def sub(m):
+        label, target, frag = m.group(1), m.group(2), m.group(3)
+        if re.match(r"\w+:", target): return m.group(0)
+        if target == "": href = f"#{frag}"
+        else: href = f"{target[:-len('.ipynb')]}.html#{frag}" if target.endswith(".ipynb") else f"{target}#{frag}"
+        return f'<a href="{href}">{label}</a>'
+    return re.sub(r"(?<!!)\[([^\]\n]+)\]\(((?:[^()\s#]+\.(?:ipynb|md))?)#([\w.\-]+)\)", sub, text)
+
+
+def _param_table(src: str) -> str:
+    "Markdown table of a papermill `parameters` cell: name, type, default, comment."
+    rows = []
+    for line in src.splitlines():
+        m = re.match(r"(\w+)\s*:\s*([^=]+?)\s*=\s*(.+?)\s*(?:#\s*(.*))?$", line)
+        if not m: continue
+        default = m.group(3).rstrip()
+        rows.append(f"| `{m.group(1)}` | `{m.group(2)}` | `{default}` | {(m.group(4) or '').replace('|', '/')} |")
+    return "| parameter | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def stage_notebook(nb_path: Path, defs: dict) -> dict:
+    "The staged copy of one notebook (a dict in nbformat 4)."
+    rel = nb_path.relative_to(NBS).as_posix()
+    nb = json.loads(nb_path.read_text())
+    cells, is_run = [], rel.startswith(RUNS + "/")
+    for i, c in enumerate(nb["cells"]):
+        c = {**c, "metadata": dict(c.get("metadata", {}))}
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        tags = list(c["metadata"].get("tags", []))
+        if c["cell_type"] == "markdown":
+            c["source"] = _links(src, rel)
+            cells.append(c)
+            if i == 0 and is_run:
+                cells.append(md_cell(_run_header(rel, nb)))
+            continue
+        if c["cell_type"] != "code":
+            cells.append(c); continue
+        d, body = _directives(src)
+        tags += [t for t in _tags_for(d) if t not in tags]
+        names = defs.get((rel, c.get("id", "")), [])
+        if names:                                           # an exported definition: anchor before, API line after
+            cells.append(md_cell("".join(f'<a id="{m}.{n}"></a>' for m, n in names)))
+        c["source"] = body
+        if tags: c["metadata"]["tags"] = tags
+        c["outputs"], c["execution_count"] = [], None
+        cells.append(c)
+        if names:
+            links = ", ".join(f'<a href="{_rel(rel, "api/" + m.split(".")[1] + ".html")}#{m}.{n}"><code>{n}</code></a>'
+                              for m, n in names)
+            cells.append(md_cell(f'<p class="api-link">API reference: {links}</p>'))
+        if "parameters" in tags and nb_path.name in DOCS_PARAMS:
+            params, why = DOCS_PARAMS[nb_path.name]
+            cells.append(code_cell("# docs build (tools/docs.py DOCS_PARAMS): " + why.split(" (")[0] + "\n" +
+                                   "\n".join(f"{k} = {v!r}" for k, v in params.items()), ["injected-parameters"]))
+            cells.append(md_cell(f"*This page was executed for the documentation with {why}: "
+                                 + ", ".join(f"`{k} = {v!r}`" for k, v in params.items()) + ".*"))
+    for j, c in enumerate(cells):                               # nbformat 4.5 ids, stable across builds
+        c.setdefault("id", hashlib.sha1(f"{rel}:{j}".encode()).hexdigest()[:8])
+    meta = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"}}
+    return {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _run_header(rel: str, nb: dict) -> str:
+    "A run notebook's recipe header: how to run it, its parameters."
+    stem = Path(rel).stem
+    pcell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    table = _param_table("".join(pcell["source"])) if pcell else ""
+    return (f"```{{admonition}} A papermill recipe\n:class: tip\nThis page shows the run notebook `nbs/{rel}` as a "
+            f"recipe; it is not executed for the documentation. Run it with\n\n"
+            f"    papermill nbs/{rel} runs/<name>/{stem}.ipynb -p run_dir runs/<name> [-p NAME VALUE ...]\n\n"
+            f"or with a preset: `python -m weaktr.grid export-preset configs/voc.yaml {stem} > /tmp/p.yaml` and "
+            f"`-f /tmp/p.yaml`. `./kit demo` runs every stage in order on the synthetic data.\n```\n\n"
+            f"**Parameters** (the `parameters` cell; `papermill --help-notebook nbs/{rel}` prints the same):\n\n{table}")
+
+
+# ------------------------------------------------------------------------------------------------ API reference
+def api_pages() -> dict[str, str]:
+    "{relative path: MyST markdown} for api/index.md and one api/<module>.md per module in weaktr/_modidx.py."
+    import importlib
+    from nbdev.showdoc import BasicMarkdownRenderer
+    sys.path.insert(0, str(ROOT))
+    modidx = importlib.import_module("weaktr._modidx").d["syms"]
+    defs = {v: k for k, vs in definitions().items() for v in vs}          # (module, name) -> (notebook, cell id)
+    pages, index = {}, ["# API reference", "",
+                        "Every exported function, class and constant of `weaktr`, as nbdev's `show_doc` renders it: "
+                        "the signature with each parameter's comment (docments) and the docstring. Each entry links "
+                        "to the notebook cell that defines, explains and tests it.", "",
+                        "| module | notebook | exported names |", "|---|---|---|"]
+    for mod_name in sorted(modidx, key=lambda m: _module_order(m)):
+        mod = importlib.import_module(mod_name)
+        short = mod_name.split(".", 1)[1]
+        names = list(getattr(mod, "__all__", []))
+        nbs = sorted({defs[(mod_name, n)][0] for n in names if (mod_name, n) in defs})
+        nb_links = ", ".join(f"[{Path(n).stem}](../{n})" for n in nbs)
+        lines = [f"# `{mod_name}`", "", f"> {(mod.__doc__ or '').strip()}", "", f"Source notebook: {nb_links}", ""]
+        for name in names:
+            obj = getattr(mod, name)
+            lines += _entry(mod_name, name, obj, defs.get((mod_name, name)), BasicMarkdownRenderer, 2)
+            if isinstance(obj, type) and obj.__module__ == mod_name:
+                for meth in sorted(k for k in modidx[mod_name] if k.startswith(f"{mod_name}.{name}.")):
+                    m = meth.rsplit(".", 1)[1]
+                    if m.startswith("_") and m not in ("__call__",): continue
+                    fn = obj.__dict__.get(m)
+                    if fn is None: continue
+                    lines += _entry(mod_name, f"{name}.{m}", fn, defs.get((mod_name, name)), BasicMarkdownRenderer, 3)
+        pages[f"api/{short}.md"] = "\n".join(lines) + "\n"
+        index.append(f"| [`{mod_name}`]({short}.md) | {nb_links.replace('../', '../')} | {len(names)} |")
+    index += ["", "```{toctree}", ":hidden:", ""] + [f"{m.split('.', 1)[1]}" for m in
+                                                       sorted(modidx, key=_module_order)] + ["```", ""]
+    pages["api/index.md"] = "\n".join(index)
+    return pages
+
+
+def _module_order(mod_name: str) -> tuple:
+    "Modules in the order of their notebooks."
+    for py in [ROOT / "weaktr" / f"{mod_name.split('.', 1)[1]}.py"]:
+        m = re.search(r"File to edit: \.\./nbs/(\S+\.ipynb)", py.read_text()[:400]) if py.exists() else None
+        if m: return (m.group(1), mod_name)
+    return ("~", mod_name)
+
+
+def _entry(mod_name, name, obj, where, Renderer, level) -> list[str]:
+    try:
+        md = Renderer(obj, title_level=level)._repr_markdown_()
+    except Exception as e:                       # a constant or anything show_doc cannot render
+        md = ""
+    md = re.sub(r"^---\s*\n\s*\n\[source\]\([^)]*\)\{[^}]*\}\s*\n", "", md.lstrip())
+    md = re.sub(r"^\[source\]\([^)]*\)\{[^}]*\}\s*\n", "", md.lstrip())
+    if not md.strip() or not md.lstrip().startswith("#"):
+        import pprint
+        r = pprint.pformat(obj, width=110, compact=True, sort_dicts=False).splitlines()
+        r = "\n".join(r[:20] + (["…"] if len(r) > 20 else []))
+        md = f"{'#' * level} {name}\n\n```text\n{name} = {r}\n```\n"
+    md = md.replace("\n#", "\n#", 1)
+    anchor = f'<a id="{mod_name}.{name}"></a>\n\n'
+    src = ""
+    if where:
+        nb, cell = where
+        src = (f'<p class="api-src">defined in <a href="../{nb[:-len(".ipynb")]}.html#{mod_name}.{name.split(".")[0]}">'
+               f'{Path(nb).stem}</a></p>\n')
+    return [anchor + md.rstrip() + "\n", src, ""]
+
+
+# ------------------------------------------------------------------------------------------------ staging
+def _toctree(caption: str, docs: list[str]) -> str:
+    return f"```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n:hidden:\n\n" + "\n".join(docs) + "\n```\n"
+
+
+def stage(verbose=True) -> dict:
+    "Write _proc/ (staged notebooks, API pages, navigation); remove what no longer has a source. -> {path: changed}"
+    STAGE.mkdir(exist_ok=True)
+    defs = definitions()
+    want: dict[str, str] = {}
+    nbs = notebooks()
+    for p in nbs:
+        nb = stage_notebook(p, defs)
+        rel = p.relative_to(NBS).as_posix()
+        if rel == "index.ipynb":
+            nav = []
+            for caption, pats in NAV:
+                docs = sorted({q.relative_to(NBS).with_suffix("").as_posix() for pat in pats for q in NBS.glob(pat)
+                               if q in nbs})
+                if docs: nav.append(_toctree(caption, docs))
+            nav.append(_toctree("Reference", ["api/index"]))
+            nb["cells"].append(md_cell("\n".join(nav)))
+        want[rel] = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    want.update(api_pages())
+    changed = {k: write_if_changed(STAGE / k, v) for k, v in want.items()}
+    for d in ("images",):                                                # pictures the markdown cells show
+        if (NBS / d).is_dir():
+            for f in (NBS / d).rglob("*"):
+                if f.is_file():
+                    dst = STAGE / d / f.relative_to(NBS / d)
+                    if not dst.exists() or dst.read_bytes() != f.read_bytes():
+                        dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dst)
+    keep = set(want) | {str(f.relative_to(STAGE)) for f in (STAGE / "images").rglob("*")} if (STAGE / "images").exists() else set(want)
+    for f in list(STAGE.rglob("*.ipynb")) + list(STAGE.rglob("*.md")):
+        r = f.relative_to(STAGE).as_posix()
+        if r.startswith(".cache/") or r in keep: continue
+        f.unlink()
+    if verbose:
+        n = sum(changed.values())
+        print(f"== docs: staged {len(want)} pages into {STAGE.relative_to(ROOT)}/ ({n} changed)")
+    return changed
+
+
+# ------------------------------------------------------------------------------------------------ build
+def exec_times() -> list[tuple[str, float]]:
+    "(notebook, seconds) of the cached executions, from jupyter-cache's records."
+    if not JCACHE.exists(): return []
+    from jupyter_cache import get_cache
+    cache = get_cache(JCACHE)
+    out = []
+    for rec in cache.list_cache_records():
+        uri = (rec.uri or "")
+        t = (rec.data or {}).get("execution_seconds")
+        if t is not None: out.append((str(Path(uri).relative_to(STAGE)) if uri.startswith(str(STAGE)) else uri, t))
+    return sorted(out)
+
+
+def build(mode="full", clean=False, jobs=1, out=None) -> Path:
+    out = Path(out) if out else ROOT / settings().get("doc_path", "_docs")
+    if clean:
+        shutil.rmtree(out, ignore_errors=True); shutil.rmtree(CACHE / "doctrees", ignore_errors=True)
+    t0 = time.time()
+    stage()
+    env = {**os.environ, "WEAKTR_DOCS_MODE": mode, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env.pop("MPLBACKEND", None)                                   # the kernels' own inline backend draws the figures
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-c", str(ROOT / "docs"), "-d", str(CACHE / "doctrees"),
+           "-j", str(jobs), "--keep-going", "-q", str(STAGE), str(out)]
+    print("== docs:", " ".join(cmd[2:]), f"(mode {mode})", flush=True)
+    r = subprocess.run(cmd, env=env, cwd=ROOT)
+    if r.returncode: raise SystemExit(f"sphinx-build failed (exit {r.returncode}); see the messages above")
+    print(f"== docs: built {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/index.html "
+          f"in {time.time() - t0:.0f} s (mode {mode})")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="./kit docs", description=__doc__.split("\n")[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help=f"execute only {', '.join(QUICK_EXECUTE)} (CI)")
+    g.add_argument("--no-exec", action="store_true", help="execute nothing: pages without outputs (fastest)")
+    ap.add_argument("--clean", action="store_true", help="rebuild every page (the execution cache is kept)")
+    ap.add_argument("--clear-cache", action="store_true", help="also forget every cached execution")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="Sphinx processes (each executes its notebooks)")
+    ap.add_argument("--out", default=None, help="output folder (default: settings.ini doc_path)")
+    ap.add_argument("--stage-only", action="store_true", help="only write _proc/")
+    ap.add_argument("--times", action="store_true", help="print the cached per-notebook execution times and exit")
+    a = ap.parse_args(argv)
+    if a.times:
+        for nb, t in exec_times(): print(f"{t:8.1f} s  {nb}")
+        return
+    if a.clear_cache: shutil.rmtree(JCACHE, ignore_errors=True)
+    if a.stage_only: stage(); return
+    build("quick" if a.quick else "off" if a.no_exec else "full", clean=a.clean or a.clear_cache, jobs=a.jobs,
+          out=a.out)
+    times = exec_times()
+    if times:
+        print("== docs: execution times (cached; s):", ", ".join(f"{Path(n).stem} {t:.0f}" for n, t in times))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """CAM-generation benchmark: the per-image reference path vs the batched path of `weaktr.camgen`, same images.
 
-Both paths start from PIL images (view building included), run the spec §4.1 recipe (scales x flip, refinement,
+Both paths start from PIL images (view building included), run the §cam-gen recipe (scales x flip, refinement,
 upsampling, masking, normalisation) and return (C, H, W) maps; the script asserts that the maps agree (max abs diff
 printed) and reports images/s for both and the speed-up. The model is a random WeakTr whose attention is sharpened
 (`weaktr.camgen.sharpen_attention`) so that the normalised maps have contrast, as a trained model's do.

@@ -9,7 +9,7 @@ at each batch size of --batches. Two paths:
 Peak memory: `torch.cuda.max_memory_allocated` on GPU (counted from before the model is built); on CPU each
 configuration runs in a fresh subprocess and the peak is the rise of peak RSS over the RSS before the model.
 
-Evaluation: multi-scale (6 ratios) x flip x two decoder outputs, spec §5.6, on random images with a random model:
+Evaluation: multi-scale (6 ratios) x flip x two decoder outputs, §final-eval, on random images with a random model:
 `weaktr.evaluate.predict` (all windows batched, --window-batch) vs `predict_windowed_reference` (one window at a
 time, the reference's order). Reports img/s of each and asserts identical argmax and max |dp| < --tol.
 

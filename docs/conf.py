@@ -4,10 +4,8 @@ The source folder is `_proc/` (the staged notebooks, see tools/docs.py); this fo
 static files. Execution mode comes from $WEAKTR_DOCS_MODE: full (every notebook but the run recipes, through the
 jupyter-cache), quick (only tools/docs.py QUICK_EXECUTE), off (none).
 """
-import configparser, os, sys
+import configparser, importlib.util, os, sys
 from pathlib import Path
-
-import jupyter_server_mathjax
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -30,7 +28,7 @@ myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "html_image"]
 myst_heading_anchors = 3
 _mode = os.environ.get("WEAKTR_DOCS_MODE", "full")
 nb_execution_mode = "off" if _mode == "off" else "cache"
-nb_execution_cache_path = str(kitdocs.JCACHE)
+nb_execution_cache_path = str(kitdocs.JCACHE)                 # $WEAKTR_DOCS_JCACHE or _proc/.cache/jupyter
 nb_execution_timeout = 1200                                   # seconds per cell
 nb_execution_raise_on_error = True                            # a failing notebook fails the build, naming it
 nb_execution_show_tb = True
@@ -40,6 +38,10 @@ if _mode == "quick":
     nb_execution_excludepatterns += [p.relative_to(kitdocs.NBS).as_posix() for p in kitdocs.notebooks()
                                      if p.name not in kitdocs.QUICK_EXECUTE]
 nb_merge_streams = True
+# MyST-NB writes output files (figures) to <outdir>/../jupyter_execute, i.e. the repository root for _docs/: keep them
+# in the cache folder instead (an absolute path wins in its Path.joinpath)
+import myst_nb.sphinx_ext                                     # noqa: E402
+myst_nb.sphinx_ext.OUTPUT_FOLDER = str(kitdocs.CACHE / "jupyter_execute")
 nb_ipywidgets_js = {}                                         # no widget JS from a CDN: widgets show their text form
 nb_output_stderr = "remove-warn"
 nb_render_markdown_format = "myst"                            # display(Markdown(...)) tables and math render
@@ -57,34 +59,28 @@ html_theme_options = {
     "use_repository_button": False,
     "navigation_with_keys": False,
 }
+html_context = {"default_mode": "light"}                      # (an unset mode logs a console error)
+html_favicon = str(HERE / "_static" / "favicon.png")
 html_last_updated_fmt = None
 html_copy_source = False
 html_show_sourcelink = False
 
-# MathJax 2.7 from the jupyter-server-mathjax package, copied into the site (_copy_mathjax below): no CDN.
-_mj = Path(jupyter_server_mathjax.__file__).parent / "static"
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
-mathjax2_config = {
-    "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]], "processEscapes": True,
-                "processEnvironments": True,
-                # MyST-NB marks pages tex2jax_ignore and math elements with the class "math" (its MathJax 3 setup)
-                "ignoreClass": "tex2jax_ignore|mathjax_ignore", "processClass": "tex2jax_process|mathjax_process|math|output_area"},
-    "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None},
-    "SVG": {"font": "STIX-Web"},
-    "showMathMenu": False,
-    "messageStyle": "none",
-}
+# MathJax 3 (the static build shipped in the sphinx-mathjax-offline package), copied into <site>/_static/mathjax by
+# _copy_mathjax: the site renders math with no network. Sphinx's default MathJax 3 setup applies (MyST-NB adds the
+# classes to process).
+_mj = Path(importlib.util.find_spec("sphinx-mathjax-offline").origin).parent / "static" / "mathjax"
+mathjax_path = "mathjax/tex-chtml.js"
+_MJ_SKIP = ("-speech.js", "mml-svg.js", "tex-svg", "tex-mml-svg", "node-main.js")
 
 
 def _copy_mathjax(app, exception):
-    "Copy the MathJax files the pages use (web fonts: woff only) into <site>/_static/mathjax."
+    "Copy MathJax (the tex-chtml component, its extensions and woff fonts) into <site>/_static/mathjax."
     if exception or app.builder.format != "html": return
     import shutil
     dst = Path(app.outdir) / "_static" / "mathjax"
-    if (dst / "MathJax.js").exists(): return
-    def ignore(d, names):
-        return [n for n in names if n in ("otf", "eot", "svg", "png", "tests") and Path(d).name != "output"]
-    shutil.copytree(_mj, dst, ignore=ignore, dirs_exist_ok=True)
+    if (dst / "tex-chtml.js").exists(): return
+    shutil.copytree(_mj, dst, dirs_exist_ok=True,
+                    ignore=lambda d, names: [n for n in names if n.endswith(_MJ_SKIP) or n == "svg"])
 
 
 def setup(app):

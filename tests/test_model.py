@@ -1,4 +1,4 @@
-"""Phase-1 WeakTr model: detach table (spec §2.7), fast vs reference attention, AAF variants, loaders."""
+"""Phase-1 WeakTr model: detach table (method notes §detach), fast vs reference attention, AAF variants, loaders."""
 import warnings
 
 import numpy as np
@@ -42,7 +42,7 @@ def grad_groups(model, loss):
     return out
 
 
-# ---------------------------------------------------------------- detach table (spec §2.7)
+# ---------------------------------------------------------------- detach table (method notes §detach)
 TABLE = {"cls_logits": dict(backbone=True, head=False, adaptive_attention_fusion=False, norm=False),
          "coarse_logits": dict(backbone=True, head=True, adaptive_attention_fusion=False, norm=False),
          "fine_logits": dict(backbone=False, head=False, adaptive_attention_fusion=True, norm=False)}
@@ -356,7 +356,7 @@ def test_other_timm_backbones(name, kw):
 
 
 def test_deit_small_matches_the_spec_table():
-    "Spec §6.1: DeiT-S, C=20: key set, shapes and trainable-parameter counts (r=4: 21,752,517; r=8: 21,751,221)."
+    "§ckpt-phase1: DeiT-S, C=20: key set, shapes and trainable-parameter counts (r=4: 21,752,517; r=8: 21,751,221)."
     for r, n in [(4, 21_752_517), (8, 21_751_221)]:
         model = create_weaktr("deit_small_patch16_224", 20, reduction=r)
         assert sum(p.numel() for p in model.parameters()) == n

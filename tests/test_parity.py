@@ -2,7 +2,7 @@
 
 The recorded file (shared data, `parity/phase1_tiny.pt`, see its README) holds a tiny reference model
 (D=128, 3 blocks, 2 heads, C=5, 96 px, AAF V3 with reduction 2), two inputs (2x3x96x96 and 1x3x64x112; the second
-needs the pos-embed interpolation of spec §2.2) and the reference's eval-mode outputs.
+needs the pos-embed interpolation of method notes §pos-embed) and the reference's eval-mode outputs.
 Run `pytest -s tests/test_parity.py` to see the error table.
 """
 import pytest

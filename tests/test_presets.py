@@ -73,7 +73,7 @@ def test_preset_sets_every_non_reference_notebook_default(path):
 
 
 def test_presets_agree_with_stage_constants():
-    "The presets restate the stage modules' reference constants (spec §3, §5.7) and the documented per-dataset flags."
+    "The presets restate the stage modules' reference constants (§phase1, §phase2-recipe) and the documented per-dataset flags."
     from weaktr.evaluate import MS_RATIOS
     from weaktr.train_cam import CAM_TRAIN_COCO, CAM_TRAIN_VOC
     from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_VOC
@@ -88,7 +88,7 @@ def test_presets_agree_with_stage_constants():
     assert coco["gen_cams"]["scales"] == [1.0, 0.8, 1.2] and coco["pseudo_labels"]["threshold"] == 0.42   # HEAD COCO docs
     assert (voc["pseudo_labels"]["crf"], coco["pseudo_labels"]["crf"], coco["evaluate"]["crf_preset"]) == ("voc", "coco", "coco")
     assert (voc["train_cam"]["lr"], coco["train_cam"]["lr"]) == (6e-4, 2e-4)
-    # WeakTr-dagger: Phase 2 only (spec §5.8); Phase 1 and the CAM labels are the DeiT-S ones
+    # WeakTr-dagger: Phase 2 only (method notes §phase2-backbones); Phase 1 and the CAM labels are the DeiT-S ones
     assert dagger["train_seg"]["backbone"] == "vit_small_patch16_384"
     assert dagger["train_seg"]["pseudo_dir"] == voc["train_seg"]["pseudo_dir"]
     for st in ("train_cam", "gen_cams", "pseudo_labels"): assert dagger[st] == voc[st]

@@ -1,4 +1,4 @@
-"Segmenter: the spec §6.2 key/shape table, checkpoint round trips, forward shapes, two outputs, gradients, loaders."
+"Segmenter: the §ckpt-phase2 key/shape table, checkpoint round trips, forward shapes, two outputs, gradients, loaders."
 import pytest
 import timm
 import torch
@@ -18,7 +18,7 @@ def tiny_model(K=5, img_size=64, seed=0, **kw):
 
 
 def spec_table(K=21, D=384, L=12, grid=30):
-    "The key/shape table of spec §6.2."
+    "The key/shape table of method notes §ckpt-phase2."
     t = {"encoder.cls_token": (1, 1, D), "encoder.pos_embed": (1, 1 + grid * grid, D),
          "encoder.patch_embed.proj.weight": (D, 3, 16, 16), "encoder.patch_embed.proj.bias": (D,),
          "encoder.norm.weight": (D,), "encoder.norm.bias": (D,),
@@ -47,10 +47,10 @@ def test_vit_s_key_table_and_parameter_counts():
     assert not bad, bad
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_dec = sum(p.numel() for p in model.decoder.parameters())
-    assert round(n_enc / 1e6, 2) == 22.32 and round(n_dec / 1e6, 2) == 4.00          # spec §5.1
+    assert round(n_enc / 1e6, 2) == 22.32 and round(n_dec / 1e6, 2) == 4.00          # method notes §segmenter
     assert model.decoder.blocks[0].attn.num_heads == 6 and model.encoder.norm.eps == 1e-5
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
-    # spec §5.1 init of the decoder
+    # method notes §segmenter init of the decoder
     assert model.decoder.proj_dec.bias.abs().sum() == 0
     assert abs(model.decoder.proj_patch.std().item() - 384 ** -0.5) < 0.002
     assert abs(model.decoder.cls_emb.std().item() - 0.02) < 0.002                      # trunc-normal(0.02)
@@ -162,7 +162,7 @@ def test_load_encoder_from_deit_distilled_and_safetensors(tmp_path):
 
 
 def test_load_encoder_from_reference_phase1_checkpoint(tmp_path):
-    "The recorded reference Phase-1 state dict (spec §6.1 key names, C = 5 class tokens) initialises the encoder."
+    "The recorded reference Phase-1 state dict (§ckpt-phase1 key names, C = 5 class tokens) initialises the encoder."
     try: path = shared_data("parity") / "phase1_tiny.pt"
     except FileNotFoundError as e: pytest.skip(str(e))
     if not path.exists(): pytest.skip(f"{path} not found")

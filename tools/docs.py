@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 STAGE = ROOT / "_proc"                       # nbdev's processed-notebooks folder; depth 1, like nbs/
 CACHE = STAGE / ".cache"
-JCACHE = CACHE / "jupyter"
+JCACHE = Path(os.environ.get("WEAKTR_DOCS_JCACHE", CACHE / "jupyter"))   # the execution cache
 
 # Notebooks too slow at their defaults for every docs build get a fast setting here; each page says what it ran with.
 # name: (parameters injected after the `parameters` cell, why)
@@ -274,7 +274,7 @@ def _toctree(caption: str, docs: list[str]) -> str:
     return f"```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n:hidden:\n\n" + "\n".join(docs) + "\n```\n"
 
 
-def stage(verbose=True) -> dict:
+def stage(verbose=True, touch: str | None = None) -> dict:
     "Write _proc/ (staged notebooks, API pages, navigation); remove what no longer has a source. -> {path: changed}"
     STAGE.mkdir(exist_ok=True)
     defs = definitions()
@@ -291,6 +291,9 @@ def stage(verbose=True) -> dict:
                 if docs: nav.append(_toctree(caption, docs))
             nav.append(_toctree("Reference", ["api/index"]))
             nb["cells"].append(md_cell("\n".join(nav)))
+        if touch and p.name == touch:                            # a one-notebook code change, for --measure
+            c = next(c for c in nb["cells"] if c["cell_type"] == "code")
+            c["source"] += f"\n# docs build measurement {time.time():.0f}"
         want[rel] = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
     want.update(api_pages())
     changed = {k: write_if_changed(STAGE / k, v) for k, v in want.items()}
@@ -326,16 +329,18 @@ def exec_times() -> list[tuple[str, float]]:
     return sorted(out)
 
 
-def build(mode="full", clean=False, jobs=1, out=None) -> Path:
+def build(mode="full", clean=False, jobs=1, out=None, touch=None) -> Path:
+    "Stage and run sphinx-build; `touch`: a notebook name whose staged code gets one comment line (measurements)."
     out = Path(out) if out else ROOT / settings().get("doc_path", "_docs")
+    doctrees = CACHE / f"doctrees-{mode}"                       # per mode: the modes differ in configuration
     if clean:
-        shutil.rmtree(out, ignore_errors=True); shutil.rmtree(CACHE / "doctrees", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True); shutil.rmtree(doctrees, ignore_errors=True)
     t0 = time.time()
-    stage()
+    stage(touch=touch)
     env = {**os.environ, "WEAKTR_DOCS_MODE": mode, "PYTHONPATH": os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     env.pop("MPLBACKEND", None)                                   # the kernels' own inline backend draws the figures
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-c", str(ROOT / "docs"), "-d", str(CACHE / "doctrees"),
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-c", str(ROOT / "docs"), "-d", str(doctrees),
            "-j", str(jobs), "--keep-going", "-q", str(STAGE), str(out)]
     print("== docs:", " ".join(cmd[2:]), f"(mode {mode})", flush=True)
     r = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -343,6 +348,44 @@ def build(mode="full", clean=False, jobs=1, out=None) -> Path:
     print(f"== docs: built {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/index.html "
           f"in {time.time() - t0:.0f} s (mode {mode})")
     return out
+
+
+def measure(path: Path = ROOT / "results" / "docs_build.json", touch: str = "05_metrics.ipynb") -> dict:
+    "Time a full build from an empty cache, a rebuild with nothing changed, one after a one-notebook code change, and a"
+    " quick build from an empty cache; write them with the per-notebook execution times to results/docs_build.json."
+    from datetime import datetime, timezone
+    global JCACHE
+    builds = {}
+    def timed(name, **kw):
+        t0 = time.time(); build(**kw); builds[name] = round(time.time() - t0, 1)
+        print(f"== docs --measure: {name}: {builds[name]:.0f} s", flush=True)
+    shutil.rmtree(JCACHE, ignore_errors=True)
+    timed("full, empty cache (./kit docs on a fresh clone)", clean=True)
+    notebooks_s = {n: round(t, 1) for n, t in exec_times()}
+    timed("rebuild, nothing changed", clean=False)
+    timed(f"rebuild after a code change in {touch} (re-executes it alone)", clean=False, touch=touch)
+    timed("rebuild, change reverted (cached result reused)", clean=False)
+    saved, JCACHE = JCACHE, CACHE / "jupyter-quick-measure"
+    os.environ["WEAKTR_DOCS_JCACHE"] = str(JCACHE)
+    try:
+        shutil.rmtree(JCACHE, ignore_errors=True)
+        timed("quick (--quick, empty cache: what the browser test builds)", mode="quick", clean=True,
+              out=CACHE / "quick-measure-site")
+    finally:
+        shutil.rmtree(JCACHE, ignore_errors=True); shutil.rmtree(CACHE / "quick-measure-site", ignore_errors=True)
+        JCACHE = saved; os.environ.pop("WEAKTR_DOCS_JCACHE", None)
+    import platform
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    try: load = os.getloadavg()[0]
+    except OSError: load = float("nan")
+    res = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=f"{cpu}, {os.cpu_count()} cores",
+               command="python tools/docs.py --measure", load_at_end=round(load, 2),
+               note=f"shared with other jobs (load average {load:.1f} at the end), so an upper bound",
+               builds=builds, notebooks=notebooks_s)
+    path.parent.mkdir(exist_ok=True); path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"== docs --measure: wrote {path.relative_to(ROOT)}")
+    return res
 
 
 def main(argv=None):
@@ -356,10 +399,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default: settings.ini doc_path)")
     ap.add_argument("--stage-only", action="store_true", help="only write _proc/")
     ap.add_argument("--times", action="store_true", help="print the cached per-notebook execution times and exit")
+    ap.add_argument("--measure", action="store_true", help="time full / incremental / quick builds into results/")
     a = ap.parse_args(argv)
     if a.times:
         for nb, t in exec_times(): print(f"{t:8.1f} s  {nb}")
         return
+    if a.measure: measure(); return
     if a.clear_cache: shutil.rmtree(JCACHE, ignore_errors=True)
     if a.stage_only: stage(); return
     build("quick" if a.quick else "off" if a.no_exec else "full", clean=a.clean or a.clear_cache, jobs=a.jobs,

@@ -99,12 +99,20 @@ def _pre(m) -> str:
     return "" if not m.group("spec") else ("Method notes " if m.group("spec")[0] == "S" else "method notes ")
 
 
+MAX_LINE = 120                                                 # the kit's line length
+
+
 def plain(text: str) -> str:
-    "Rewrite references as plain text (code, comments, docstrings, YAML)."
-    def sub(m):
-        return _pre(m) + ", ".join(label for label, _ in _targets(m)) + _tail(m)
-    text = REF.sub(sub, text)
-    return SPEC_WORD.sub("method notes", text)
+    "Rewrite references as plain text (code, comments, docstrings, YAML), line by line."
+    def line(l, prefix):
+        sub = lambda m: (_pre(m) if prefix else "") + ", ".join(label for label, _ in _targets(m)) + _tail(m)
+        return SPEC_WORD.sub("method notes" if prefix else "notes", REF.sub(sub, l))
+    out = []
+    for l in text.split("\n"):
+        new = line(l, True)
+        if len(new) > MAX_LINE: new = line(l, False)                           # "§gc-loss" alone: still unique
+        out.append(new)
+    return "\n".join(out)
 
 
 def linked(text: str, notes_href: str) -> str:

@@ -30,7 +30,7 @@ def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
     return dev
 
 # %% ../nbs/00_core.ipynb #dd8eb428
-def seed_everything(seed: int = 504, # the reference's seed (spec §3.2)
+def seed_everything(seed: int = 504, # the reference's seed (method notes §phase1-optim)
                    ) -> torch.Generator:
     "Seed Python, NumPy and torch (all devices); return a seeded `torch.Generator` for DataLoader shuffling."
     os.environ["PYTHONHASHSEED"] = str(seed)

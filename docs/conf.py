@@ -34,9 +34,10 @@ nb_execution_raise_on_error = True                            # a failing notebo
 nb_execution_show_tb = True
 nb_execution_in_temp = False                                  # run in _proc/, a sibling of nbs/: same relative paths
 nb_execution_excludepatterns = [f"{kitdocs.RUNS}/*"]
-if _mode == "quick":
+if _mode == "quick":                                          # + $WEAKTR_DOCS_EXECUTE (./kit docs --quick --execute)
+    _run = set(kitdocs.QUICK_EXECUTE) | set(filter(None, os.environ.get("WEAKTR_DOCS_EXECUTE", "").split(",")))
     nb_execution_excludepatterns += [p.relative_to(kitdocs.NBS).as_posix() for p in kitdocs.notebooks()
-                                     if p.name not in kitdocs.QUICK_EXECUTE]
+                                     if p.name not in _run]
 nb_merge_streams = True
 # MyST-NB writes output files (figures) to <outdir>/../jupyter_execute, i.e. the repository root for _docs/: keep them
 # in the cache folder instead (an absolute path wins in its Path.joinpath)

@@ -45,17 +45,22 @@ def test_readme_is_generated_from_index():
 
 
 def test_readme_numbers_come_from_result_files():
-    "The measured tables are outputs of code cells reading committed result files, not typed into markdown."
+    "Measured numbers are outputs of code cells reading committed result files, never typed into markdown cells."
     nb = json.loads((REPO / "nbs" / "index.ipynb").read_text())
     md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    for f in ("results/demo/summary.json", "results/docs_build.json"):
-        assert (REPO / f).is_file(), f
-        assert f.split("/", 1)[1] in code
-    demo = json.loads((REPO / "results/demo/summary.json").read_text())
-    for v in (demo["metrics"]["pseudo_miou"], demo["metrics"]["seg_miou"]):
-        assert f"{v:.3f}" not in md, f"{v:.3f} is typed into a markdown cell of index.ipynb"
-        assert f"{v:.3f}" in (REPO / "README.md").read_text()
+    assert "results/demo/summary.json" in code and "results/docs_build.json" in code
+    typed = re.findall(r"\b0\.\d{3}\b|\b\d+ min \d+ s\b", md)             # metrics, measured durations
+    assert not typed, f"measured-looking numbers typed into index.ipynb's markdown: {typed}"
+    readme = (REPO / "README.md").read_text()
+    build = json.loads((REPO / "results" / "docs_build.json").read_text())
+    assert build["builds"] and build["notebooks"] and build["date"][:10] in readme
+    demo = REPO / "results" / "demo" / "summary.json"
+    if demo.is_file():                                    # a ./kit demo run's summary.json, committed
+        m = json.loads(demo.read_text())["metrics"]
+        for v in (m["pseudo_miou"], m["seg_miou"], m["cls_map"]): assert f"{v:.3f}" in readme
+    else:
+        assert "no committed demo result" in readme
 
 
 def test_readme_links_are_rewritten_to_the_repository_root():
@@ -128,7 +133,8 @@ def site(tmp_path_factory):
     r = subprocess.run([sys.executable, str(REPO / "tools" / "docs.py"), "--quick", "--out", str(out)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, f"./kit docs --quick failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    assert "WARNING" not in r.stderr, "Sphinx warnings:\n" + "\n".join(l for l in r.stderr.splitlines() if "WARNING" in l)
+    warnings = re.findall(r"^\S.*?: WARNING: .*$", r.stderr, re.M)                # Sphinx's (not a kernel's) warnings
+    assert not warnings, "Sphinx warnings:\n" + "\n".join(warnings)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(out)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield out, f"http://127.0.0.1:{srv.server_address[1]}/"

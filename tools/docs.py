@@ -294,7 +294,7 @@ def stage(verbose=True, touch: str | None = None) -> dict:
                                if q in nbs})
                 if docs: nav.append(_toctree(caption, docs))
             nav.append(_toctree("Reference", ["api/index"]))
-            nb["cells"].append(md_cell("\n".join(nav)))
+            nb["cells"].append({**md_cell("\n".join(nav)), "id": "navtoc00"})
         if touch and p.name == touch:                            # a one-notebook code change, for --measure
             c = next(c for c in nb["cells"] if c["cell_type"] == "code")
             c["source"] += f"\n# docs build measurement {time.time():.0f}"
@@ -325,10 +325,11 @@ def exec_times() -> list[tuple[str, float]]:
     if not JCACHE.exists(): return []
     from jupyter_cache import get_cache
     cache = get_cache(JCACHE)
+    latest = {}
+    for rec in sorted(cache.list_cache_records(), key=lambda r: r.created):      # the newest record per notebook
+        latest[rec.uri or ""] = (rec.data or {}).get("execution_seconds")
     out = []
-    for rec in cache.list_cache_records():
-        uri = (rec.uri or "")
-        t = (rec.data or {}).get("execution_seconds")
+    for uri, t in latest.items():
         if t is not None: out.append((str(Path(uri).relative_to(STAGE)) if uri.startswith(str(STAGE)) else uri, t))
     return sorted(out)
 
@@ -355,7 +356,7 @@ def build(mode="full", clean=False, jobs=1, out=None, touch=None) -> Path:
     print(f"== docs: built {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/index.html "
           f"in {wall:.0f} s (mode {mode}; executed {len(executed)} notebook(s): {', '.join(executed) or 'none'})")
     _log_build(dict(mode=mode, wall_s=round(wall, 1), executed=executed, cached_before=len(before),
-                    extra=os.environ.get("WEAKTR_DOCS_EXECUTE", "")))
+                    extra=os.environ.get("WEAKTR_DOCS_EXECUTE", ""), touched=touch or ""))
     return out
 
 
@@ -381,6 +382,7 @@ def record(path: Path = ROOT / "results" / "docs_build.json") -> dict:
     for b in logs:
         n = len(b["executed"])
         kind = (f"{b['mode']}" + (f" + {b['extra']}" if b.get("extra") else "") +
+                (f", after a code change in {b['touched']}" if b.get("touched") else "") +
                 (", nothing to execute (all cached)" if n == 0 else f", {n} notebook(s) executed"))
         kinds[kind] = b
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -488,6 +490,9 @@ def main(argv=None):
     ap.add_argument("--measure", action="store_true", help="time full / incremental / quick builds into results/")
     ap.add_argument("--keep-cache", action="store_true", help="with --measure: start from the cache as found")
     ap.add_argument("--record", action="store_true", help="write results/docs_build.json from the logged builds")
+    ap.add_argument("--touch", default=None, metavar="NB",
+                    help="build as if NB's code had changed (one comment line added to its staged copy): times an "
+                         "incremental rebuild")
     ap.add_argument("--screenshot", nargs=2, metavar=("PAGE[#ID]", "PNG"), help="a PNG of one page of the built site")
     a = ap.parse_args(argv)
     if a.times:
@@ -502,7 +507,7 @@ def main(argv=None):
     if a.stage_only: stage(); return
     if a.execute: os.environ["WEAKTR_DOCS_EXECUTE"] = a.execute
     build("quick" if a.quick else "off" if a.no_exec else "full", clean=a.clean or a.clear_cache, jobs=a.jobs,
-          out=a.out)
+          out=a.out, touch=a.touch)
     times = exec_times()
     if times:
         print("== docs: execution times (cached; s):", ", ".join(f"{Path(n).stem} {t:.0f}" for n, t in times))

@@ -383,7 +383,9 @@ def record(path: Path = ROOT / "results" / "docs_build.json") -> dict:
         n = len(b["executed"])
         kind = (f"{b['mode']}" + (f" + {b['extra']}" if b.get("extra") else "") +
                 (f", after a code change in {b['touched']}" if b.get("touched") else "") +
-                (", nothing to execute (all cached)" if n == 0 else f", {n} notebook(s) executed"))
+                (", nothing to execute (all cached)" if n == 0 else
+                 f", {n} notebook(s) executed" + (f" ({', '.join(b['executed'])}), the rest from the cache"
+                                                   if n <= 3 else "")))
         kinds[kind] = b
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else platform.processor()

@@ -3,7 +3,7 @@
 Both paths start from PIL images (view building included), run the §cam-gen recipe (scales x flip, refinement,
 upsampling, masking, normalisation) and return (C, H, W) maps; the script asserts that the maps agree (max abs diff
 printed) and reports images/s for both and the speed-up. The model is a random WeakTr whose attention is sharpened
-(`weaktr.camgen.sharpen_attention`) so that the normalised maps have contrast, as a trained model's do.
+(`weaktr.testing.sharpen_attention`) so that the normalised maps have contrast, as a trained model's do.
 
     python bench/bench_camgen.py --preset cpu-small --device cpu --threads 1          # < 2 min on a laptop core
     python bench/bench_camgen.py --preset voc --device cuda --amp bf16 --images 64     # VOC-like: 368x496, ViT-S
@@ -26,9 +26,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from weaktr.camgen import amp_dtype, cams_batched, cams_reference, sharpen_attention  # noqa: E402
+from weaktr.core import amp_dtype  # noqa: E402
+from weaktr.camgen import cams_batched, cams_reference  # noqa: E402
+from weaktr.testing import sharpen_attention  # noqa: E402
 from weaktr.core import atomic_save_json, get_device  # noqa: E402
-from weaktr.data import render_synthetic  # noqa: E402
+from weaktr.synth import render_synthetic  # noqa: E402
 from weaktr.model import create_weaktr  # noqa: E402
 
 PRESETS = {

@@ -1,7 +1,7 @@
 """Pseudo-label benchmark: threshold + dense label CRF + PNG writing, images/s with 1 and N worker processes.
 
 Runs `weaktr.pseudo.write_pseudo_labels` (the work of the pseudo-label stage) on real VOC images from the shared
-`voc-mini` set. The CAMs are simulated from the ground truth (`weaktr.pseudo.simulated_cams`: blurred, noisy class
+`voc-mini` set. The CAMs are simulated from the ground truth (`weaktr.testing.simulated_cams`: blurred, noisy class
 masks), which has the size and class count of real CAM files; the CRF cost does not depend on where the maps come from.
 Each worker count writes into a fresh folder; the labels of all runs must be identical.
 
@@ -28,7 +28,8 @@ from weaktr.camgen import save_cams  # noqa: E402
 from weaktr.core import atomic_save_json, shared_data  # noqa: E402
 from weaktr.data import read_mask, voc_dataset  # noqa: E402
 from weaktr.metrics import miou  # noqa: E402
-from weaktr.pseudo import simulated_cams, write_pseudo_labels  # noqa: E402
+from weaktr.testing import simulated_cams  # noqa: E402
+from weaktr.pseudo import write_pseudo_labels  # noqa: E402
 
 
 def _cpu_s() -> float:

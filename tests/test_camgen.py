@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from weaktr.camgen import CamGenCfg, cams_reference, generate_cams, load_cams, tiny_weaktr
+from weaktr.camgen import CamGenCfg, cams_reference, generate_cams, load_cams
+from weaktr.testing import tiny_weaktr
 from weaktr.core import atomic_torch_save
-from weaktr.data import make_synthetic, read_mask, synthetic_dataset
+from weaktr.synth import make_synthetic, synthetic_dataset
+from weaktr.data import read_mask
 from weaktr.pseudo import PseudoCfg, make_pseudo_labels
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from weaktr.core import shared_data
-from weaktr.data import (COCO80_IDS, COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD,
-                         SEG_MEAN, SEG_STD, SYNTH_DEFAULT, VOC_CLASSES, DataError, cat_max_ratio_crop_box, coco_dataset,
-                         coco_lut, convert_cls_labels_npy, folder_dataset, make_synthetic, mask_to_rgb, ms_flip_views,
-                         on_image, phase1_collate, phase1_eval_transform, phase1_train_transform, read_image, read_mask,
-                         read_label_json, seg_eval_transform, seg_train_transform, synthetic_dataset, voc_dataset,
-                         voc_palette, write_mask)
+from weaktr.data import (COCO80_IDS, COCO_CLASSES, COCO_UNUSED_IDS, IGNORE_INDEX, VOC_CLASSES, DataError, coco_dataset,
+                         coco_lut, convert_cls_labels_npy, folder_dataset, mask_to_rgb, read_image, read_mask,
+                         read_label_json, voc_dataset, voc_palette, write_mask)
+from weaktr.transforms import (IMAGENET_MEAN, IMAGENET_STD, SEG_MEAN, SEG_STD, cat_max_ratio_crop_box, ms_flip_views,
+                               on_image, phase1_collate, phase1_eval_transform, phase1_train_transform,
+                               seg_eval_transform, seg_train_transform)
+from weaktr.synth import SYNTH_DEFAULT, make_synthetic, synthetic_dataset
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from weaktr.data import make_synthetic, synthetic_dataset
+from weaktr.synth import make_synthetic, synthetic_dataset
 from weaktr.model import create_weaktr
 from weaktr.viz import (analyze_image, fused_map, head_map, affinity_row, pseudo_label, plot_head_grid, plot_overlay,
                         plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, SOURCES)

@@ -22,7 +22,7 @@ NB = REPO_ROOT / "nbs" / "runs" / "pseudo_labels.ipynb"
 def cams(tmp_path_factory):
     if not NB.is_file(): pytest.skip(f"run notebook not found: {NB}")
     from weaktr.camgen import CamGenCfg, generate_cams
-    from weaktr.data import make_synthetic
+    from weaktr.synth import make_synthetic
     tmp = tmp_path_factory.mktemp("grid")
     root = make_synthetic(tmp / "synth", n_train=8, n_val=2, size=64, num_classes=6, seed=0)
     s = generate_cams(CamGenCfg(run_dir=str(tmp / "cams"), checkpoint="", data="synthetic", data_root=str(root),

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from weaktr.core import shared_data
-from weaktr.data import COCO80_IDS, make_synthetic, open_dataset, read_mask, voc_palette, write_mask
+from weaktr.data import COCO80_IDS, open_dataset, read_mask, voc_palette, write_mask
+from weaktr.synth import make_synthetic
 from weaktr.evaluate import (MS_RATIOS, EvalCfg, InferCfg, evaluate_model, evaluate_seg, export_lut, predict,
                              predict_windowed_reference)
 from weaktr.metrics import confusion_matrix, miou
@@ -180,20 +181,15 @@ def _papermill(nb, out, **params):
 
 def test_run_notebooks_smoke(synth, tmp_path):
     root, pseudo = synth
-    t0 = time.time()
     _papermill(RUNS / "train_seg.ipynb", tmp_path / "train.ipynb", smoke=True, run_dir=str(tmp_path / "seg"),
                data_root=str(root), pseudo_dir=str(pseudo))
-    t_train = time.time() - t0
     s = json.loads((tmp_path / "seg" / "summary.json").read_text())
     assert s["finished"] and s["steps"] == 4 and s["n_train"] == 8 and s["config"]["embed_dim"] == 64
-    t0 = time.time()
     _papermill(RUNS / "evaluate.ipynb", tmp_path / "eval.ipynb", smoke=True, run_dir=str(tmp_path / "ev"),
                checkpoint=str(tmp_path / "seg"), data_root=str(root))
-    t_eval = time.time() - t0
     e = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert e["finished"] and e["n_images"] == 4 and e["checkpoint_kind"] == "train_seg" and "crf_miou" in e
     assert len(list((tmp_path / "ev" / "preds").glob("*.png"))) == 4
-    assert t_train < 60 and t_eval < 60, (t_train, t_eval)
 
 
 def test_run_notebook_bad_parameter(synth, tmp_path):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from weaktr.data import make_synthetic
+from weaktr.synth import make_synthetic
 from weaktr.model import create_weaktr, load_pretrained
 from weaktr.pretrain import (DEMO_ASSET, DEMO_BACKBONE, asset_card, asset_path, create_classifier, load_classifier,
                              load_split_tensors, sha256, val_metrics, PretrainCfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from weaktr.core import cfg_from_flat
-from weaktr.data import make_synthetic
+from weaktr.synth import make_synthetic
 from weaktr.learner import read_metrics
 from weaktr.train_cam import HEADS, CamTrainCfg, build_cam_model, check_cam_cfg, train_cam
 

@@ -182,6 +182,9 @@ def rewrite_text(path: Path) -> bool:
     path.write_text(new); return True
 
 
+SKIP_MARK = "spec_refs: skip"                                # a file holding this text is left alone (tests)
+
+
 def files(targets) -> list[Path]:
     out = []
     for t in targets:
@@ -190,7 +193,7 @@ def files(targets) -> list[Path]:
         elif p.is_dir():
             out += [f for f in sorted(p.rglob("*")) if f.is_file() and ".ipynb_checkpoints" not in f.parts
                     and (f.suffix == ".ipynb" or f.suffix in TEXT_SUFFIXES) and f.name != Path(__file__).name]
-    return out
+    return [f for f in out if SKIP_MARK not in f.read_text(errors="replace")]
 
 
 def remaining(paths) -> list[str]:
@@ -225,7 +228,10 @@ def main(argv=None):
                     changed.append(f)
             elif plain(text) != text: changed.append(f)
             continue
-        if (rewrite_notebook(f) if f.suffix == ".ipynb" else rewrite_text(f)): changed.append(f)
+        try:
+            if (rewrite_notebook(f) if f.suffix == ".ipynb" else rewrite_text(f)): changed.append(f)
+        except KeyError as e:                                   # an unknown section: say where, change nothing there
+            print(f"{f.relative_to(ROOT)}: {e.args[0]}")
     verb = "would change" if check else "rewrote"
     for f in changed: print(f"{verb} {f.relative_to(ROOT)}")
     print(f"spec_refs: {verb} {len(changed)} file(s)" + ("" if check or not any(f.suffix == ".ipynb" for f in changed)

@@ -5,16 +5,16 @@
 # %% ../nbs/00_core.ipynb #28df780c
 from __future__ import annotations
 import dataclasses, json, os, random, tempfile, typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save', 'atomic_write_text',
-           'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths', 'shared_data_dir',
-           'shared_data', 'LoadReport']
+__all__ = ['AMP_MODES', 'REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save',
+           'atomic_write_text', 'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths',
+           'amp_dtype', 'autocast_ctx', 'eval_mode', 'shared_data_dir', 'shared_data', 'LoadReport']
 
 # %% ../nbs/00_core.ipynb #3fd950f3
 def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -131,6 +131,35 @@ def resolve_paths(cfg,                  # a dataclass config
     if base_dir is None: return cfg
     return dataclasses.replace(cfg, **{k: str(Path(base_dir) / v) for k in fields
                                        if (v := getattr(cfg, k)) and not Path(v).is_absolute()})
+
+# %% ../nbs/00_core.ipynb #fbfeddcc
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+def amp_dtype(amp: str,              # "auto", "off", "bf16" or "fp16"
+              device: torch.device,  # where the model runs
+             ) -> torch.dtype | None:
+    "The autocast dtype for `amp` on `device` (None = fp32)."
+    if amp not in AMP_MODES: raise ValueError(f"amp={amp!r}: expected one of {AMP_MODES}")
+    device = torch.device(device)
+    if amp == "auto":
+        if device.type != "cuda": return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "off": return None
+    if amp == "fp16" and device.type == "cpu":
+        raise ValueError("amp='fp16' is for CUDA; on CPU use amp='bf16' or 'off'")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    "`torch.autocast` for `dtype`, or a no-op context for fp32."
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    "Put `model` in eval mode inside the block, restore its previous mode after."
+    was = model.training
+    model.eval()
+    try: yield model
+    finally: model.train(was)
 
 # %% ../nbs/00_core.ipynb #7f5beaaa
 REPO_ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd().resolve().parent

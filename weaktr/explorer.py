@@ -16,7 +16,8 @@ import ipywidgets as W
 from PIL import Image
 
 from .core import atomic_path
-from .data import IMAGENET_MEAN, IMAGENET_STD, runs_dir
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data import runs_dir
 from .model import WeakTr, create_weaktr, weaktr_loss, weaktr_config_from_state_dict
 from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize, upsample_map,
                         head_mask_grid, affinity_row, head_map, thumbnail_png, png_bytes, plot_overlay, plot_head_grid)
@@ -29,7 +30,7 @@ def load_explorer_model(checkpoint,                     # run folder, learner .p
                         device: str | torch.device = "cpu",
                        ) -> WeakTr:
     "A WeakTr Phase-1 model from a checkpoint, in eval mode (shapes inferred; errors name the file)."
-    from weaktr.camgen import load_cam_model
+    from weaktr.model import load_cam_model
     return load_cam_model(checkpoint, device=device)
 
 def _is_phase1(path: Path) -> bool:

@@ -4,14 +4,16 @@
 
 # %% ../nbs/05_metrics.ipynb #836722f3
 from __future__ import annotations
-import warnings
+import math, warnings
+from typing import Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'miou', 'iou_table', 'sample_map', 'class_map']
+__all__ = ['CAM_EVAL_THRESHOLDS', 'confusion_matrix', 'miou', 'iou_table', 'sample_map', 'class_map', 'threshold_range',
+           'threshold_confusions', 'greedy_index']
 
 # %% ../nbs/05_metrics.ipynb #8c4c53de
 def _to_numpy(x, name):
@@ -105,3 +107,57 @@ def class_map(scores, # (N, C) scores
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return (float(np.nanmean(per)) if per.size else float("nan")), per
+
+# %% ../nbs/05_metrics.ipynb #bab2a6bd
+def threshold_range(start: float, # first threshold
+                    stop: float,  # end (excluded)
+                    step: float,  # spacing (> 0)
+                   ) -> list[float]:
+    "The background thresholds start, start + step, ... < stop (rounded to 1e-6): every threshold sweep of the kit."
+    if not step > 0 or not stop > start:
+        raise ValueError(f"threshold range: need start < stop and step > 0, got start={start}, stop={stop}, step={step}")
+    return [round(start + k * step, 6) for k in range(math.ceil((stop - start) / step - 1e-9))]
+
+CAM_EVAL_THRESHOLDS = tuple(threshold_range(0.40, 0.60, 0.01))  # 0.40 .. 0.59 (method notes §phase1-select)
+
+def threshold_confusions(maps,                # (K, H, W) normalised CAMs of the present classes (numpy or torch)
+                         class_ids,           # (K,) their 0-based class indices
+                         gt,                  # (H, W) ground truth 0..C, 255 = ignore
+                         thresholds: Sequence[float],  # T background scores, ascending
+                         num_classes: int,    # C + 1 (background included)
+                         ignore_index: int = 255,
+                        ) -> np.ndarray:
+    "Confusion matrices (rows = GT) of the argmax-over-[t, maps] label map for every t: -> (T, C+1, C+1) int64."
+    thr = torch.as_tensor(np.asarray(thresholds, np.float32))
+    if thr.ndim != 1 or (thr.diff() <= 0).any(): raise ValueError(f"thresholds must be strictly ascending, got {list(thresholds)}")
+    maps = torch.as_tensor(maps); device = maps.device
+    gt = torch.as_tensor(np.asarray(gt) if not isinstance(gt, torch.Tensor) else gt, device=device).long().reshape(-1)
+    K, T, NC = len(maps), len(thr), int(num_classes)
+    if maps.ndim != 3 or maps.shape[-2] * maps.shape[-1] != gt.numel():
+        raise ValueError(f"maps {tuple(maps.shape)} do not fit gt of {gt.numel()} pixels")
+    if K:
+        m, a = maps.float().reshape(K, -1).max(0)                            # (K, P) -> (P,), (P,)
+        key = torch.as_tensor(class_ids, device=device).long() + 1            # (K,) dataset ids
+        pred = key[a]                                                         # (P,) foreground id of each pixel
+        j = torch.searchsorted(thr.to(device), m.contiguous(), right=False)   # (P,) number of t_i < m
+    else:
+        pred = torch.zeros_like(gt); j = torch.zeros_like(gt)
+    keep = gt != ignore_index
+    gt, pred, j = gt[keep], pred[keep], j[keep]
+    if gt.numel() and (gt.min() < 0 or gt.max() >= NC): raise ValueError(f"gt has values outside [0, {NC}) (255 = ignore)")
+    if pred.numel() and pred.max() >= NC: raise ValueError(f"class ids exceed num_classes={NC}")
+    hist = torch.bincount((gt * NC + pred) * (T + 1) + j, minlength=NC * NC * (T + 1)).reshape(NC, NC, T + 1).cpu()  # (g, a, j)
+    fg = hist.flip(-1).cumsum(-1).flip(-1)[..., 1:]                          # (g, a, T): sum over j > i
+    total = hist.sum(-1, keepdim=True)                                        # (g, a, 1)
+    conf = fg.permute(2, 0, 1).clone()                                        # (T, g, a)
+    conf[:, :, 0] += (total - fg).sum(1).T                                    # (g, T) -> (T, g): the rest is background
+    return conf.numpy().astype(np.int64)
+
+def greedy_index(curve: Sequence[dict], # [{threshold, miou}] in ascending threshold order
+                ) -> int:
+    "The reference's threshold walk: the index where the mIoU first stops improving (pitfall 23)."
+    best_i = 0
+    for i in range(1, len(curve)):
+        if not curve[i]["miou"] > curve[best_i]["miou"]: break
+        best_i = i
+    return best_i

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_model.ipynb #324dca07
 from __future__ import annotations
-import math, re, warnings
+import json, math, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -17,13 +17,13 @@ from timm.layers import resample_abs_pos_embed
 
 from .backbone import WeakTrBackbone
 from .fusion import fuse_heads, make_fusion, stack_heads
-from .core import LoadReport
-
+from .core import LoadReport, get_device
 
 # %% auto #0
 __all__ = ['ATTENTION_TYPES', 'refine_cam', 'select_cams', 'WeakTrOutput', 'weaktr_loss', 'WeakTrInspection', 'WeakTr',
-           'create_weaktr', 'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict',
-           'load_official_checkpoint', 'weaktr_config_from_state_dict', 'create_weaktr_from_checkpoint']
+           'create_weaktr', 'read_state_dict', 'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict',
+           'load_official_checkpoint', 'weaktr_config_from_state_dict', 'create_weaktr_from_checkpoint',
+           'resolve_checkpoint', 'load_cam_model']
 
 # %% ../nbs/04_model.ipynb #4ee2e0a6
 def refine_cam(cams: torch.Tensor,            # (B, C, h, w) class activation maps
@@ -176,8 +176,8 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
     if pretrained is not None: model.pretrained_report = load_pretrained(model, pretrained)
     return model
 
-# %% ../nbs/04_model.ipynb #5696682a
-def _read_state_dict(path, what="checkpoint") -> dict:
+# %% ../nbs/04_model.ipynb #4c1d7e02
+def read_state_dict(path, what="checkpoint") -> dict:
     "A flat {name: tensor} dict from .safetensors or a torch file (weights_only), unwrapping 'model'/'state_dict'."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
@@ -188,7 +188,7 @@ def _read_state_dict(path, what="checkpoint") -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         sd = obj
         if isinstance(obj, dict):
-            for key in ("model", "state_dict", "model_state_dict"):
+            for key in ("model", "state_dict", "model_state_dict", "model_ema"):
                 if isinstance(obj.get(key), dict): sd = obj[key]; break
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{what} {path}: expected a state dict of tensors (directly or under 'model'), "
@@ -196,6 +196,7 @@ def _read_state_dict(path, what="checkpoint") -> dict:
     if all(k.startswith("module.") for k in sd): sd = {k[len("module."):]: v for k, v in sd.items()}   # DDP prefix
     return dict(sd)
 
+# %% ../nbs/04_model.ipynb #5696682a
 def _shape_errors(model_sd, sd, path):
     "Raise on the first key whose shape differs, naming the key and both shapes."
     for k, v in sd.items():
@@ -212,7 +213,7 @@ def load_pretrained(model: WeakTr,            # a freshly built WeakTr
                     strict: bool = True,       # raise (not warn) if anything besides head/AAF stays missing
                    ) -> LoadReport:
     "Load ImageNet ViT weights into WeakTr: replicate the class token and its position row C times, drop the head."
-    sd = _read_state_dict(path, "pretrained weights")
+    sd = read_state_dict(path, "pretrained weights")
     C, D = model.num_classes, model.embed_dim
     rep = LoadReport(str(path))
     num_prefix = 1 + int("dist_token" in sd)
@@ -297,7 +298,7 @@ def load_official_checkpoint(model: WeakTr,    # a WeakTr built for this checkpo
                              path: str | Path, # official Phase-1 file: {"model": state_dict, "epoch": ...} or a bare state dict
                             ) -> LoadReport:
     "Strictly load an official WeakTr Phase-1 checkpoint (torch.load weights_only=True)."
-    return load_official_state_dict(model, _read_state_dict(path, "WeakTr checkpoint"), str(path))
+    return load_official_state_dict(model, read_state_dict(path, "WeakTr checkpoint"), str(path))
 
 def _ratio(n_in, n_hidden):
     "The reduction r with int(n_in / r) == n_hidden (an int when it divides)."
@@ -341,10 +342,43 @@ def create_weaktr_from_checkpoint(path: str | Path,                   # official
                                   drop_path_rate: float = 0.1,
                                   **timm_kwargs) -> WeakTr:
     "Build the WeakTr a Phase-1 checkpoint needs (shapes inferred) and load it strictly; report in `.load_report`."
-    sd = _read_state_dict(path, "WeakTr checkpoint")
+    sd = read_state_dict(path, "WeakTr checkpoint")
     cfg = weaktr_config_from_state_dict(sd)
     if fusion is not None: cfg["fusion"] = fusion
     C = cfg.pop("num_classes")
     model = create_weaktr(backbone, C, pool=pool, attn_impl=attn_impl, drop_path_rate=drop_path_rate, **{**cfg, **timm_kwargs})
     model.load_report = load_official_state_dict(model, sd, str(path))
     return model
+
+# %% ../nbs/04_model.ipynb #32fe26cb
+def _run_config(folder: Path) -> dict:
+    p = folder / "config.json"
+    if not p.is_file(): return {}
+    try: cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{p}: not valid JSON ({e})") from e
+    return {**cfg, **cfg.get("model", {})} if isinstance(cfg.get("model"), dict) else cfg
+
+def resolve_checkpoint(checkpoint) -> tuple[Path, dict]:
+    "A checkpoint file from a run folder (best.pt, else last.pt) or a file path; plus the run's config.json (or {})."
+    p = Path(checkpoint)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file(): return p / name, _run_config(p)
+        raise FileNotFoundError(f"run folder {p} holds neither best.pt nor last.pt")
+    if not p.is_file(): raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p, _run_config(p.parent)
+
+def load_cam_model(checkpoint,                         # run folder, learner .pt, or official checkpoint
+                   backbone: str = "deit_small_patch16_224",  # timm block type, unless the run config names one
+                   pool: str = "",                     # AAF pooling ("" -> run config, else "avg")
+                   fusion: str = "",                   # AAF variant override ("" -> run config, else detected)
+                   device: str | torch.device = "cpu",
+                  ) -> WeakTr:
+    "Build the WeakTr a Phase-1 checkpoint needs, load it strictly, move it to `device`, eval mode."
+    path, run_cfg = resolve_checkpoint(checkpoint)
+    backbone = run_cfg.get("backbone", backbone)
+    pool = pool or run_cfg.get("pool", "avg")
+    fusion = fusion or run_cfg.get("fusion") or None
+    model = create_weaktr_from_checkpoint(path, backbone=backbone, pool=pool, fusion=fusion)
+    model.checkpoint_path = str(path)
+    return model.to(get_device(device) if isinstance(device, str) else device).eval()

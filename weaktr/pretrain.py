@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict, get_device
-from .data import IMAGENET_MEAN, IMAGENET_STD, SYNTH_PRETRAIN, make_synthetic, runs_dir, synthetic_dataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .synth import SYNTH_PRETRAIN, make_synthetic, synthetic_dataset
+from .data import runs_dir
 from .learner import Learner, TrainCfg
 from .metrics import class_map, sample_map
 

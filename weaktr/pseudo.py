@@ -16,14 +16,13 @@ from tqdm.auto import tqdm
 from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict
 from .data import IGNORE_INDEX, open_dataset, read_image, read_mask, write_mask
 from .crf import CRF_COCO_LABELS, CRF_VOC_LABELS, CrfCfg, crf_from_labels
-from .metrics import confusion_matrix, miou
-from .camgen import CamGenCfg, _check_resume, generate_cams, load_cams, save_cams, threshold_confusions
+from .metrics import confusion_matrix, miou, threshold_confusions, threshold_range
+from .camgen import CamGenCfg, _check_resume, generate_cams, load_cams, save_cams
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'simulated_cams', 'run_tasks',
-           'write_pseudo_labels', 'otsu_threshold', 'label_free_threshold', 'sweep_thresholds', 'sweep_threshold',
-           'best_threshold', 'sweep_csv', 'plot_sweep', 'PseudoCfg', 'resolve_cams_dir', 'make_pseudo_labels',
-           'plot_pseudo_labels']
+__all__ = ['CRF_PRESETS', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'run_tasks', 'write_pseudo_labels',
+           'otsu_threshold', 'label_free_threshold', 'sweep_threshold', 'best_threshold', 'sweep_csv', 'plot_sweep',
+           'PseudoCfg', 'resolve_cams_dir', 'make_pseudo_labels', 'plot_pseudo_labels']
 
 # %% ../nbs/12_pseudo.ipynb #9e3834b7
 def cam_to_label(maps,                 # (K, H, W) normalised CAMs of the present classes
@@ -64,25 +63,6 @@ def crf_label(image_u8,                # (H, W, 3) uint8 RGB original image
         raise ValueError(f"crf_label: label has ids {sorted(set(np.unique(label)) - set(key.tolist()))} not in 0 or class_ids+1 = {key[1:].tolist()}")
     out = crf_from_labels(image_u8, compact, len(key), cfg)                 # (H, W) compact
     return key[out].astype(np.uint8)
-
-# %% ../nbs/12_pseudo.ipynb #35f3799d
-def simulated_cams(mask: np.ndarray,          # (H, W) ground truth 0..C (255 = ignore)
-                   num_classes: int,           # C
-                   sigma: float = 4.0,         # blur in pixels
-                   noise: float = 0.15,        # amplitude of smooth noise
-                   leak: float = 0.3,          # how much of each class map spreads over the whole image
-                   seed: int = 0,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    "NOT a model: blurred, noisy GT class masks, min-max normalised, for tests and benchmarks -> (maps (K, H, W), class_ids)."
-    from scipy.ndimage import gaussian_filter
-    rng = np.random.default_rng(seed)
-    ids = np.array([c - 1 for c in np.unique(mask) if 0 < c <= num_classes], np.int64)
-    maps = []
-    for c in ids:
-        f = gaussian_filter((mask == c + 1).astype(np.float32), sigma)
-        f = f + leak * gaussian_filter(f, 4 * sigma) + noise * gaussian_filter(rng.random(mask.shape).astype(np.float32), sigma)
-        maps.append((f - f.min()) / (f.max() - f.min() + 1e-8))
-    return (np.stack(maps).astype(np.float32) if maps else np.zeros((0, *mask.shape), np.float32)), ids
 
 # %% ../nbs/12_pseudo.ipynb #5c51ced8
 _W: dict = {}
@@ -212,11 +192,6 @@ def label_free_threshold(cams_dir,                  # folder of <id>.npz
     t = float(np.mean(per_image)) if method == "mean" else otsu_threshold(hist, edges)
     return dict(threshold=round(t, 4), method=method, n_images=n, hist=hist, edges=edges)
 
-def sweep_thresholds(start: float = 0.30, stop: float = 0.60, step: float = 0.01) -> list[float]:
-    "start, start + step, ... < stop, rounded to 4 decimals."
-    if step <= 0 or stop <= start: raise ValueError(f"sweep: need start < stop and step > 0, got {start}, {stop}, {step}")
-    return [round(start + k * step, 4) for k in range(int(np.ceil((stop - start) / step - 1e-9)))]
-
 def sweep_threshold(cams_dir,                      # folder of <id>.npz
                     dataset,                       # labelled SegDataset; images with a CAM file and a mask are used
                     thresholds: Sequence[float] = tuple(round(0.30 + 0.01 * k, 2) for k in range(30)),
@@ -308,7 +283,7 @@ class PseudoCfg:
         if self.crf not in CRF_PRESETS: raise ValueError(f"PseudoCfg.crf={self.crf!r}: expected one of {tuple(CRF_PRESETS)}")
         if self.otsu_method not in ("pooled", "mean"): raise ValueError(f"PseudoCfg.otsu_method={self.otsu_method!r}: expected 'pooled' or 'mean'")
         if self.workers < 0: raise ValueError(f"PseudoCfg.workers must be >= 0, got {self.workers}")
-        sweep_thresholds(self.sweep_start, self.sweep_stop, self.sweep_step)
+        threshold_range(self.sweep_start, self.sweep_stop, self.sweep_step)
         if not self.cams_dir and not self.smoke: raise ValueError("PseudoCfg.cams_dir is empty: name a gen_cams run folder (or set smoke=True)")
 
 def resolve_cams_dir(path) -> Path:
@@ -348,7 +323,7 @@ def make_pseudo_labels(cfg: PseudoCfg) -> dict:
     summary["label_free_threshold"] = lf["threshold"]
     if cfg.threshold_mode == "sweep":
         sds = ds if cfg.sweep_split == cfg.split else open_dataset(cfg.data, cfg.data_root, cfg.sweep_split, **kw)
-        table = sweep_threshold(cams_dir, sds, sweep_thresholds(cfg.sweep_start, cfg.sweep_stop, cfg.sweep_step),
+        table = sweep_threshold(cams_dir, sds, threshold_range(cfg.sweep_start, cfg.sweep_stop, cfg.sweep_step),
                                 crf=cfg.crf if cfg.sweep_crf else None, workers=cfg.workers,
                                 max_images=cfg.sweep_max_images or (8 if cfg.smoke else 0))
         best = best_threshold(table)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .decoder import MaskTransformer
+from .model import read_state_dict
 from .core import LoadReport
-
 
 # %% auto #0
 __all__ = ['resize_pos_embed', 'Segmenter', 'combine_two', 'create_segmenter', 'load_official_segmenter',
@@ -176,17 +176,6 @@ def load_official_segmenter(model: Segmenter, path) -> LoadReport:
     return LoadReport(str(path), notes=[f"{k}={ckpt[k]}" for k in ("epoch", "n_cls", "miou") if k in ckpt and not torch.is_tensor(ckpt[k])])
 
 # %% ../nbs/08_segmenter.ipynb #a747fa8d
-def _read_state_dict(path: Path) -> dict:
-    if not path.exists(): raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict): return obj[key]
-    if not isinstance(obj, dict): raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
 def _is_square(n: int) -> bool: return n > 0 and math.isqrt(n) ** 2 == n
 
 def load_segmenter_encoder(model: Segmenter,  # the Segmenter whose encoder is filled
@@ -195,7 +184,7 @@ def load_segmenter_encoder(model: Segmenter,  # the Segmenter whose encoder is f
                           ) -> LoadReport:
     "Fill `model.encoder` from an ImageNet ViT file or a Phase-1 WeakTr checkpoint; pos_embed resized bilinearly."
     path = Path(path)
-    src = _read_state_dict(path)
+    src = read_state_dict(path, "weights file")
     enc = model.encoder
     own = enc.state_dict()
     rep = LoadReport(str(path))

@@ -17,7 +17,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, IGNORE_INDEX, mask_to_rgb, read_image
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data import IGNORE_INDEX, mask_to_rgb, read_image
 from .crf import CrfCfg, CRF_VOC_LABELS
 
 # %% auto #0

@@ -168,7 +168,8 @@ def test_every_page_in_a_browser(site):
     "Console errors, failed requests, math typeset, images loaded, internal links and anchors."
     from playwright.sync_api import sync_playwright
     out, base = site
-    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.html") if not p.name.startswith("_"))
+    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.html")     # not _static/ theme fragments
+                   if not any(part.startswith("_") for part in p.relative_to(out).parts))
     ids = {p: _ids((out / p).read_text()) for p in pages}
     problems, links, n_math = [], set(), 0
     with sync_playwright() as pw:

@@ -45,7 +45,7 @@ RUNS = "runs"                                 # papermill run notebooks: recipes
 # The sidebar, in notebook order: (caption, glob patterns relative to nbs/)
 NAV = [("Method", ["method_notes.ipynb"]),
        ("Guides", ["walkthrough.ipynb", "explore.ipynb"]),
-       ("Notebooks", ["[0-9][0-9]_*.ipynb"]),
+       ("Notebooks", ["[0-9][0-9]_*.ipynb", "[0-9][0-9][a-z]_*.ipynb"]),
        ("Run recipes (papermill)", ["runs/*.ipynb"])]
 
 DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")

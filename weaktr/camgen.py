@@ -17,19 +17,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .core import (AMP_MODES, amp_dtype, atomic_save_json, atomic_save_npz, autocast_ctx, cfg_from_flat, cfg_to_dict,
-                         eval_mode, get_device, seed_everything)
+from .core import (AMP_MODES, amp_dtype, amp_name, atomic_save_json, atomic_save_npz, autocast_ctx, cfg_from_flat, cfg_to_dict,
+                         eval_mode, file_sha256, fingerprint, get_device, resume_check, resume_commit, seed_everything)
 from .data import open_dataset, read_image
 from .metrics import CAM_EVAL_THRESHOLDS, greedy_index, miou, threshold_confusions
-from .model import ATTENTION_TYPES, WeakTr, load_cam_model, refine_cam
+from .model import ATTENTION_TYPES, WeakTr, load_cam_model, refine_cam, resolve_checkpoint
 from .testing import tiny_weaktr
 from .transforms import ms_flip_views
 
 # %% auto #0
-__all__ = ['CAM_FORMAT', 'minmax_normalize', 'cams_reference', 'plot_cam_views', 'expand_cams', 'cams_batched', 'image_sizes',
-           'CamViewDataset', 'collate_views', 'SizeBucketBatchSampler', 'cam_loader', 'save_cams', 'load_cams',
-           'cam_size', 'load_reference_npy', 'evaluate_cams', 'CamGenCfg', 'resolve_paths', 'generate_cams',
-           'plot_cams']
+__all__ = ['CAM_FORMAT', 'CAM_DTYPES', 'minmax_normalize', 'cams_reference', 'plot_cam_views', 'expand_cams', 'cams_batched',
+           'image_sizes', 'CamViewDataset', 'collate_views', 'SizeBucketBatchSampler', 'cam_loader', 'save_cams',
+           'load_cams', 'cam_size', 'load_reference_npy', 'evaluate_cams', 'CamGenCfg', 'resolve_paths', 'data_record',
+           'cam_record', 'generate_cams', 'plot_cams']
 
 # %% ../nbs/10_camgen.ipynb #5c5f050b
 def minmax_normalize(cam_sum: torch.Tensor,  # (..., K, H, W) summed maps
@@ -246,13 +246,16 @@ def cam_loader(ds,                               # a SegDataset
 
 # %% ../nbs/10_camgen.ipynb #d2e1f44f
 CAM_FORMAT = "weaktr.cams/1"
+CAM_DTYPES = ("float32", "float16")
 
 def save_cams(path,                       # destination .npz
               maps,                        # (K, H, W) normalised maps of the present classes
               class_ids,                   # (K,) 0-based class indices, ascending
               size: tuple[int, int] | None = None,  # (H, W); default: from maps (needed when K = 0)
+              dtype: str = "float32",      # storage: "float32" (the reference's) or "float16" (half the disk)
              ):
-    "Write one image's CAMs as a compressed, pickle-free .npz (float16 maps), atomically."
+    "Write one image's CAMs as a compressed, pickle-free .npz, atomically."
+    if dtype not in CAM_DTYPES: raise ValueError(f"save_cams {path}: dtype={dtype!r}, expected one of {CAM_DTYPES}")
     maps = torch.as_tensor(maps).detach().cpu().float().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
     class_ids = np.asarray(torch.as_tensor(class_ids).cpu(), dtype=np.int64).reshape(-1)
     if maps.ndim != 3 or len(maps) != len(class_ids):
@@ -260,7 +263,7 @@ def save_cams(path,                       # destination .npz
     if len(class_ids) and (np.diff(class_ids) <= 0).any(): raise ValueError(f"save_cams {path}: class_ids {class_ids} must be strictly ascending")
     H, W = size if size is not None else maps.shape[-2:]
     if maps.shape[-2:] != (H, W) and len(class_ids): raise ValueError(f"save_cams {path}: maps are {maps.shape[-2:]} but size={size}")
-    atomic_save_npz(path, maps=maps.astype(np.float16).reshape(len(class_ids), H, W), class_ids=class_ids.astype(np.int16),
+    atomic_save_npz(path, maps=maps.astype(dtype).reshape(len(class_ids), H, W), class_ids=class_ids.astype(np.int16),
                     size=np.array([H, W], np.int32), format=np.array(CAM_FORMAT))
 
 def load_cams(path) -> tuple[np.ndarray, np.ndarray]:
@@ -349,13 +352,14 @@ class CamGenCfg:
     scales: tuple[float, ...] = (1.0, 0.8, 1.2)  # first must be 1.0 (method notes §cam-gen)
     attention_type: str = "fused"           # fused | patchcam | cross
     refine: bool = True                     # patch-affinity refinement
-    amp: str = "auto"                       # auto | off | bf16 | fp16
+    amp: str = "auto"                       # auto (the reference's fp16 on CUDA, fp32 elsewhere) | off | fp16 | bf16
+    cam_dtype: str = "float32"              # storage of the maps: float32 (the reference's) | float16 (half the disk)
     batch_size: int = 8                     # images per batch (same size)
     max_views: int = 0                      # inputs per forward (0 = 2 * batch_size)
     num_workers: int = 2                    # DataLoader workers
     max_images: int = 0                     # 0 = the whole split
     device: str = "auto"
-    overwrite: bool = False                 # allow resuming into cams made with other settings
+    overwrite: bool = False                 # restart (delete the old maps once the new inputs are validated) if they were made otherwise
     smoke: bool = False                     # tiny model, <= 8 images, no workers
 
     def __post_init__(self):
@@ -364,6 +368,7 @@ class CamGenCfg:
         if any(s <= 0 for s in self.scales): raise ValueError(f"CamGenCfg.scales must be positive, got {self.scales}")
         if self.attention_type not in ATTENTION_TYPES: raise ValueError(f"CamGenCfg.attention_type={self.attention_type!r}: expected one of {ATTENTION_TYPES}")
         if self.amp not in AMP_MODES: raise ValueError(f"CamGenCfg.amp={self.amp!r}: expected one of {AMP_MODES}")
+        if self.cam_dtype not in CAM_DTYPES: raise ValueError(f"CamGenCfg.cam_dtype={self.cam_dtype!r}: expected one of {CAM_DTYPES}")
         if self.batch_size < 1: raise ValueError(f"CamGenCfg.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0: raise ValueError(f"CamGenCfg.num_workers must be >= 0, got {self.num_workers}")
         if not self.checkpoint and not self.smoke: raise ValueError("CamGenCfg.checkpoint is empty: name a Phase-1 run folder or checkpoint (or set smoke=True)")
@@ -376,38 +381,52 @@ def resolve_paths(cfg,                        # a config dataclass
     res = {k: str(Path(base_dir) / v) for k in fields if isinstance(v := getattr(cfg, k, ""), str) and v and not Path(v).is_absolute()}
     return replace(cfg, **res)
 
-def _check_resume(meta_path: Path, meta: dict, has_outputs: bool, overwrite: bool):
-    "Refuse to resume into outputs made with other settings (unless overwrite)."
-    if meta_path.is_file() and has_outputs:
-        old = json.loads(meta_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff and not overwrite:
-            raise ValueError(f"{meta_path.parent} holds outputs made with other settings {diff}; use another run_dir, "
-                             "delete the folder, or pass overwrite=True (existing files are kept, new ones use the new settings)")
-    atomic_save_json(meta, meta_path)
+def _file_size(p) -> int:
+    try: return os.stat(p).st_size
+    except OSError: return -1
+
+def data_record(ds) -> dict:
+    "The data-list part of a resume record: sha256 over (id, image size in bytes, labels or mask size) per image; stat only."
+    rows, labels = [], getattr(ds, "labels", None)
+    for id in ds.ids:
+        row = [id, _file_size(ds.image_path(id))] if hasattr(ds, "image_path") else [id]
+        if labels is not None: row.append(sorted(int(c) for c in np.asarray(labels[id]).reshape(-1)))
+        elif hasattr(ds, "mask_path") and (m := ds.mask_path(id)) is not None: row.append(_file_size(m))
+        rows.append(row)
+    return dict(n_split_images=len(rows), data_sha256=fingerprint(rows), num_classes=ds.num_classes,
+                class_names=list(ds.class_names))
+
+def cam_record(cfg: CamGenCfg, ds, device) -> dict:
+    "The resume record of a CAM run: checkpoint content, data list and the result-changing settings (no paths)."
+    if cfg.checkpoint:
+        path, run_cfg = resolve_checkpoint(cfg.checkpoint)
+        ck = dict(checkpoint_sha256=file_sha256(path), backbone=run_cfg.get("backbone", cfg.backbone),
+                  pool=cfg.pool or run_cfg.get("pool", "avg"), fusion=run_cfg.get("fusion") or "")
+    else: ck = dict(checkpoint_sha256="smoke:tiny_weaktr(seed=0)")
+    return dict(format=CAM_FORMAT, **ck, data=cfg.data, split=cfg.split, **data_record(ds), scales=list(cfg.scales),
+                attention_type=cfg.attention_type, refine=cfg.refine, amp=amp_name(amp_dtype(cfg.amp, device)),
+                cam_dtype=cfg.cam_dtype)
 
 def generate_cams(cfg: CamGenCfg) -> dict:
-    "Stage: CAMs of every image of a split -> run_dir/cams/<id>.npz; resumable; returns the summary."
+    "Stage: CAMs of every image of a split -> run_dir/cams/<id>.npz; resumes only into maps made from the same inputs."
     t0 = time.time()
     if isinstance(cfg, dict): cfg = cfg_from_flat(CamGenCfg, cfg)
-    run_dir = Path(cfg.run_dir); cams_dir = run_dir / "cams"
-    cams_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
+    run_dir = Path(cfg.run_dir); cams_dir = run_dir / "cams"; record_path = cams_dir / "meta.json"
     device = get_device(cfg.device)
     ds = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.data_kw)
     max_images = cfg.max_images or (8 if cfg.smoke else 0)
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
-    meta = dict(format=CAM_FORMAT, checkpoint=str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else "smoke:tiny_weaktr(seed=0)",
-                data=cfg.data,
-                split=cfg.split, scales=list(cfg.scales), attention_type=cfg.attention_type, refine=cfg.refine,
-                num_classes=ds.num_classes, class_names=list(ds.class_names))
-    done = {p.stem for p in cams_dir.glob("*.npz")}
-    _check_resume(cams_dir / "meta.json", meta, bool(done), cfg.overwrite)
-    todo = [i for i in range(n) if ds.ids[i] not in done]
+    record = cam_record(cfg, ds, device)
+    stale = resume_check(record_path, record, sorted(cams_dir.glob("*.npz")), cfg.overwrite, "CAM files")  # refuses before writing
     model = tiny_weaktr(ds.num_classes) if (cfg.smoke and not cfg.checkpoint) else load_cam_model(cfg.checkpoint, cfg.backbone, cfg.pool, device=device)
     model = model.to(device).eval()
     if model.num_classes != ds.num_classes:
         raise ValueError(f"the model has C={model.num_classes} classes but dataset {cfg.data}:{cfg.split} has {ds.num_classes}")
+    cams_dir.mkdir(parents=True, exist_ok=True)                             # inputs validated: now the folder may change
+    resume_commit(record_path, record, stale)
+    atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
+    done = {p.stem for p in cams_dir.glob("*.npz")}
+    todo = [i for i in range(n) if ds.ids[i] not in done]
     dtype = amp_dtype(cfg.amp, device)
     n_empty = 0; t_gen = time.time()
     if todo:
@@ -420,18 +439,18 @@ def generate_cams(cfg: CamGenCfg) -> dict:
                                        cfg.max_views or 2 * cfg.batch_size)
                 for id, size, (maps, ids) in zip(batch["ids"], batch["sizes"], res):
                     n_empty += len(ids) == 0
-                    pending.append(pool.submit(save_cams, cams_dir / f"{id}.npz", maps.half().cpu(), ids, size))
+                    pending.append(pool.submit(save_cams, cams_dir / f"{id}.npz", maps.float().cpu(), ids, size, cfg.cam_dtype))
                 bar.update(len(batch["ids"]))
                 if len(pending) > 64:
                     for f in pending: f.result()
                     pending = []
             for f in pending: f.result()
     dt = time.time() - t_gen
-    summary = dict(n_images=n, n_generated=len(todo), n_skipped=n - len(todo), n_without_labels=n_empty,
+    summary = dict(n_images=n, n_generated=len(todo), n_skipped=n - len(todo), n_without_labels=n_empty, n_restarted=len(stale),
                    seconds=round(time.time() - t0, 3), images_per_s=round(len(todo) / dt, 3) if todo and dt > 0 else None,
-                   device=str(device), amp=str(dtype).replace("torch.", "") if dtype else "fp32",
-                   checkpoint=getattr(model, "checkpoint_path", meta["checkpoint"]), cams_dir=str(cams_dir),
-                   num_classes=ds.num_classes)
+                   device=str(device), amp=amp_name(dtype), cam_dtype=cfg.cam_dtype,
+                   checkpoint=getattr(model, "checkpoint_path", "smoke:tiny_weaktr(seed=0)"),
+                   checkpoint_sha256=record["checkpoint_sha256"], cams_dir=str(cams_dir), num_classes=ds.num_classes)
     atomic_save_json(summary, run_dir / "summary.json")
     return summary
 

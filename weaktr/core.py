@@ -4,17 +4,20 @@
 
 # %% ../nbs/00_core.ipynb #28df780c
 from __future__ import annotations
-import dataclasses, json, os, random, tempfile, typing
+import dataclasses, hashlib, json, os, random, tempfile, typing, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save',
-           'atomic_write_text', 'atomic_save_json', 'atomic_save_npz', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths',
-           'amp_dtype', 'autocast_ctx', 'eval_mode', 'shared_data_dir', 'shared_data', 'LoadReport']
+           'atomic_write_text', 'atomic_save_json', 'atomic_save_npz', 'file_sha256', 'fingerprint', 'ResumeMismatch',
+           'resume_check', 'resume_commit', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths', 'amp_dtype', 'amp_name',
+           'autocast_ctx', 'eval_mode', 'shared_data_dir', 'shared_data', 'CheckoutWarning', 'checkout_root',
+           'checkout_mismatch', 'LoadReport']
 
 # %% ../nbs/00_core.ipynb #3fd950f3
 def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -80,6 +83,59 @@ def _json_default(o):
     if dataclasses.is_dataclass(o): return dataclasses.asdict(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
+# %% ../nbs/00_core.ipynb #d38487a9
+def file_sha256(path,                       # any file
+                chunk: int = 1 << 20) -> str:
+    "Hex sha256 of a file's content (streamed)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
+
+def fingerprint(obj) -> str:
+    "Hex sha256 of a JSON-able object (canonical: sorted keys, no whitespace)."
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()).hexdigest()
+
+class ResumeMismatch(ValueError):
+    "A stage's existing outputs were made from other inputs or settings than the new run's."
+
+def _short(v):
+    s = json.dumps(v, default=_json_default)
+    return s if len(s) <= 60 else s[:28] + "..." + s[-12:]
+
+def resume_check(record_path,              # the stage's resume record (meta.json beside its outputs)
+                 record: dict,             # the new run's record (JSON-able)
+                 outputs: Sequence,        # the outputs already there
+                 overwrite: bool = False,  # True: restart instead of refusing
+                 what: str = "outputs",    # how the error calls them ("CAM files", "pseudo labels")
+                ) -> list:
+    "[] to resume (or start fresh); the stale outputs to delete if the record changed and `overwrite`; else ResumeMismatch. Writes nothing."
+    record_path = Path(record_path); outputs = list(outputs)
+    if not outputs: return []
+    old = json.loads(record_path.read_text()) if record_path.is_file() else None
+    new = json.loads(json.dumps(record, default=_json_default))
+    if old == new: return []
+    if overwrite: return outputs
+    if old is None:
+        why = f"has no resume record {record_path.name}, so their origin is unknown"
+    else:
+        diff = [f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
+                for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+        why = "were made from other inputs or settings:\n  " + "\n  ".join(diff)
+    raise ResumeMismatch(f"{record_path.parent} holds {len(outputs)} {what} that {why}\nNothing was changed. Use another run "
+                         f"folder, or pass overwrite=True to restart (the old {what} are deleted once the new inputs are validated)")
+
+def resume_commit(record_path,             # the stage's resume record
+                  record: dict,            # the new run's record
+                  stale: Sequence = (),    # outputs to delete first (from resume_check)
+                 ):
+    "Delete the old record, then the stale outputs, then write the new record (an interruption leaves no wrong record)."
+    record_path = Path(record_path)
+    if stale:
+        record_path.unlink(missing_ok=True)
+        for p in stale: Path(p).unlink(missing_ok=True)
+    atomic_save_json(record, record_path)
+
 # %% ../nbs/00_core.ipynb #9dbd9ecf
 def _check_type(name, value, tp, owner):
     "Raise a clear TypeError if `value` does not fit the annotation `tp` (simple types, Optional, tuples, lists)."
@@ -138,16 +194,15 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 def amp_dtype(amp: str,              # "auto", "off", "bf16" or "fp16"
               device: torch.device,  # where the model runs
              ) -> torch.dtype | None:
-    "The autocast dtype for `amp` on `device` (None = fp32)."
+    "The autocast dtype for `amp` on `device` (None = fp32); `auto` is the reference's fp16 on CUDA, fp32 elsewhere."
     if amp not in AMP_MODES: raise ValueError(f"amp={amp!r}: expected one of {AMP_MODES}")
     device = torch.device(device)
-    if amp == "auto":
-        if device.type != "cuda": return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "off": return None
-    if amp == "fp16" and device.type == "cpu":
-        raise ValueError("amp='fp16' is for CUDA; on CPU use amp='bf16' or 'off'")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "auto": return torch.float16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    "'fp16', 'bf16' or 'fp32' for an autocast dtype from `amp_dtype`."
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     "`torch.autocast` for `dtype`, or a no-op context for fp32."
@@ -175,6 +230,30 @@ def shared_data(name: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"shared data {name!r} not found at {p} (set WEAKTR_SHARED_DATA to the folder that holds it)")
     return p
+
+class CheckoutWarning(UserWarning):
+    "weaktr was imported from another checkout than the one the working directory is in."
+
+def checkout_root(path) -> Path | None:
+    "The weaktr checkout (a folder with settings.ini and weaktr/__init__.py) that holds `path`, or None."
+    path = Path(path).resolve()
+    for p in (path, *path.parents):
+        if (p / "settings.ini").is_file() and (p / "weaktr" / "__init__.py").is_file(): return p
+    return None
+
+def checkout_mismatch(cwd=None,            # default: the working directory
+                      repo_root=None,      # the checkout weaktr was imported from (default: REPO_ROOT)
+                     ) -> str | None:
+    "A message if `cwd` is inside a weaktr checkout other than `repo_root`, else None."
+    try: here = checkout_root(Path.cwd() if cwd is None else cwd)
+    except OSError: return None                                            # the working directory was deleted
+    mine = Path(REPO_ROOT if repo_root is None else repo_root).resolve()
+    if here is None or here == mine: return None
+    return (f"weaktr is imported from {mine / 'weaktr'}, but the working directory is in the checkout {here}: "
+            f"this runs the other checkout's code. Start Python or Jupyter from {here / '.venv'} (made by `./kit setup`) "
+            f"or set PYTHONPATH={here}")
+
+if "__file__" in globals() and (_msg := checkout_mismatch()): warnings.warn(_msg, CheckoutWarning, stacklevel=2)
 
 # %% ../nbs/00_core.ipynb #0c491550
 @dataclasses.dataclass

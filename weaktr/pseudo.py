@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_pseudo.ipynb #460682e7
 from __future__ import annotations
-import csv, io, json, multiprocessing as mp, os, time
+import csv, io, json, multiprocessing as mp, os, signal, sys, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -13,16 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict
+from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, fingerprint, resume_check, resume_commit
 from .data import IGNORE_INDEX, open_dataset, read_image, read_mask, write_mask
 from .crf import CRF_COCO_LABELS, CRF_VOC_LABELS, CrfCfg, crf_from_labels
 from .metrics import confusion_matrix, miou, threshold_confusions, threshold_range
-from .camgen import CamGenCfg, _check_resume, generate_cams, load_cams, save_cams
+from .camgen import CamGenCfg, data_record, generate_cams, load_cams, save_cams
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'run_tasks', 'write_pseudo_labels',
-           'otsu_threshold', 'label_free_threshold', 'sweep_threshold', 'best_threshold', 'sweep_csv', 'plot_sweep',
-           'PseudoCfg', 'resolve_cams_dir', 'make_pseudo_labels', 'plot_pseudo_labels']
+__all__ = ['CRF_PRESETS', 'PR_SET_PDEATHSIG', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'run_tasks',
+           'write_pseudo_labels', 'otsu_threshold', 'label_free_threshold', 'sweep_threshold', 'best_threshold',
+           'sweep_csv', 'plot_sweep', 'PseudoCfg', 'resolve_cams_dir', 'cams_record', 'pseudo_record',
+           'make_pseudo_labels', 'plot_pseudo_labels']
 
 # %% ../nbs/12_pseudo.ipynb #9e3834b7
 def cam_to_label(maps,                 # (K, H, W) normalised CAMs of the present classes
@@ -67,8 +68,27 @@ def crf_label(image_u8,                # (H, W, 3) uint8 RGB original image
 # %% ../nbs/12_pseudo.ipynb #5c51ced8
 _W: dict = {}
 
-def _init_worker(state: dict):
-    "Pool initializer: keep the shared state; one torch thread (fork-safe)."
+PR_SET_PDEATHSIG = 1                                                       # <linux/prctl.h>
+
+def _die_with_parent(parent_pid: int,       # the process that started this worker
+                     poll_s: float = 1.0,   # watchdog period
+                    ):
+    "Make this process exit when `parent_pid` dies: PR_SET_PDEATHSIG=SIGKILL on Linux, plus a watchdog thread (any OS)."
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError): pass                             # no libc prctl: the watchdog still works
+    if os.getppid() != parent_pid: os._exit(1)                              # the parent died before prctl took effect
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid: os._exit(1)                      # re-parented: the parent is gone
+    threading.Thread(target=watch, name="weaktr-parent-watchdog", daemon=True).start()
+
+def _init_worker(state: dict, parent_pid: int | None = None):
+    "Pool initializer: die with the parent; keep the shared state; one torch thread (fork-safe)."
+    if parent_pid is not None: _die_with_parent(parent_pid)
     torch.set_num_threads(1)
     _W.clear(); _W.update(state)
 
@@ -124,7 +144,7 @@ def run_tasks(fn, indices: Sequence[int], state: dict, workers: int = 2, desc: s
         finally: _W.clear(); _W.update(saved); bar.close()
         return
     chunk = max(1, min(16, len(indices) // (4 * workers)))
-    with _mp_context().Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
+    with _mp_context().Pool(workers, initializer=_init_worker, initargs=(state, os.getpid())) as pool:
         try:
             for r in pool.imap_unordered(fn, indices, chunksize=chunk): yield r; bar.update()
         finally: bar.close()
@@ -274,7 +294,7 @@ class PseudoCfg:
     workers: int = 2                        # CPU processes
     max_images: int = 0                     # 0 = whole split
     score: bool = True                      # mIoU against GT masks where they exist
-    overwrite: bool = False                 # allow resuming into labels made with other settings
+    overwrite: bool = False                 # restart (delete the old labels) if they were made from other CAMs or settings
     smoke: bool = False                     # <= 8 images, smoke gen_cams if no cams_dir
 
     def __post_init__(self):
@@ -293,12 +313,22 @@ def resolve_cams_dir(path) -> Path:
     if not p.is_dir(): raise FileNotFoundError(f"CAM folder not found: {p}")
     return p
 
+def cams_record(cams_dir) -> dict:
+    "What identifies a CAM folder's content: the sha256 of its gen_cams resume record, else of its listing (name, size, mtime)."
+    cams_dir = Path(cams_dir); rec = cams_dir / "meta.json"
+    if rec.is_file(): return dict(cams_record_sha256=fingerprint(json.loads(rec.read_text())))
+    listing = [(p.name, st.st_size, st.st_mtime_ns) for p in sorted(cams_dir.glob("*.npz")) for st in [p.stat()]]
+    return dict(cams_listing_sha256=fingerprint(listing))
+
+def pseudo_record(cfg: PseudoCfg, cams_dir, ds, threshold: float) -> dict:
+    "The resume record of a pseudo-label run: CAM content, data list, threshold and CRF (no paths)."
+    return dict(**cams_record(cams_dir), data=cfg.data, split=cfg.split, **data_record(ds), threshold=float(threshold), crf=cfg.crf)
+
 def make_pseudo_labels(cfg: PseudoCfg) -> dict:
-    "Stage: CAMs -> threshold (fixed / GT sweep / label-free) -> CRF -> run_dir/pseudo/<id>.png; resumable."
+    "Stage: CAMs -> threshold (fixed / GT sweep / label-free) -> CRF -> run_dir/pseudo/<id>.png; resumes only into labels of the same CAMs."
     t0 = time.time()
     if isinstance(cfg, dict): cfg = cfg_from_flat(PseudoCfg, cfg)
-    run_dir = Path(cfg.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
+    run_dir = Path(cfg.run_dir)
     kw = cfg.data_kw
     if not cfg.cams_dir:                                                    # smoke: make CAMs first
         gen = generate_cams(CamGenCfg(run_dir=str(run_dir / "gen_cams_smoke"), data=cfg.data, data_root=cfg.data_root,
@@ -321,27 +351,32 @@ def make_pseudo_labels(cfg: PseudoCfg) -> dict:
     summary = dict(threshold_mode=cfg.threshold_mode, crf=cfg.crf, cams_dir=str(cams_dir), n_missing_cams=n_missing)
     lf = label_free_threshold(cams_dir, ids, cfg.otsu_method)
     summary["label_free_threshold"] = lf["threshold"]
+    table = None
     if cfg.threshold_mode == "sweep":
         sds = ds if cfg.sweep_split == cfg.split else open_dataset(cfg.data, cfg.data_root, cfg.sweep_split, **kw)
         table = sweep_threshold(cams_dir, sds, threshold_range(cfg.sweep_start, cfg.sweep_stop, cfg.sweep_step),
                                 crf=cfg.crf if cfg.sweep_crf else None, workers=cfg.workers,
                                 max_images=cfg.sweep_max_images or (8 if cfg.smoke else 0))
         best = best_threshold(table)
-        atomic_write_text(sweep_csv(table), run_dir / "sweep.csv")
-        fig = plot_sweep(table, {"GT-tuned": best["threshold"], f"Otsu ({cfg.otsu_method})": lf["threshold"]},
-                         f"{cfg.data}:{cfg.sweep_split}, {best['n_images']} images, CRF {'on' if cfg.sweep_crf else 'off'}")
-        fig.savefig(run_dir / "sweep.png", dpi=120)
         near = min(table, key=lambda r: abs(r["threshold"] - lf["threshold"]))
         summary.update(sweep_best_threshold=best["threshold"], sweep_best_miou=best["miou"], sweep_images=best["n_images"],
                        sweep_miou_at_label_free=near["miou"])
         t = best["threshold"]
     elif cfg.threshold_mode == "otsu": t = lf["threshold"]
     else: t = cfg.threshold
-    out_dir = run_dir / "pseudo"; out_dir.mkdir(exist_ok=True)
-    meta = dict(cams_dir=str(cams_dir.resolve()), data=cfg.data, split=cfg.split, threshold=t, crf=cfg.crf)
-    _check_resume(out_dir / "meta.json", meta, any(out_dir.glob("*.png")), cfg.overwrite)
+    out_dir = run_dir / "pseudo"; record_path = out_dir / "meta.json"
+    record = pseudo_record(cfg, cams_dir, ds, t)
+    stale = resume_check(record_path, record, sorted(out_dir.glob("*.png")), cfg.overwrite, "pseudo labels")  # refuses before writing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_commit(record_path, record, stale)
+    atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
+    if table is not None:
+        atomic_write_text(sweep_csv(table), run_dir / "sweep.csv")
+        fig = plot_sweep(table, {"GT-tuned": best["threshold"], f"Otsu ({cfg.otsu_method})": lf["threshold"]},
+                         f"{cfg.data}:{cfg.sweep_split}, {best['n_images']} images, CRF {'on' if cfg.sweep_crf else 'off'}")
+        fig.savefig(run_dir / "sweep.png", dpi=120)
     res = write_pseudo_labels(ds, cams_dir, out_dir, t, cfg.crf, cfg.workers, idx, cfg.score)
-    summary.update(threshold=t, n_images=len(idx), n_written=res["n_written"], n_skipped=res["n_skipped"],
+    summary.update(threshold=t, n_images=len(idx), n_written=res["n_written"], n_skipped=res["n_skipped"], n_restarted=len(stale),
                    workers=cfg.workers, seconds=round(time.time() - t0, 3),
                    images_per_s=round(res["n_written"] / res["seconds"], 3) if res["n_written"] else None,
                    pseudo_dir=str(out_dir), n_scored=res["n_scored"])

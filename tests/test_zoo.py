@@ -64,7 +64,7 @@ def test_create_weaktr_by_name(weights):
     with torch.no_grad():
         out = m.eval()(torch.randn(1, 3, arch["img_size"], arch["img_size"]))
     assert all(o.shape == (1, 5) for o in out)
-    assert create_weaktr(DEMO_ASSET, 2).src_grid == (224 // arch["patch_size"],) * 2   # no img_size: create_weaktr's 224
+    assert create_weaktr(DEMO_ASSET, 2).src_grid == (224 // arch["patch_size"],) * 2   # no img_size: 224
 
 
 def test_create_segmenter_by_name(weights):

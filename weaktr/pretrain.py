@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset   # re-exported: weaktr.pretrain.asset_path etc.
+from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset   # also importable from here
 from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict, get_device
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .synth import SYNTH_PRETRAIN, make_synthetic, synthetic_dataset
@@ -357,8 +357,9 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
         metrics=dict(val_map=shipped["val_map"], val_sample_map=shipped["val_sample_map"],
                      val_map_fp32=best["best"]["value"], random_init_val_map=random_init["val_map"],
                      random_init_val_sample_map=random_init["val_sample_map"], n_val=len(va_img)),
-        usage=("after `import weaktr` (weaktr.zoo registers weaktr/assets/<name>.*): timm.create_model(name, pretrained=True); "
-               "create_weaktr(name, C, img_size=S, pretrained=path); load_segmenter_encoder(create_segmenter(name, K, img_size=S), path)"),
+        usage=("after `import weaktr` (weaktr.zoo registers weaktr/assets/<name>.*): "
+               "timm.create_model(name, pretrained=True); create_weaktr(name, C, img_size=S, pretrained=path); "
+               "load_segmenter_encoder(create_segmenter(name, K, img_size=S), path)"),
     )
     wfile_sha = sha256(wfile); card["sha256"] = wfile_sha; card["size_bytes"] = wfile.stat().st_size
     atomic_save_json(card, run / "card.json")

@@ -21,7 +21,8 @@ DEMO_ASSET = "vit_synth_d128_l4_p8"   # weaktr/assets/<DEMO_ASSET>.safetensors +
 
 def assets_dir() -> Path:
     "The package's asset folder (`weaktr/assets`)."
-    return Path(__file__).resolve().parent / "assets" if "__file__" in globals() else Path.cwd().parent / "weaktr" / "assets"
+    if "__file__" in globals(): return Path(__file__).resolve().parent / "assets"
+    return Path.cwd().parent / "weaktr" / "assets"   # in the notebook (run from nbs/)
 
 def shipped_assets() -> list[str]:
     "Names of the shipped assets: the stems with both a `.safetensors` and a `.json` card."
@@ -60,7 +61,7 @@ def asset_arch(name: str = DEMO_ASSET) -> dict:
     return dict(base=base, num_classes=num_classes, kwargs=dict(kw))
 
 def backbone_arch(name: str = DEMO_ASSET) -> dict:
-    "The flat architecture of a registered asset: backbone (its timm name), embed_dim, depth, num_heads, patch_size, img_size."
+    "An asset's flat architecture: backbone (its registered name), embed_dim, depth, num_heads, patch_size, img_size."
     kw = asset_arch(name)["kwargs"]
     return dict(backbone=name, **{k: kw[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size")})
 
@@ -91,7 +92,8 @@ def _entrypoint(name: str):
 def register_asset(name: str) -> str:
     "Register the shipped asset `name` with timm (architecture + pretrained cfg); re-registering it is a no-op refresh."
     if timm.is_model(name) and not getattr(model_entrypoint(name), "weaktr_asset", None):
-        raise ValueError(f"asset {name!r} would shadow timm's own model {name!r}: rename the asset files in {assets_dir()}")
+        raise ValueError(f"asset {name!r} would shadow timm's own model {name!r}: "
+                         f"rename the asset files in {assets_dir()}")
     _arch.cache_clear()               # (re)read the card: a re-pretrained asset may have a new architecture
     default_cfgs.update(generate_default_cfgs({name: asset_pretrained_cfg(name)}))
     fn = _entrypoint(name)

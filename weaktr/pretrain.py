@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset   # also importable from here
 from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict, get_device
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .synth import SYNTH_PRETRAIN, make_synthetic, synthetic_dataset
@@ -23,37 +24,13 @@ from .learner import Learner, TrainCfg
 from .metrics import class_map, sample_map
 
 # %% auto #0
-__all__ = ['DEMO_BACKBONE', 'DEMO_ASSET', 'SMOKE_PRETRAIN', 'assets_dir', 'asset_path', 'asset_card', 'asset_model_kwargs',
-           'PretrainCfg', 'resolved_cfg', 'model_kwargs', 'synth_params', 'pretrain_data_root', 'load_split_tensors',
-           'crop_affine', 'labels_from_masks', 'augment_batch', 'normalize_u8', 'mimetic_init_', 'create_classifier',
-           'multilabel_loss', 'classifier_scores', 'val_metrics', 'export_backbone', 'load_classifier', 'cpu_info',
-           'sha256', 'reproduce_command', 'pretrain_backbone']
+__all__ = ['DEMO_BACKBONE', 'SMOKE_PRETRAIN', 'PretrainCfg', 'resolved_cfg', 'model_kwargs', 'synth_params', 'pretrain_data_root',
+           'load_split_tensors', 'crop_affine', 'labels_from_masks', 'augment_batch', 'normalize_u8', 'mimetic_init_',
+           'create_classifier', 'multilabel_loss', 'classifier_scores', 'val_metrics', 'export_backbone',
+           'load_classifier', 'cpu_info', 'sha256', 'reproduce_command', 'pretrain_backbone']
 
 # %% ../nbs/15_pretrain.ipynb #3c5a8783
 DEMO_BACKBONE = dict(backbone="vit_tiny_patch16_224", patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4)
-DEMO_ASSET = "vit_synth_d128_l4_p8"   # weaktr/assets/<DEMO_ASSET>.safetensors + .json
-
-def assets_dir() -> Path:
-    "The package's asset folder (`weaktr/assets`)."
-    return Path(__file__).resolve().parent / "assets" if "__file__" in globals() else Path.cwd().parent / "weaktr" / "assets"
-
-def asset_path(name: str = DEMO_ASSET, # asset name (file stem)
-               ext: str = ".safetensors", # ".safetensors" (weights) or ".json" (card)
-              ) -> Path:
-    "Path of a shipped asset; FileNotFoundError naming the path and how to make it if absent."
-    p = assets_dir() / f"{name}{ext}"
-    if not p.is_file():
-        raise FileNotFoundError(f"asset {p} not found: run nbs/runs/pretrain_backbone.ipynb with asset={name!r} "
-                                f"(see nbs/15_pretrain.ipynb)")
-    return p
-
-def asset_card(name: str = DEMO_ASSET) -> dict:
-    "The JSON card that ships beside an asset's weights."
-    return json.loads(asset_path(name, ".json").read_text())
-
-def asset_model_kwargs(name: str = DEMO_ASSET) -> dict:
-    "timm kwargs of an asset's architecture (patch_size, img_size, embed_dim, depth, num_heads)."
-    return dict(asset_card(name)["architecture"]["kwargs"])
 
 # %% ../nbs/15_pretrain.ipynb #31205e50
 @dataclass
@@ -380,8 +357,9 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
         metrics=dict(val_map=shipped["val_map"], val_sample_map=shipped["val_sample_map"],
                      val_map_fp32=best["best"]["value"], random_init_val_map=random_init["val_map"],
                      random_init_val_sample_map=random_init["val_sample_map"], n_val=len(va_img)),
-        usage=("weaktr.model.load_pretrained(create_weaktr(card['architecture']['backbone'], C, **card['architecture']['kwargs']), path); "
-               "weaktr.segmenter.load_segmenter_encoder(create_segmenter(backbone, K, **kwargs), path)"),
+        usage=("after `import weaktr` (weaktr.zoo registers weaktr/assets/<name>.*): "
+               "timm.create_model(name, pretrained=True); create_weaktr(name, C, img_size=S, pretrained=path); "
+               "load_segmenter_encoder(create_segmenter(name, K, img_size=S), path)"),
     )
     wfile_sha = sha256(wfile); card["sha256"] = wfile_sha; card["size_bytes"] = wfile.stat().st_size
     atomic_save_json(card, run / "card.json")
@@ -401,4 +379,5 @@ def _install_asset(run: Path, name: str) -> Path:
     card = json.loads((run / "card.json").read_text()); card.update(name=name, file=dst.name)
     atomic_save_json(card, d / f"{name}.json")
     os.chmod(d / f"{name}.json", 0o644)
+    register_asset(name)   # usable as timm.create_model(name, pretrained=True) right away
     return dst

@@ -181,8 +181,11 @@ class WeightFileError(ValueError):
     "A weight / checkpoint file that exists but cannot be read (truncated, corrupt, not a torch/safetensors file)."
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:200] if s else ''}"
+    "The informative line of a torch / safetensors error (weights_only errors bury it under advice)."
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    s = [m.group(1)] if m else text.strip().splitlines()
+    return f"{type(e).__name__}: {s[0].strip()[:200] if s else ''}"
 
 def load_torch_file(path,                       # a torch file (zip or legacy format)
                     what: str = "checkpoint",   # what the caller reads it as, for the message
@@ -197,11 +200,12 @@ def load_torch_file(path,                       # a torch file (zip or legacy fo
         except Exception: pass                                          # legacy (non-zip) file, or corrupt: read plainly
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise WeightFileError(f"{what} {path} holds pickled Python objects that weights_only=True refuses to load "
-                                  f"(no code was run): {_first_line(e)}. Re-save it as a plain state dict or .safetensors") from e
-        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read: truncated or corrupt "
-                              f"({_first_line(e)}); {hint}") from e
+        g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if g:
+            raise WeightFileError(f"{what} {path} holds pickled Python objects ({g.group(1)}) that weights_only=True "
+                                  f"refuses to load (no code was run); re-save it as a plain state dict or .safetensors") from e
+        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
+                              f"or corrupt ({_first_line(e)}); {hint}") from e
     except Exception as e:
         raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
                               f"or corrupt ({_first_line(e)}); {hint}") from e

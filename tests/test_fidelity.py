@@ -47,6 +47,8 @@ def test_foreign_grid_is_resized_like_the_reference(deit_s_files):
     want = reference_finetune_pos(pe, 20, 14)
     assert torch.equal(m.pos_embed.detach(), want)                      # bit-identical to the reference formula
     assert "24x24 -> 14x14 (bicubic, reference)" in " ".join(rep.notes)
+    m2 = create_weaktr("deit_small_patch16_224", 20, pretrained=path)    # the builder's default is the same
+    assert torch.equal(m2.pos_embed.detach(), want)
 
 
 def test_timm_resize_is_a_named_option_and_differs(deit_s_files):
@@ -58,6 +60,8 @@ def test_timm_resize_is_a_named_option_and_differs(deit_s_files):
     assert torch.equal(got[:, :20], want[:, :20])                       # class rows: the same either way
     rel = float((got[:, 20:] - want[:, 20:]).abs().max() / want[:, 20:].abs().max())
     assert rel > 0.3                                                    # antialiasing changes a shrunk grid a lot
+    m2 = create_weaktr("deit_small_patch16_224", 20, pretrained=path, pos_resize="timm")
+    assert torch.equal(m2.pos_embed.detach(), got)
     with pytest.raises(ValueError, match="pos_resize"):
         load_pretrained(m, path, pos_resize="bilinear")
 

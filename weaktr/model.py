@@ -169,11 +169,12 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
                   drop_path_rate: float = 0.1,  # stochastic depth
                   attn_impl: str = "fast",      # "fast" or "reference"
                   pretrained: str | Path | None = None,  # local ImageNet ViT weights to start from (see `load_pretrained`)
+                  pos_resize: str = "reference", # a pretrained file's other grid: "reference" (main.py --finetune) | "timm"
                   **timm_kwargs) -> WeakTr:
     "Build a WeakTr Phase-1 model (random init, or ImageNet weights from a local file)."
     model = WeakTr(backbone, num_classes, fusion=fusion, reduction=reduction, pool=pool, feat_reduction=feat_reduction,
                    img_size=img_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl, **timm_kwargs)
-    if pretrained is not None: model.pretrained_report = load_pretrained(model, pretrained)
+    if pretrained is not None: model.pretrained_report = load_pretrained(model, pretrained, pos_resize=pos_resize)
     return model
 
 # %% ../nbs/04_model.ipynb #4c1d7e02

@@ -187,3 +187,13 @@ def test_legacy_model_json_means_imagenet(vit_run, tmp_path):
     (run / MODEL_JSON).write_text(json.dumps(spec))
     _, info = load_seg_checkpoint(run)
     assert info["norm"] == "imagenet" and not info["norm_recorded"]
+
+
+def test_auto_norm_follows_the_starting_weights():
+    "The kit's stand-in backbone is named vit_tiny_patch16_224 but was pretrained with ImageNet statistics: auto knows."
+    from weaktr.pretrain import asset_path
+    cfg = ts.check_seg_cfg(ts.SegTrainCfg(**{**ts.SEG_TRAIN_DEMO, "backbone": "vit_tiny_patch16_224", "init": "imagenet",
+                                             "init_path": str(asset_path())}))
+    assert cfg.norm == "imagenet"
+    assert ts.auto_norm("vit_small_patch16_384", "phase1")[0] == "imagenet"     # Phase-1 runs use ImageNet statistics
+    assert ts.auto_norm("vit_small_patch16_384", "random")[0] == "vit"

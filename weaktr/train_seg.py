@@ -15,13 +15,13 @@ from .core import atomic_save_json, cfg_from_flat, cfg_to_dict, get_device, reso
 from .data import SegDataset, open_dataset, identity_lut, DATASETS
 from .transforms import seg_train_transform
 from .decoder import ClipCfg, seg_loss
-from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm
+from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm, backbone_norm
 from .model import load_torch_file, WeightFileError
 from .learner import Learner, TrainCfg, PHASE2_VOC
 from .evaluate import InferCfg, evaluate_model, save_model_spec, MODEL_JSON
 
 # %% auto #0
-__all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'check_seg_cfg',
+__all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'auto_norm', 'check_seg_cfg',
            'pseudo_label_dataset', 'subset', 'seg_collate', 'SegLoss', 'segmenter_kwargs', 'init_encoder',
            'learner_cfg', 'check_resume', 'train_seg']
 
@@ -128,12 +128,27 @@ SEG_SMOKE = dict(max_train_images=8, max_val_images=4, backbone="deit_tiny_patch
 # %% ../nbs/14_train_seg.ipynb #f6f40477
 _PATH_FIELDS = ("run_dir", "data_root", "pseudo_dir", "init_path")
 
+def auto_norm(backbone: str,   # the encoder's timm name
+              init: str,       # "imagenet" | "phase1" | "random"
+              init_path: str = "", # the starting weights (a card <file>.json next to it is read)
+             ) -> tuple[str, str]: # (norm name or explicit statistics, why)
+    "norm='auto': the input statistics the encoder's starting weights were trained with, and the reason."
+    if init == "phase1": return "imagenet", "Phase-1 WeakTr runs normalise with ImageNet statistics"
+    if init == "imagenet" and init_path:
+        card = Path(init_path).with_suffix(".json")
+        try: c = json.loads(card.read_text()) if card.is_file() else {}
+        except (OSError, ValueError): c = {}
+        if isinstance(c, dict) and c.get("norm"): return resolve_norm(str(c["norm"]), backbone), f"the card {card}"
+        gen = c.get("data", {}).get("generator", "") if isinstance(c, dict) and isinstance(c.get("data"), dict) else ""
+        if str(gen).startswith("weaktr."): return "imagenet", f"{card}: a weaktr.pretrain asset (ImageNet statistics)"
+    return backbone_norm(backbone), f"the reference's statistics of the {backbone} family"
+
 def check_seg_cfg(cfg: SegTrainCfg,                # a config (types and choices already checked)
                   base_dir: str | Path | None = None, # resolve relative paths against this folder (None: leave them)
                  ) -> SegTrainCfg:
     "Cross-field and file checks with clear errors (run before anything is built); returns the path-resolved config."
     cfg = resolve_paths(cfg, _PATH_FIELDS, base_dir)
-    cfg = replace(cfg, norm=resolve_norm(cfg.norm, cfg.backbone))        # "auto" -> the backbone family's statistics
+    cfg = replace(cfg, norm=auto_norm(cfg.backbone, cfg.init, cfg.init_path)[0] if cfg.norm == "auto" else resolve_norm(cfg.norm, cfg.backbone))
     if cfg.gc and cfg.crop_size % cfg.gc_window:
         raise ValueError(f"SegTrainCfg: crop_size={cfg.crop_size} is not a multiple of gc_window={cfg.gc_window} "
                          f"(§gc-loss / pitfall 20: the GC windows must tile the crop, e.g. gc_window = crop_size / 4)")

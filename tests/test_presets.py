@@ -92,8 +92,9 @@ def test_presets_agree_with_stage_constants():
     assert dagger["train_seg"]["backbone"] == "vit_small_patch16_384"
     assert dagger["train_seg"]["pseudo_dir"] == voc["train_seg"]["pseudo_dir"]
     for st in ("train_cam", "gen_cams", "pseudo_labels"): assert dagger[st] == voc[st]
-    assert {k: v for k, v in dagger["train_seg"].items() if k not in ("run_dir", "backbone", "init_path")} == \
-           {k: v for k, v in voc["train_seg"].items() if k not in ("run_dir", "backbone", "init_path")}
+    assert dagger["train_seg"]["norm"] == "vit"                                      # mean 0.5 / std 0.5 for the in21k ViT
+    assert {k: v for k, v in dagger["train_seg"].items() if k not in ("run_dir", "backbone", "init_path", "norm")} == \
+           {k: v for k, v in voc["train_seg"].items() if k not in ("run_dir", "backbone", "init_path", "norm")}
 
 
 def test_export_preset_cli():

@@ -24,14 +24,15 @@ from .data import (SegDataset, open_dataset, read_id_list, resolve_split, read_m
 from .transforms import rescale_size, SEG_MEAN, SEG_STD
 from .metrics import confusion_matrix, miou, iou_table
 from .crf import CrfCfg, crf_from_probs, CRF_VOC_PROBS, CRF_COCO_PROBS
-from .segmenter import Segmenter, create_segmenter, combine_two, load_official_segmenter
+from .segmenter import Segmenter, create_segmenter, combine_two, load_official_segmenter, norm_stats, resolve_norm
+from .model import load_torch_file
 from .learner import save_figure
 
 # %% auto #0
 __all__ = ['MS_RATIOS', 'INFER_MS_FLIP', 'MODEL_JSON', 'window_anchors', 'upsample_to_window', 'InferCfg', 'image_tensor',
            'eval_views', 'merge_windows', 'predict_windowed_reference', 'predict', 'export_lut', 'crf_on_probs',
-           'evaluate_model', 'plot_predictions', 'save_model_spec', 'load_seg_checkpoint', 'EvalCfg', 'check_eval_cfg',
-           'open_eval_dataset', 'evaluate_seg']
+           'evaluate_model', 'plot_predictions', 'save_model_spec', 'load_seg_checkpoint', 'eval_norm', 'EvalCfg',
+           'check_eval_cfg', 'open_eval_dataset', 'evaluate_seg']
 
 # %% ../nbs/13_evaluate.ipynb #da529397
 def window_anchors(length: int,  # L, image side in pixels (>= window)
@@ -68,7 +69,7 @@ class InferCfg:
     two_output: bool = False          # P = mid_weight * P_mid + P_final (`--backbone multi`, pitfall 10)
     mid_weight: float = 0.8           # `--weight`
     window_batch: int = 16            # windows per forward pass in `predict` (the reference runs 1)
-    mean: tuple[float, float, float] = SEG_MEAN  # normalisation (mmseg's rounded ImageNet statistics)
+    mean: tuple[float, float, float] = SEG_MEAN  # normalisation: the run's norm (default mmseg's rounded ImageNet statistics)
     std: tuple[float, float, float] = SEG_STD
 
     def __post_init__(self):
@@ -78,6 +79,10 @@ class InferCfg:
             raise ValueError(f"InferCfg.stride={self.stride} > window={self.window} would leave pixels no window covers")
         self.ratios = tuple(float(r) for r in self.ratios)
         if not self.ratios or any(r <= 0 for r in self.ratios): raise ValueError(f"InferCfg.ratios must be positive, got {self.ratios}")
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not min(self.std) > 0:
+            raise ValueError(f"InferCfg.mean/std: expected 3 RGB values each, std > 0, got {self.mean} / {self.std}")
+        if not self.mid_weight >= 0: raise ValueError(f"InferCfg.mid_weight must be >= 0, got {self.mid_weight}")
 
 INFER_MS_FLIP = InferCfg(ratios=MS_RATIOS, flip=True, two_output=True)   # §final-eval, the reported numbers
 
@@ -324,10 +329,13 @@ def save_model_spec(run_dir,              # the train_seg run folder
                     class_names: list[str], # K names, background first
                     infer: dict,          # base_size, window, stride, max_ratio of the run
                     data: str = "",       # dataset kind the classes come from
+                    norm: str = "imagenet", # the run's input normalisation (notebook 08's resolve_norm, never "auto")
                    ) -> Path:
     "Write run_dir/model.json (atomic)."
     path = Path(run_dir) / MODEL_JSON
-    atomic_save_json(dict(format="weaktr.segmenter/1", model=model_kwargs, class_names=list(class_names), infer=infer, data=data), path)
+    mean, std = norm_stats(norm)
+    atomic_save_json(dict(format="weaktr.segmenter/1", model=model_kwargs, class_names=list(class_names), infer=infer, data=data,
+                          norm=norm, norm_stats=dict(mean=list(mean), std=list(std))), path)
     return path
 
 def load_seg_checkpoint(path,                       # train_seg run dir / last.pt / best.pt, or an official checkpoint.pth
@@ -343,7 +351,7 @@ def load_seg_checkpoint(path,                       # train_seg run dir / last.p
         p = next((c for c in cands if c.exists()), None)
         if p is None: raise FileNotFoundError(f"{path} is a folder without last.pt or best.pt")
     if not p.is_file(): raise FileNotFoundError(f"checkpoint not found: {p}")
-    ck = torch.load(p, map_location="cpu", weights_only=True)
+    ck = load_torch_file(p, "Phase-2 checkpoint", hint="evaluate another file (best.pt / last.pt) or re-run the training")
     if not isinstance(ck, dict) or "model" not in ck:
         raise ValueError(f"{p}: expected a checkpoint dict with a 'model' state dict")
     if str(ck.get("format", "")).startswith("weaktr.learner"):
@@ -361,15 +369,30 @@ def load_seg_checkpoint(path,                       # train_seg run dir / last.p
         model = create_segmenter(**kw)
         model.load_state_dict(sd, strict=True)
         info = dict(kind="train_seg", path=str(p), n_cls=K_file, class_names=spec.get("class_names"),
-                    infer=spec.get("infer", {}), data=spec.get("data", ""), epoch=ck.get("epoch"))
+                    infer=spec.get("infer", {}), data=spec.get("data", ""), epoch=ck.get("epoch"),
+                    norm=spec.get("norm", "imagenet"), norm_recorded="norm" in spec)
     else:
         K = int(ck["n_cls"]) if "n_cls" in ck else int(n_cls)
         if K < 1: raise ValueError(f"{p} has no 'n_cls'; pass n_cls (21 VOC, 91 COCO, 60 seed-era VOC)")
         if n_cls and K != n_cls: raise ValueError(f"{p}: checkpoint n_cls={K} but n_cls={n_cls} was asked for")
         model = create_segmenter(backbone, K, img_size=img_size)
         load_official_segmenter(model, p)
-        info = dict(kind="official", path=str(p), n_cls=K, class_names=None, infer={}, data="", epoch=ck.get("epoch"))
+        info = dict(kind="official", path=str(p), n_cls=K, class_names=None, infer={}, data="", epoch=ck.get("epoch"),
+                    norm=None, norm_recorded=False)
     return model.to(get_device(device)).eval(), info
+
+def eval_norm(info: dict,        # load_seg_checkpoint's info
+              norm: str,         # EvalCfg.norm: "auto" or an explicit choice
+              backbone: str,     # the encoder name, for checkpoints that record no normalisation
+             ) -> str:
+    "The normalisation to evaluate with: the training run's; an explicit `norm` that differs from it is an error."
+    if info.get("norm") is None: return resolve_norm(norm, backbone)   # official file / smoke model: the backbone's
+    trained = info["norm"]
+    if norm != "auto" and norm_stats(norm) != norm_stats(trained):
+        raise ValueError(f"EvalCfg.norm={norm!r} but {info['path']} was trained with norm={trained!r} "
+                         f"({'model.json' if info.get('norm_recorded') else 'model.json predates the field: the only statistics then'}); "
+                         f"other input statistics would evaluate a different model. Leave norm='auto' (the training run's)")
+    return trained
 
 # %% ../nbs/13_evaluate.ipynb #eab42db0
 _CRF_PRESETS = dict(voc=CRF_VOC_PROBS, coco=CRF_COCO_PROBS)
@@ -403,6 +426,7 @@ class EvalCfg:
     n_cls: int = 0                    # official checkpoint without n_cls: its class count
     backbone: str = "deit_small_patch16_224" # official checkpoint: encoder
     img_size: int = 480               # official checkpoint: training crop
+    norm: str = "auto"                # input normalisation: "auto" = the training run's (model.json; official: the backbone's)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | ...
     progress: bool = True             # tqdm bars
     smoke: bool = False               # tiny run: 4 images, one ratio, a random tiny model if no checkpoint
@@ -414,6 +438,10 @@ class EvalCfg:
             raise ValueError("EvalCfg.checkpoint: a train_seg run folder / last.pt or an official checkpoint.pth is required")
         for name in ("window", "stride", "base_size", "max_images", "n_cls", "n_fig"):
             if getattr(self, name) < 0: raise ValueError(f"EvalCfg.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.mid_weight >= 0: raise ValueError(f"EvalCfg.mid_weight must be >= 0, got {self.mid_weight}")
+        if self.norm != "auto":
+            try: norm_stats(self.norm)
+            except ValueError as e: raise ValueError(f"EvalCfg.{e}") from None
 
 _EVAL_PATH_FIELDS = ("run_dir", "checkpoint", "data_root", "export_dir")
 
@@ -470,9 +498,8 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
     if isinstance(cfg, dict): cfg = cfg_from_flat(EvalCfg, cfg)
     if cfg.smoke: cfg = replace(cfg, max_images=min(cfg.max_images or 4, 4), ratios=(1.0,), flip=False, n_fig=min(cfg.n_fig, 2))
     cfg = check_eval_cfg(cfg)
-    run_dir = Path(cfg.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.run_dir)
     conf_dict = cfg_to_dict(cfg)
-    atomic_save_json(conf_dict, run_dir / "config.json")
     sp = run_dir / "summary.json"
     stamp = _file_stamp(cfg.checkpoint)
     if sp.is_file():
@@ -486,11 +513,15 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
     if info["n_cls"] != K:
         raise ValueError(f"checkpoint {info['path'] or '(smoke model)'} predicts n_cls={info['n_cls']} classes but "
                          f"{cfg.data} split {cfg.split!r} has {ds.num_classes} classes + background = {K}")
+    norm = eval_norm(info, cfg.norm, cfg.backbone)
+    mean, std = norm_stats(norm)
     tr = info["infer"]
     icfg = InferCfg(window=cfg.window or tr.get("window", 480), stride=cfg.stride or tr.get("stride", 320),
                     base_size=cfg.base_size or tr.get("base_size", 520), max_ratio=tr.get("max_ratio", 8),
                     ratios=cfg.ratios, flip=cfg.flip, two_output=cfg.two_output, mid_weight=cfg.mid_weight,
-                    window_batch=cfg.window_batch)
+                    window_batch=cfg.window_batch, mean=mean, std=std)
+    run_dir.mkdir(parents=True, exist_ok=True)                          # validated: only now touch the run folder
+    atomic_save_json(conf_dict, run_dir / "config.json")
     preset = cfg.crf_preset if cfg.crf_preset != "auto" else ("coco" if cfg.data in ("coco", "coco80") else "voc")
     crf = _CRF_PRESETS[preset] if cfg.crf else None
     lut = export_lut(cfg.data, K)
@@ -516,7 +547,7 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
         tables += [f"## {cfg.split}: with CRF ({preset})\n", _table(res["crf_per_class_iou"], names), ""]
     summary = dict(stage="evaluate_seg", finished=False, checkpoint=info["path"], checkpoint_stamp=stamp, checkpoint_kind=info["kind"],
                    checkpoint_epoch=info["epoch"], split=cfg.split, n_cls=K, class_names=names,
-                   infer=cfg_to_dict(icfg), crf=preset if crf else None,
+                   infer=cfg_to_dict(icfg), norm=norm, crf=preset if crf else None,
                    export_dir=str(export_dir) if cfg.export else None, **_strip(res))
     if res.get("miou") is not None:
         summary["headline_miou"] = res.get("crf_miou", res["miou"])

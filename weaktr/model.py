@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_model.ipynb #324dca07
 from __future__ import annotations
-import json, math, re, warnings
+import json, math, pickle, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -20,10 +20,10 @@ from .fusion import fuse_heads, make_fusion, stack_heads
 from .core import LoadReport, get_device
 
 # %% auto #0
-__all__ = ['ATTENTION_TYPES', 'refine_cam', 'select_cams', 'WeakTrOutput', 'weaktr_loss', 'WeakTrInspection', 'WeakTr',
-           'create_weaktr', 'read_state_dict', 'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict',
-           'load_official_checkpoint', 'weaktr_config_from_state_dict', 'create_weaktr_from_checkpoint',
-           'resolve_checkpoint', 'load_cam_model']
+__all__ = ['ATTENTION_TYPES', 'POS_RESIZE', 'refine_cam', 'select_cams', 'WeakTrOutput', 'weaktr_loss', 'WeakTrInspection',
+           'WeakTr', 'create_weaktr', 'WeightFileError', 'load_torch_file', 'read_state_dict', 'resize_pos_grid',
+           'load_pretrained', 'checkpoint_fusion', 'load_official_state_dict', 'load_official_checkpoint',
+           'weaktr_config_from_state_dict', 'create_weaktr_from_checkpoint', 'resolve_checkpoint', 'load_cam_model']
 
 # %% ../nbs/04_model.ipynb #4ee2e0a6
 def refine_cam(cams: torch.Tensor,            # (B, C, h, w) class activation maps
@@ -169,23 +169,62 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
                   drop_path_rate: float = 0.1,  # stochastic depth
                   attn_impl: str = "fast",      # "fast" or "reference"
                   pretrained: str | Path | None = None,  # local ImageNet ViT weights to start from (see `load_pretrained`)
+                  pos_resize: str = "reference", # a pretrained file's other grid: "reference" (main.py --finetune) | "timm"
                   **timm_kwargs) -> WeakTr:
     "Build a WeakTr Phase-1 model (random init, or ImageNet weights from a local file)."
     model = WeakTr(backbone, num_classes, fusion=fusion, reduction=reduction, pool=pool, feat_reduction=feat_reduction,
                    img_size=img_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl, **timm_kwargs)
-    if pretrained is not None: model.pretrained_report = load_pretrained(model, pretrained)
+    if pretrained is not None: model.pretrained_report = load_pretrained(model, pretrained, pos_resize=pos_resize)
     return model
 
 # %% ../nbs/04_model.ipynb #4c1d7e02
-def read_state_dict(path, what="checkpoint") -> dict:
+class WeightFileError(ValueError):
+    "A weight / checkpoint file that exists but cannot be read (truncated, corrupt, not a torch/safetensors file)."
+
+def _first_line(e: BaseException) -> str:
+    "The informative line of a torch / safetensors error (weights_only errors bury it under advice)."
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    s = [m.group(1)] if m else text.strip().splitlines()
+    return f"{type(e).__name__}: {s[0].strip()[:200] if s else ''}"
+
+def load_torch_file(path,                       # a torch file (zip or legacy format)
+                    what: str = "checkpoint",   # what the caller reads it as, for the message
+                    hint: str = "re-create or re-download the file", # what the user can do about a bad file
+                    mmap: bool = False,         # try torch.load(mmap=True) first (falls back to a plain read)
+                   ):
+    "torch.load(path, weights_only=True) on CPU; a file that cannot be read raises WeightFileError naming it."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
+    if mmap:
+        try: return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception: pass                                          # legacy (non-zip) file, or corrupt: read plainly
+    try: return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if g:
+            raise WeightFileError(f"{what} {path} holds pickled Python objects ({g.group(1)}) that weights_only=True "
+                                  f"refuses to load (no code was run); re-save it as a plain state dict or .safetensors") from e
+        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
+                              f"or corrupt ({_first_line(e)}); {hint}") from e
+    except Exception as e:
+        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
+                              f"or corrupt ({_first_line(e)}); {hint}") from e
+
+def read_state_dict(path, what="checkpoint",
+                    hint: str = "re-create or re-download the file", # shown when the file cannot be read
+                   ) -> dict:
     "A flat {name: tensor} dict from .safetensors or a torch file (weights_only), unwrapping 'model'/'state_dict'."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        sd = load_file(str(path))
+        try: sd = load_file(str(path))
+        except Exception as e:
+            raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as .safetensors: "
+                                  f"truncated or corrupt ({_first_line(e)}); {hint}") from e
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, what, hint)
         sd = obj
         if isinstance(obj, dict):
             for key in ("model", "state_dict", "model_state_dict", "model_ema"):
@@ -195,6 +234,7 @@ def read_state_dict(path, what="checkpoint") -> dict:
                          f"got {type(sd).__name__} with keys {list(sd)[:8] if isinstance(sd, dict) else '-'}")
     if all(k.startswith("module.") for k in sd): sd = {k[len("module."):]: v for k, v in sd.items()}   # DDP prefix
     return dict(sd)
+
 
 # %% ../nbs/04_model.ipynb #5696682a
 def _shape_errors(model_sd, sd, path):
@@ -208,12 +248,34 @@ def _shape_errors(model_sd, sd, path):
             raise ValueError(f"{path}: {k} has shape {tuple(v.shape)} in the file but {tuple(model_sd[k].shape)} "
                              f"in the model (check the {hint})")
 
+POS_RESIZE = ("reference", "timm")
+
+def resize_pos_grid(grid_rows: torch.Tensor,    # (1, g0*g1, D) position rows of a row-major grid (no prefix rows)
+                    old_grid: tuple[int, int],  # (g0, g1) the file's grid
+                    new_grid: tuple[int, int],  # (h0, w0) the model's grid
+                    method: str = "reference",  # "reference": the reference's F.interpolate; "timm": antialiased
+                   ) -> torch.Tensor:           # (1, h0*w0, D) float32
+    "Resize a grid of position rows bicubically: the reference's `--finetune` formula, or timm's antialiased resample."
+    if method not in POS_RESIZE: raise ValueError(f"pos_resize: expected one of {POS_RESIZE}, got {method!r}")
+    _, n, D = grid_rows.shape
+    (g0, g1), (h0, w0) = tuple(old_grid), tuple(new_grid)
+    if n != g0 * g1: raise ValueError(f"pos_embed grid has {n} rows, expected {g0}x{g1}")
+    grid_rows = grid_rows.float()
+    if (g0, g1) == (h0, w0): return grid_rows                           # both methods: the identity
+    if method == "timm":
+        return resample_abs_pos_embed(grid_rows, new_size=[h0, w0], old_size=[g0, g1], num_prefix_tokens=0)
+    x = grid_rows.reshape(1, g0, g1, D).permute(0, 3, 1, 2)             # (1, g0*g1, D) -> (1, D, g0, g1)
+    x = F.interpolate(x, size=(h0, w0), mode="bicubic", align_corners=False)  # (1, D, g0, g1) -> (1, D, h0, w0)
+    return x.permute(0, 2, 3, 1).flatten(1, 2)                          # (1, D, h0, w0) -> (1, h0*w0, D)
+
 def load_pretrained(model: WeakTr,            # a freshly built WeakTr
                     path: str | Path,          # local ImageNet ViT weights: DeiT .pth, timm state dict, or .safetensors
                     strict: bool = True,       # raise (not warn) if anything besides head/AAF stays missing
+                    pos_resize: str = "reference", # foreign grid: "reference" (main.py --finetune) | "timm" (antialiased)
                    ) -> LoadReport:
     "Load ImageNet ViT weights into WeakTr: replicate the class token and its position row C times, drop the head."
-    sd = read_state_dict(path, "pretrained weights")
+    if pos_resize not in POS_RESIZE: raise ValueError(f"load_pretrained: pos_resize must be one of {POS_RESIZE}, got {pos_resize!r}")
+    sd = read_state_dict(path, "pretrained weights", hint="download the ImageNet weights again")
     C, D = model.num_classes, model.embed_dim
     rep = LoadReport(str(path))
     num_prefix = 1 + int("dist_token" in sd)
@@ -234,11 +296,11 @@ def load_pretrained(model: WeakTr,            # a freshly built WeakTr
             else: raise ValueError(f"{path}: pos_embed has {pe.shape[1]} rows: not {num_prefix} prefix rows + a square grid")
         g = math.isqrt(n_grid)
         cls_pos = pe[:, :1] if num_prefix else pe.new_zeros(1, 1, D)
-        grid_rows = resample_abs_pos_embed(pe[:, num_prefix:], new_size=list(model.src_grid), old_size=[g, g],
-                                           num_prefix_tokens=0)                # (1, g*g, D) -> (1, h0*w0, D)
+        grid_rows = resize_pos_grid(pe[:, num_prefix:], (g, g), model.src_grid, pos_resize)  # (1, g*g, D) -> (1, h0*w0, D)
         sd["pos_embed"] = torch.cat([cls_pos.expand(1, C, D), grid_rows], dim=1)   # (1, C + h0*w0, D)
         rep.notes.append(f"pos_embed: class row repeated {C}x" + ("" if num_prefix else " (file has none: zeros)")
-                         + f", grid {g}x{g} -> {model.src_grid[0]}x{model.src_grid[1]}")
+                         + f", grid {g}x{g} -> {model.src_grid[0]}x{model.src_grid[1]}"
+                         + (f" (bicubic, {pos_resize})" if (g, g) != tuple(model.src_grid) else ""))
     model_sd = model.state_dict()
     _shape_errors(model_sd, sd, path)
     res = model.load_state_dict(sd, strict=False)

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .decoder import MaskTransformer
-from .model import read_state_dict
+from .model import read_state_dict, load_torch_file
+from .transforms import SEG_MEAN, SEG_STD
 from .core import LoadReport
 
 # %% auto #0
-__all__ = ['resize_pos_embed', 'Segmenter', 'combine_two', 'create_segmenter', 'load_official_segmenter',
-           'load_segmenter_encoder']
+__all__ = ['NORMS', 'resize_pos_embed', 'Segmenter', 'combine_two', 'create_segmenter', 'norm_stats', 'backbone_norm',
+           'resolve_norm', 'load_official_segmenter', 'load_segmenter_encoder']
 
 # %% ../nbs/08_segmenter.ipynb #bdbe6e54
 def resize_pos_embed(pos_embed: torch.Tensor,     # (1, n_prefix + h0*w0, D)
@@ -146,6 +147,44 @@ def create_segmenter(backbone: str = "deit_small_patch16_224", # any timm Vision
                               drop_path_rate=decoder_drop_path_rate, dropout=dropout)
     return Segmenter(encoder, decoder, num_classes)
 
+# %% ../nbs/08_segmenter.ipynb #8e0a1b02
+NORMS = {"imagenet": (SEG_MEAN, SEG_STD),                     # Segmenter "deit": mmseg's rounded ImageNet statistics
+         "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),          # Segmenter "vit": timm's in21k / AugReg ViTs
+         "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}  # EVA-02 / CLIP
+
+def norm_stats(norm: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    "(mean, std) in [0, 1] units of a norm name ('imagenet' | 'vit' | 'clip') or of explicit 'm0,m1,m2/s0,s1,s2'."
+    if norm in NORMS: return tuple(map(float, NORMS[norm][0])), tuple(map(float, NORMS[norm][1]))
+    err = ValueError(f"norm: expected 'auto', one of {sorted(NORMS)} or explicit statistics 'm0,m1,m2/s0,s1,s2' "
+                     f"(RGB, [0, 1] units, std > 0), got {norm!r}")
+    try:
+        m, s = str(norm).split("/")
+        mean, std = tuple(float(v) for v in m.split(",")), tuple(float(v) for v in s.split(","))
+    except ValueError: raise err from None
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0: raise err
+    return mean, std
+
+def _snap_norm(mean, std, tol: float = 1e-3) -> str:
+    "The NORMS name whose statistics are within `tol` of (mean, std), else the explicit 'm0,m1,m2/s0,s1,s2'."
+    for name, (m, s) in NORMS.items():
+        if max(abs(a - b) for a, b in zip((*mean, *std), (*m, *s))) < tol: return name
+    return ",".join(f"{v:g}" for v in mean) + "/" + ",".join(f"{v:g}" for v in std)
+
+def backbone_norm(backbone: str) -> str:
+    "The input normalisation the weights of a timm backbone name were trained with ('imagenet' | 'vit' | 'clip' | explicit)."
+    try: pc = timm.models.get_pretrained_cfg(backbone)
+    except Exception: pc = None                                         # e.g. an unknown tag
+    if pc is None or getattr(pc, "mean", None) is None or getattr(pc, "std", None) is None: return "imagenet"
+    return _snap_norm(tuple(pc.mean), tuple(pc.std))
+
+def resolve_norm(norm: str,      # "auto" | "imagenet" | "vit" | "clip" | "m0,m1,m2/s0,s1,s2"
+                 backbone: str,  # the encoder's timm name (used by "auto")
+                ) -> str:        # a NORMS name or explicit statistics (never "auto")
+    "The concrete normalisation of a Phase-2 run: 'auto' becomes the backbone family's; anything else is validated."
+    if norm == "auto": return backbone_norm(backbone)
+    norm_stats(norm)
+    return norm
+
 # %% ../nbs/08_segmenter.ipynb #a438a6d8
 def _shape_errors(src: dict, dst: dict, keys) -> list[str]:
     return [f"{k}: file {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}" for k in keys if src[k].shape != dst[k].shape]
@@ -154,7 +193,7 @@ def load_official_segmenter(model: Segmenter, path) -> LoadReport:
     "Load a Phase-2 checkpoint (dict with `model`, `n_cls`) strictly into `model`; clear errors on any mismatch."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(path, "Phase-2 checkpoint", hint="download or copy the checkpoint again")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: expected a Phase-2 checkpoint dict with a 'model' key, got "
                          f"{sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}")

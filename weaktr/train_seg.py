@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_train_seg.ipynb #cd01431b
 from __future__ import annotations
-import json, warnings
+import json, math, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,16 +15,23 @@ from .core import atomic_save_json, cfg_from_flat, cfg_to_dict, get_device, reso
 from .data import SegDataset, open_dataset, identity_lut, DATASETS
 from .transforms import seg_train_transform
 from .decoder import ClipCfg, seg_loss
-from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder
+from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm, backbone_norm
+from .model import load_torch_file, WeightFileError
 from .learner import Learner, TrainCfg, PHASE2_VOC
-from .evaluate import InferCfg, evaluate_model, save_model_spec
+from .evaluate import InferCfg, evaluate_model, save_model_spec, MODEL_JSON
 
 # %% auto #0
-__all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'check_seg_cfg',
+__all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'auto_norm', 'check_seg_cfg',
            'pseudo_label_dataset', 'subset', 'seg_collate', 'SegLoss', 'segmenter_kwargs', 'init_encoder',
-           'learner_cfg', 'train_seg']
+           'learner_cfg', 'check_resume', 'train_seg']
 
 # %% ../nbs/14_train_seg.ipynb #fc53e211
+_RANGES = (  # (field, low, high, low excluded, high excluded): checked in SegTrainCfg.__post_init__
+    ("lr", 0, math.inf, True, False), ("min_lr", 0, math.inf, False, False), ("enc_lr_scale", 0, math.inf, False, False),
+    ("poly_power", 0, math.inf, True, False), ("momentum", 0, 1, False, True), ("weight_decay", 0, math.inf, False, False),
+    ("drop_path_rate", 0, 1, False, True), ("decoder_dropout", 0, 1, False, True), ("gc_start", 0, math.inf, True, False),
+    ("cat_max_ratio", 0, 1, True, False), ("norm_eps", 0, math.inf, False, False))
+
 @dataclass
 class SegTrainCfg:
     "Phase-2 training run (defaults: the reference VOC run, §phase2-data, §phase2-optim, §gc-loss, §phase2-val, §phase2-recipe)."
@@ -44,6 +51,7 @@ class SegTrainCfg:
     patch_size: int = 0
     init: str = "imagenet"             # "imagenet" | "phase1" | "random"
     init_path: str = ""                # local weights file for init "imagenet" / "phase1"
+    norm: str = "auto"                 # input statistics: "auto" (the backbone family's) | "imagenet" | "vit" | "clip" | "m0,m1,m2/s0,s1,s2"
     norm_eps: float = 1e-5             # encoder LayerNorm eps (Segmenter: PyTorch default); 0 = timm's
     drop_path_rate: float = 0.1        # encoder stochastic depth (method notes §segmenter)
     decoder_layers: int = 2            # mask-transformer blocks
@@ -89,6 +97,17 @@ class SegTrainCfg:
             if getattr(self, name) < 1: raise ValueError(f"SegTrainCfg.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_images", "max_val_images", "max_steps", "gc_group", "num_workers", "embed_dim", "depth", "num_heads", "patch_size"):
             if getattr(self, name) < 0: raise ValueError(f"SegTrainCfg.{name} must be >= 0, got {getattr(self, name)}")
+        for name, lo, hi, lo_open, hi_open in _RANGES:
+            v = getattr(self, name)
+            ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                want = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi == math.inf else f" and {'<' if hi_open else '<='} {hi:g}")
+                raise ValueError(f"SegTrainCfg.{name} must be {want}, got {v}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"SegTrainCfg.min_lr={self.min_lr:g} is above lr={self.lr:g}: the poly schedule would raise the lr")
+        if self.norm != "auto":
+            try: norm_stats(self.norm)
+            except ValueError as e: raise ValueError(f"SegTrainCfg.{e}") from None
 
 SEG_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", backbone="deit_small_patch16_224", init="imagenet",
                      crop_size=480, base_size=520, ratio_range=(0.5, 2.0), gc=True, gc_start=1.2, gc_window=120, gc_group=0,
@@ -109,11 +128,27 @@ SEG_SMOKE = dict(max_train_images=8, max_val_images=4, backbone="deit_tiny_patch
 # %% ../nbs/14_train_seg.ipynb #f6f40477
 _PATH_FIELDS = ("run_dir", "data_root", "pseudo_dir", "init_path")
 
+def auto_norm(backbone: str,   # the encoder's timm name
+              init: str,       # "imagenet" | "phase1" | "random"
+              init_path: str = "", # the starting weights (a card <file>.json next to it is read)
+             ) -> tuple[str, str]: # (norm name or explicit statistics, why)
+    "norm='auto': the input statistics the encoder's starting weights were trained with, and the reason."
+    if init == "phase1": return "imagenet", "Phase-1 WeakTr runs normalise with ImageNet statistics"
+    if init == "imagenet" and init_path:
+        card = Path(init_path).with_suffix(".json")
+        try: c = json.loads(card.read_text()) if card.is_file() else {}
+        except (OSError, ValueError): c = {}
+        if isinstance(c, dict) and c.get("norm"): return resolve_norm(str(c["norm"]), backbone), f"the card {card}"
+        gen = c.get("data", {}).get("generator", "") if isinstance(c, dict) and isinstance(c.get("data"), dict) else ""
+        if str(gen).startswith("weaktr."): return "imagenet", f"{card}: a weaktr.pretrain asset (ImageNet statistics)"
+    return backbone_norm(backbone), f"the reference's statistics of the {backbone} family"
+
 def check_seg_cfg(cfg: SegTrainCfg,                # a config (types and choices already checked)
                   base_dir: str | Path | None = None, # resolve relative paths against this folder (None: leave them)
                  ) -> SegTrainCfg:
     "Cross-field and file checks with clear errors (run before anything is built); returns the path-resolved config."
     cfg = resolve_paths(cfg, _PATH_FIELDS, base_dir)
+    cfg = replace(cfg, norm=auto_norm(cfg.backbone, cfg.init, cfg.init_path)[0] if cfg.norm == "auto" else resolve_norm(cfg.norm, cfg.backbone))
     if cfg.gc and cfg.crop_size % cfg.gc_window:
         raise ValueError(f"SegTrainCfg: crop_size={cfg.crop_size} is not a multiple of gc_window={cfg.gc_window} "
                          f"(§gc-loss / pitfall 20: the GC windows must tile the crop, e.g. gc_window = crop_size / 4)")
@@ -196,11 +231,14 @@ def segmenter_kwargs(cfg: SegTrainCfg, num_classes: int) -> dict:
 def _n_class_tokens(path: Path) -> int:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            key = min((k for k in f.keys() if k.endswith("cls_token")), key=len, default=None)
-            return f.get_slice(key).get_shape()[1] if key else 0
-    try: obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError: obj = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) file
+        try:
+            with safe_open(str(path), "pt") as f:
+                key = min((k for k in f.keys() if k.endswith("cls_token")), key=len, default=None)
+                return f.get_slice(key).get_shape()[1] if key else 0
+        except Exception as e:
+            raise WeightFileError(f"init weights (init_path) {path} could not be read as .safetensors: truncated or corrupt "
+                                  f"({type(e).__name__}: {e}); download or copy the weights again") from e
+    obj = load_torch_file(path, "init weights (init_path)", hint="download or copy the weights again", mmap=True)
     sd = next((obj[k] for k in ("model", "state_dict", "model_ema") if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
     key = min((k for k in sd if k.endswith("cls_token")), key=len, default=None)
     return int(sd[key].shape[1]) if key else 0
@@ -234,25 +272,47 @@ def _open_train_base(cfg: SegTrainCfg) -> SegDataset:
         kw = dict(require_masks=False, labels="json") | kw if (root / "cls_labels.json").is_file() else dict(require_masks=False) | kw
     return open_dataset(cfg.data, cfg.data_root, cfg.train_split, **kw)
 
-def _check_resume_classes(path: Path, K: int):
-    if not path.is_file(): return
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model", {})
+_FRESH = "use another run_dir, or resume=False to start fresh here (overwriting it)"
+
+def check_resume(run_dir: Path,    # the run folder (its last.pt / model.json, if any)
+                 model: Segmenter, # the new run's model (built, not yet trained)
+                 norm: str,        # the new run's resolved normalisation
+                ) -> bool:         # True if there is a last.pt to resume from
+    "Refuse to resume from a last.pt the new run cannot continue: unreadable, other classes, shapes or normalisation."
+    path = run_dir / "last.pt"
+    if not path.is_file(): return False
+    ck = load_torch_file(path, "resume checkpoint", hint=_FRESH, mmap=True)
+    sd = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(sd, dict): raise ValueError(f"{path}: expected a weaktr.learner checkpoint with a 'model' state dict; {_FRESH}")
+    K = model.n_cls
     if "decoder.cls_emb" in sd and sd["decoder.cls_emb"].shape[1] != K:
         raise ValueError(f"{path} was trained with n_cls={sd['decoder.cls_emb'].shape[1]} classes but this run has "
-                         f"K={K} (dataset classes + background); use another run_dir or resume=False")
+                         f"K={K} (dataset classes + background); {_FRESH}")
+    own = model.state_dict()
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    missing = [k for k in own if k not in sd]
+    if bad or missing:
+        raise ValueError(f"{path} does not fit this run's model (changed backbone / sizes?): "
+                         + "; ".join(bad[:4] + [f"missing {missing[:4]}"] * bool(missing)) + f"; {_FRESH}")
+    spec_path = run_dir / MODEL_JSON
+    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+    old = spec.get("norm", "imagenet")                                  # model.json before the field: the only statistics then
+    if norm_stats(old) != norm_stats(norm):
+        raise ValueError(f"{path} was trained with norm={old!r} ({spec_path}) but this run has norm={norm!r}: resuming "
+                         f"would mix two input statistics; set norm={old!r}, or {_FRESH}")
+    return True
 
 def train_seg(cfg: SegTrainCfg) -> dict:
     "Phase-2 stage: train a Segmenter on pseudo labels; writes checkpoints, metrics and summary.json into cfg.run_dir."
     if isinstance(cfg, dict): cfg = cfg_from_flat(SegTrainCfg, cfg)
     if cfg.smoke: cfg = replace(cfg, **SEG_SMOKE)
     cfg = check_seg_cfg(cfg)
-    run_dir = Path(cfg.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    stage_conf = cfg_to_dict(cfg)
-    atomic_save_json(stage_conf, run_dir / "config.json")
-    # --- data
+    run_dir = Path(cfg.run_dir)
+    mean, std = norm_stats(cfg.norm)
+    # --- data (nothing is written before the data, the model and a resume are validated)
     base = _open_train_base(cfg)
     tf = seg_train_transform(cfg.crop_size, cfg.base_size, tuple(cfg.ratio_range), cat_max_ratio=cfg.cat_max_ratio,
-                             photometric=cfg.photometric)
+                             photometric=cfg.photometric, mean=mean, std=std)
     if cfg.pseudo_dir: train_ds = pseudo_label_dataset(subset(base, cfg.max_train_images), cfg.pseudo_dir, tf)
     else:
         if not base.mask_files: raise ValueError(f"pseudo_dir is empty and {cfg.data} split {cfg.train_split!r} has no masks to train on")
@@ -266,11 +326,15 @@ def train_seg(cfg: SegTrainCfg) -> dict:
     mkw = segmenter_kwargs(cfg, K)
     torch.manual_seed(cfg.seed)
     model = create_segmenter(**mkw)
+    if cfg.resume: check_resume(run_dir, model, cfg.norm)
     init_report = init_encoder(model, cfg.init, cfg.init_path)
+    # --- validated: only now the run folder changes
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage_conf = cfg_to_dict(cfg)
+    atomic_save_json(stage_conf, run_dir / "config.json")
     infer = dict(base_size=cfg.base_size, window=cfg.window_size, stride=cfg.window_stride, max_ratio=8)
-    save_model_spec(run_dir, mkw, ["background", *base.class_names], infer, cfg.data)
-    if cfg.resume: _check_resume_classes(run_dir / "last.pt", K)
-    icfg = InferCfg(window=cfg.window_size, stride=cfg.window_stride, base_size=cfg.base_size)
+    save_model_spec(run_dir, mkw, ["background", *base.class_names], infer, cfg.data, norm=cfg.norm)
+    icfg = InferCfg(window=cfg.window_size, stride=cfg.window_stride, base_size=cfg.base_size, mean=mean, std=std)
 
     def eval_fn(m, epoch):
         r = evaluate_model(m, val_ds, icfg, max_images=cfg.max_val_images, progress=False)
@@ -293,7 +357,7 @@ def train_seg(cfg: SegTrainCfg) -> dict:
                    train_loss=last.get("train_loss"), train_ce=last.get("train_ce"), gc_on=last.get("train_gc_on"),
                    labels=f"pseudo: {cfg.pseudo_dir}" if cfg.pseudo_dir else "gt (dataset masks, fully supervised)",
                    n_train=len(train_ds), n_val=min(len(val_ds), cfg.max_val_images or len(val_ds)), n_cls=K,
-                   class_names=["background", *base.class_names], init=cfg.init, init_report=init_report,
+                   class_names=["background", *base.class_names], init=cfg.init, init_report=init_report, norm=cfg.norm,
                    checkpoint=str(run_dir / "last.pt"), best_checkpoint=str(run_dir / "best.pt"),
                    epoch_time_s=[r.get("epoch_time_s") for r in hist], config=stage_conf)
     atomic_save_json(summary, run_dir / "summary.json")

@@ -3,7 +3,7 @@
 Each test feeds the bad input / interruption the issue found and asserts the fixed behaviour; every one of them
 failed on the code before the fix. Small tmp-dir datasets only, CPU, no timing.
 """
-import json, pickle, warnings
+import json, re
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +172,109 @@ def test_npy_converter_needs_explicit_opt_in_and_warns(tmp_path):
     with pytest.warns(UserWarning, match="UNPICKLING .*ok.npy"):
         out = convert_cls_labels_npy(tmp_path / "ok.npy", tmp_path / "ok.json", allow_pickle=True)
     assert json.loads(out.read_text()) == {"im0": [1]}
+
+
+# ------------------------------------------------------------ items 7 and 9: the Learner keeps only good epochs, and keeps them
+
+def _toy(n=48):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, :1] * 2 - x[:, 1:2]).tanh())
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 1))
+
+
+_CFG = dict(epochs=3, batch_size=8, lr=3e-3, lr_scale_by_batch=False, warmup_epochs=1, amp="off", device="cpu",
+            num_workers=0, log_every=2, select_metric=None, progress=False, plot=False)
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y), {}
+
+
+def test_divergence_guard_stops_before_saving_a_diverged_epoch(tmp_path):
+    "A finite loss of 5.9e26 trained on and its epoch was saved, then called 'the last good checkpoint'."
+    from weaktr.learner import fit
+    calls = []
+    def explodes(model, batch):                       # 6 batches per epoch: call 16 = epoch 2, batch 4
+        loss, logs = _mse(model, batch); calls.append(1)
+        return (loss * 5.9e26 if len(calls) >= 16 else loss), logs
+    with pytest.raises(FloatingPointError, match=r"training diverged at epoch 2, step 15 \(batch 4 of 6\): loss = .*e\+2[0-9] "
+                       r".*diverge_factor=1000.*the last good checkpoint .*last\.pt \(after epoch 1, 2 epochs done\)"):
+        fit(_model(), explodes, _toy(), _CFG, tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert len(ck["guard"]["ref_losses"]) == 12
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    "An update that overflows the weights while its loss was finite: the epoch is neither evaluated nor saved."
+    from weaktr.learner import fit
+    def poison(learner):
+        if learner.epoch == 1 and learner.batch_idx == 5:
+            with torch.no_grad(): learner.model[0].weight[0, 0] = float("inf")
+    evals = []
+    with pytest.raises(FloatingPointError, match=r"parameters are not finite after epoch 1 .*'0\.weight'.*after epoch 0, 1 epochs done"):
+        fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=lambda m, e: evals.append(e) or {},
+            callbacks=dict(on_batch_end=poison))
+    assert evals == [0] and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_failing_eval_keeps_the_trained_epoch(tmp_path):
+    "An error in the per-epoch check (e.g. a bad mask) used to lose the epoch it evaluated."
+    from weaktr.learner import fit, read_metrics
+    def eval_fn(model, epoch):
+        if epoch == 1: raise DataError("mask x.png is 7x6 (WxH) but image x.jpg is 8x6")
+        return dict(v=1.0)
+    with pytest.raises(RuntimeError, match=r"eval_fn failed after epoch 1 \(DataError: mask x\.png .*\); the trained epoch is kept"):
+        fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=eval_fn)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
+    assert read_metrics(tmp_path / "run")[-1]["eval_error"].startswith("DataError: mask x.png")
+    learner = fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=lambda m, e: dict(v=1.0), resume=True)
+    assert learner.epoch == 3 and [r["epoch"] for r in learner.history] == [0, 1, 2]
+
+
+def test_normal_training_does_not_trip_the_guard(tmp_path):
+    "The toy regression from a fresh init and the same run at a 10x lr both finish with the guard on (default 1000)."
+    from weaktr.learner import fit
+    for lr in (3e-3, 3e-2):
+        learner = fit(_model(), _mse, _toy(), {**_CFG, "lr": lr, "epochs": 4}, tmp_path / f"lr{lr}")
+        assert learner.epoch == 4
+
+
+def test_phase1_cam_split_sizes_checked_before_training(tmp_path):
+    "A mask/image mismatch in the CAM-check split failed only after a full epoch, naming no file."
+    from weaktr.synth import make_synthetic
+    from weaktr.train_cam import CamTrainCfg, build_datasets
+    root = make_synthetic(tmp_path / "s", n_train=8, n_val=4, size=32, num_classes=3)
+    write_mask(root / "SegmentationClass" / "train_00003.png", np.zeros((31, 32), np.uint8))
+    cfg = CamTrainCfg(data="synthetic", data_root=str(root), train_split="train", val_split="val", cam_split="train",
+                      img_size=32, batch_size=4, num_workers=0, progress=False)
+    with pytest.raises(DataError, match=r"mask .*SegmentationClass/train_00003\.png is 32x31 \(WxH\) but image .*train_00003\.png is 32x32"):
+        build_datasets(cfg, root)
+
+
+# ------------------------------------------------------------ item 10: range checks
+
+@pytest.mark.parametrize("field, value, rng", [("lr", -6e-4, "(0, inf)"), ("lr", 0.0, "(0, inf)"), ("min_lr", -1e-5, "[0, inf)"),
+                                              ("warmup_lr", -1e-6, "[0, inf)"), ("lr", float("nan"), "(0, inf)"),
+                                              ("weight_decay", -0.1, "[0, inf)"), ("diverge_factor", 0.5, "(1, inf)")])
+def test_train_cfg_ranges(field, value, rng):
+    from weaktr.learner import TrainCfg
+    with pytest.raises(ValueError, match=re.escape(f"TrainCfg.{field}: expected a finite number in {rng}, got {value!r}")):
+        TrainCfg(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, rng", [("lr", -1e-3, r"\(0, inf\)"), ("min_lr", -1.0, r"\[0, inf\)"),
+                                              ("warmup_lr", -1e-6, r"\[0, inf\)"), ("drop_path", 1.0, r"\[0, 1\)"),
+                                              ("drop_path", -0.1, r"\[0, 1\)"), ("re_prob", 1.5, r"\[0, 1\]"),
+                                              ("re_prob", -0.25, r"\[0, 1\]")])
+def test_phase1_cfg_ranges(field, value, rng):
+    from weaktr.train_cam import CamTrainCfg
+    with pytest.raises(ValueError, match=rf"CamTrainCfg\.{field}: expected a finite number in {rng}, got {value!r}"):
+        CamTrainCfg(data="synthetic", **{field: value})
+    CamTrainCfg(data="synthetic", drop_path=0.0, re_prob=1.0, min_lr=0.0, warmup_lr=0.0)     # the edges that are allowed

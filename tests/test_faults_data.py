@@ -108,6 +108,22 @@ def test_size_guard_in_every_dataset_and_max_side_downscales_masks(tmp_path):
     with pytest.raises(ValueError, match="max_side"): open_dataset("voc", root, "train", max_side=0)
 
 
+def test_max_side_reaches_cam_generation(tmp_path):
+    "CAM generation reads images through the dataset: the guard and max_side apply there too (CAMs at the loaded size)."
+    from weaktr.camgen import _raw_sample, evaluate_cams, image_sizes
+    from weaktr.testing import tiny_weaktr
+    root = _voc(tmp_path / "v", [(60, 40), (3000, 2000)])
+    with pytest.raises(DataError, match=r"im1\.png is 3000x2000"):
+        _raw_sample(open_dataset("voc", root, "train", max_pixels=5000), 1)
+    ds = open_dataset("voc", root, "train", max_side=64, max_pixels=5000)
+    s = _raw_sample(ds, 1, need_mask=True)
+    assert s["image"].size == (64, 43) and s["mask"].shape == (43, 64)
+    assert image_sizes(ds, [0, 1]) == [(40, 60), (43, 64)]
+    r = evaluate_cams(tiny_weaktr(20).eval(), ds, thresholds=[0.5])
+    assert 0 <= r["cam_miou"] <= 1
+
+
+
 # ------------------------------------------------------------ item 9: mask/image size mismatch
 
 def test_mask_size_mismatch_named_at_check_and_first_read(tmp_path):
@@ -204,7 +220,7 @@ def test_divergence_guard_stops_before_saving_a_diverged_epoch(tmp_path):
         loss, logs = _mse(model, batch); calls.append(1)
         return (loss * 5.9e26 if len(calls) >= 16 else loss), logs
     with pytest.raises(FloatingPointError, match=r"training diverged at epoch 2, step 15 \(batch 4 of 6\): loss = .*e\+2[0-9] "
-                       r".*diverge_factor=1000.*the last good checkpoint .*last\.pt \(after epoch 1, 2 epochs done\)"):
+                       r".*diverge_factor=1000.*the last good checkpoint .*last\.pt \(epoch 2\) is untouched"):
         fit(_model(), explodes, _toy(), _CFG, tmp_path / "run")
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -218,7 +234,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         if learner.epoch == 1 and learner.batch_idx == 5:
             with torch.no_grad(): learner.model[0].weight[0, 0] = float("inf")
     evals = []
-    with pytest.raises(FloatingPointError, match=r"parameters are not finite after epoch 1 .*'0\.weight'.*after epoch 0, 1 epochs done"):
+    with pytest.raises(FloatingPointError, match=r"parameters are not finite after epoch 1 .*'0\.weight'.*last\.pt \(epoch 1\) is untouched"):
         fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=lambda m, e: evals.append(e) or {},
             callbacks=dict(on_batch_end=poison))
     assert evals == [0] and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1

@@ -382,7 +382,7 @@ class SegDataset(Dataset):
                             f"(255 = ignore){self.mask_hint}")
         mapped = mapped.astype(np.uint8)
         target = fit_size((W, H), self.max_side)
-        if target != (W, H): mapped = np.asarray(Image.fromarray(mapped, "L").resize(target, Image.NEAREST))
+        if target != (W, H): mapped = np.array(Image.fromarray(mapped, "L").resize(target, Image.NEAREST))
         return mapped
 
     def check_sizes(self, ids: Sequence[str] | None = None, # default: every id

@@ -434,8 +434,8 @@ class Learner:
     def _kept(self) -> str:
         "Which checkpoint a stop leaves in place, for the messages."
         last = self.run_dir / "last.pt"
-        if self._saved_epoch is None or not last.exists(): return "no checkpoint of this run was written yet"
-        return f"the last good checkpoint {last} (after epoch {self._saved_epoch - 1}, {self._saved_epoch} epochs done) is untouched"
+        if self._saved_epoch is None or not last.exists(): return "no checkpoint was written yet"
+        return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"     # epoch = epochs done, as in last.pt
 
     def _any_rank(self, flag: bool) -> bool:
         "True on every rank if `flag` is True on any."

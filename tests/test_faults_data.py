@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from weaktr.data import (MAX_PIXELS, DataError, convert_cls_labels_npy, folder_dataset, open_dataset, read_image,
+from weaktr.data import (DataError, convert_cls_labels_npy, folder_dataset, open_dataset, read_image,
                          voc_dataset, write_mask)
 
 torch.set_num_threads(1)
@@ -88,6 +88,7 @@ def test_size_guard_refuses_a_huge_image_naming_it(tmp_path):
     p = _big_png(tmp_path / "huge.png", 6000, 4000)
     with pytest.raises(DataError, match=r"huge\.png is 6000x4000 .*max_pixels=.*max_side"):
         read_image(p)
+    from weaktr.data import MAX_PIXELS
     assert MAX_PIXELS < 4000 * 3000 <= 6000 * 4000        # a 12 MP phone photo is refused too (35 GB in CAM generation)
     small = read_image(p, max_side=1024)                   # ... or downscaled at load
     assert small.size == (1024, 683)

@@ -488,13 +488,13 @@ class Learner:
 
     def _save(self, improved: bool):
         ckpt = self.checkpoint()
-        if not self.is_main: return
-        if improved:
-            atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
-                               "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
-        atomic_torch_save(ckpt, self.run_dir / "last.pt")
-        self._saved_epoch = self.epoch
-        if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
+        if self.is_main:
+            if improved:
+                atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
+                                   "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
+            atomic_torch_save(ckpt, self.run_dir / "last.pt")
+            if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
+        self._saved_epoch = self.epoch           # every rank: the stop messages name it
 
     def load_checkpoint(self, path):
         "Restore a `last.pt` written by `checkpoint()` (model, optimizer, scaler, counters, best, RNG of this rank)."

@@ -139,7 +139,8 @@ def test_npy_labels_need_explicit_conversion(tmp_path, voc):
     np.save(tmp_path / "cls_labels.npy", d, allow_pickle=True)            # the reference's pickled format
     with pytest.raises(DataError, match="convert_cls_labels_npy"):
         voc_dataset(voc, "train", labels=str(tmp_path / "cls_labels.npy"))
-    out = convert_cls_labels_npy(tmp_path / "cls_labels.npy", tmp_path / "cls_labels.json")
+    with pytest.warns(UserWarning, match="UNPICKLING"):
+        out = convert_cls_labels_npy(tmp_path / "cls_labels.npy", tmp_path / "cls_labels.json", allow_pickle=True)
     ds = voc_dataset(voc, "train", labels=str(out))
     torch.testing.assert_close(ds.label_matrix(), voc_dataset(voc, "train", labels="json").label_matrix())
 

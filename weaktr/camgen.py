@@ -181,7 +181,8 @@ def _raw_sample(ds, i: int, need_mask: bool = False) -> dict:
     if all(hasattr(ds, a) for a in ("ids", "image_path", "labels_of", "read_mask")):
         id = ds.ids[i]
         mask = ds.read_mask(id) if (need_mask or getattr(ds, "labels", None) is None) else None
-        return dict(id=id, image=read_image(ds.image_path(id)), mask=mask, labels=ds.labels_of(id, mask))
+        image = ds.read_image(id) if hasattr(ds, "read_image") else read_image(ds.image_path(id))   # size guard, max_side
+        return dict(id=id, image=image, mask=mask, labels=ds.labels_of(id, mask))
     s = ds[i]
     if not isinstance(s["image"], Image.Image):
         raise TypeError(f"sample {s.get('id', i)!r}: CAM generation needs the PIL image, got {type(s['image']).__name__}; "
@@ -192,7 +193,8 @@ def image_sizes(ds, indices: Sequence[int]) -> list[tuple[int, int]]:
     "(H, W) of each image, from the file header when the dataset has `image_path` (no decoding)."
     out = []
     for i in indices:
-        if hasattr(ds, "image_path"):
+        if hasattr(ds, "image_size"): W, H = ds.image_size(ds.ids[i])     # after max_side, like read_image
+        elif hasattr(ds, "image_path"):
             with Image.open(ds.image_path(ds.ids[i])) as im: W, H = im.size
         else: W, H = _raw_sample(ds, i)["image"].size
         out.append((H, W))

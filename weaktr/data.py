@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d3e4875c
 from __future__ import annotations
-import csv, json, math, os
+import csv, json, math, os, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,10 +17,11 @@ from .core import atomic_path, atomic_save_json
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'COCO_CLASSES', 'COCO_UNUSED_IDS', 'COCO80_IDS', 'COCO80_CLASSES', 'IMAGE_EXTS',
-           'DATASETS', 'coco_lut', 'voc_palette', 'mask_to_rgb', 'DataError', 'read_image', 'read_mask', 'write_mask',
-           'read_id_list', 'resolve_split', 'read_label_json', 'read_label_csv', 'convert_cls_labels_npy',
-           'identity_lut', 'SegDataset', 'need_dir', 'voc_layout_dataset', 'voc_dataset', 'coco_dataset',
-           'folder_dataset', 'runs_dir', 'open_dataset', 'plot_samples']
+           'MAX_PIXELS', 'PICKLE_RISK', 'DATASETS', 'coco_lut', 'voc_palette', 'mask_to_rgb', 'DataError', 'fit_size',
+           'check_image_size', 'read_image', 'image_size', 'read_mask', 'write_mask', 'read_id_list', 'resolve_split',
+           'read_label_json', 'read_label_csv', 'PickleWarning', 'convert_cls_labels_npy', 'identity_lut', 'SegDataset',
+           'need_dir', 'voc_layout_dataset', 'voc_dataset', 'coco_dataset', 'folder_dataset', 'runs_dir',
+           'open_dataset', 'plot_samples']
 
 # %% ../nbs/01_data.ipynb #76d4d3f4
 IGNORE_INDEX = 255  # "ignore" value in masks (VOC boundary band, Phase-2 padding)
@@ -80,17 +81,65 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # image suffixes the loaders look for, i
 class DataError(ValueError):
     "Bad dataset content (unreadable image, mask/image mismatch, labels that do not fit); the message names the file."
 
-def read_image(path, # image file (.jpg/.jpeg/.png, any PIL mode)
+MAX_PIXELS = 2048 * 2048  # default size guard (W x H): CAM generation's memory grows with its square (see above)
+
+def fit_size(size: tuple[int, int], # (W, H)
+             max_side: int | None = None, # longest side allowed; None or 0: no limit
+            ) -> tuple[int, int]:
+    "(W, H) scaled down (aspect kept, rounded) so that the longer side is at most `max_side`; unchanged if it fits."
+    W, H = size
+    if not max_side or max(W, H) <= max_side: return (W, H)
+    s = max_side / max(W, H)
+    return (max(1, round(W * s)), max(1, round(H * s)))
+
+def check_image_size(path, # the file (for the message)
+                     size: tuple[int, int], # (W, H) as stored
+                     max_pixels: int | None = MAX_PIXELS, # refuse more pixels than this (after max_side); None: no limit
+                     max_side: int | None = None, # the downscale that will be applied at load
+                    ) -> tuple[int, int]:
+    "The (W, H) the image will have after `max_side`; DataError naming `path` if that exceeds `max_pixels`."
+    W, H = fit_size(size, max_side)
+    if max_pixels and W * H > max_pixels:
+        raise DataError(f"image {path} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} MP"
+                        f"{f', {W}x{H} after max_side={max_side}' if (W, H) != tuple(size) else ''}), over the size guard "
+                        f"max_pixels={max_pixels} ({max_pixels / 1e6:.1f} MP; CAM generation needs memory that grows with "
+                        f"the square of the pixel count). Downscale at load with max_side (e.g. data_kw={{'max_side': 2048}} "
+                        f"or open_dataset(..., max_side=2048)), raise max_pixels if your hardware allows, or resize the file")
+    return (W, H)
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    "PIL RGB of a decoded image; 16-bit grey (I;16*, I) is scaled by 255/65535, not clipped to white."
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0       # (H, W) 0..65535 -> 0..255
+        im = Image.fromarray(np.rint(a).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+def read_image(path, # image file (.jpg/.jpeg/.png, any PIL mode, 8 or 16 bit)
+               max_pixels: int | None = MAX_PIXELS, # size guard: refuse larger images (checked from the header); None: off
+               max_side: int | None = None, # downscale (bilinear, aspect kept) so the longer side is at most this
               ) -> Image.Image:
-    "Decode an image fully and return it as PIL RGB; clear error naming `path` if missing, truncated or corrupt."
+    "Decode an image fully and return it as 8-bit PIL RGB; clear error naming `path` if missing, truncated, corrupt or too large."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            target = check_image_size(path, im.size, max_pixels, max_side)   # header only: refuse before decoding
             im.load()                       # decode now: truncation surfaces here, not later in a worker
-            return im.convert("RGB")
+            out = _to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataError): raise
         raise DataError(f"cannot decode image {path} (truncated or corrupt file?): {e}") from e
+    return out if out.size == target else out.resize(target, Image.BILINEAR)
+
+def image_size(path, # image or mask file
+              ) -> tuple[int, int]:
+    "(W, H) from the file header (no decoding); DataError naming `path` if it is not a readable image."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im: return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read the header of {path} (not an image, or corrupt): {e}") from e
 
 def _rgb_to_index(arr, path):
     "Decode an (H, W, 3) VOC-colour mask to indices; unknown colours raise naming `path`."
@@ -215,6 +264,8 @@ def read_label_csv(path, # CSV with header `image,labels`; labels = class names 
             image = row[ii].strip(); key = _strip_ext(Path(image).name) if image else ""
             if not key: raise DataError(f"label CSV {path}, line {n}: empty 'image' field")
             names = [s.strip() for s in row[il].split(";") if s.strip()]
+            if not names: raise DataError(f"label CSV {path}, line {n} (image {image!r}): empty 'labels' field; every "
+                                          "image needs at least one class name (leave images without a class out)")
             for s in names:
                 if known is not None and s not in known:
                     raise DataError(f"label CSV {path}, line {n} (image {image!r}): unknown class name {s!r}; "
@@ -224,12 +275,23 @@ def read_label_csv(path, # CSV with header `image,labels`; labels = class names 
     if not out: raise DataError(f"label CSV {path} has no rows")
     return out
 
+class PickleWarning(UserWarning):
+    "A pickle is being loaded: it can run arbitrary code."
+
+PICKLE_RISK = ("unpickling runs code stored in the file, so a crafted file can do anything your account can: "
+               "convert only a file you trust (e.g. the reference repository's own cls_labels.npy)")
+
 def convert_cls_labels_npy(npy_path, # the reference's pickled `cls_labels.npy` (dict id -> float32 (C,) multi-hot)
                            json_out, # where to write the safe JSON format (id -> 1-based class ids)
+                           allow_pickle: bool = False, # must be True: you accept that the file is unpickled
                           ) -> Path:
-    "Explicit opt-in: unpickle the reference's label dict once and write it as `cls_labels.json`."
+    "Explicit opt-in (`allow_pickle=True`, warns): unpickle the reference's label dict once and write it as `cls_labels.json`."
     npy_path = Path(npy_path)
+    if not allow_pickle:
+        raise DataError(f"convert_cls_labels_npy({str(npy_path)!r}): the .npy label file is a pickle and {PICKLE_RISK}. "
+                        "Pass allow_pickle=True to convert it anyway")
     if not npy_path.is_file(): raise FileNotFoundError(f"label file not found: {npy_path}")
+    warnings.warn(f"UNPICKLING {npy_path} (allow_pickle=True): {PICKLE_RISK}", PickleWarning, stacklevel=2)
     obj = np.load(npy_path, allow_pickle=True)  # the one place the kit reads a pickle, on explicit request
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == (): obj = obj.item()
     if not isinstance(obj, dict): raise DataError(f"{npy_path}: expected a pickled dict id -> multi-hot vector, got {type(obj).__name__}")
@@ -261,12 +323,15 @@ class SegDataset(Dataset):
                  mask_lut: np.ndarray | None = None, # (256,) raw mask value -> class value, -1 invalid; None: identity_lut(C)
                  transform: Callable | None = None, # applied to the sample dict last
                  mask_hint: str = "",               # appended to invalid-mask-value errors
+                 max_pixels: int | None = MAX_PIXELS, # size guard of every image read (after max_side); None: off
+                 max_side: int | None = None,       # downscale images (bilinear) and masks (nearest) to this longer side
                 ):
         self.root, self.ids, self.class_names = Path(root), list(ids), tuple(class_names)
         if not self.ids: raise DataError(f"dataset at {self.root} has an empty id list")
         self.image_files, self.mask_files, self.labels = dict(image_files), mask_files, labels
         self.mask_lut = identity_lut(self.num_classes) if mask_lut is None else np.asarray(mask_lut, np.int16)
         self.transform, self.mask_hint = transform, mask_hint
+        self.limit_size(max_pixels, max_side)
         if labels is None and not mask_files:
             raise DataError(f"dataset at {self.root}: labels must come from a label file or from masks, and there are no masks")
         missing = [i for i in self.ids if i not in self.image_files]
@@ -279,16 +344,60 @@ class SegDataset(Dataset):
     def mask_path(self, id: str) -> Path | None:
         return Path(self.mask_files[id]) if self.mask_files and id in self.mask_files else None
 
+    def limit_size(self, max_pixels: int | None = MAX_PIXELS, max_side: int | None = None) -> SegDataset:
+        "Set the size guard and the load-time downscale (in place; returns self)."
+        for name, v in (("max_pixels", max_pixels), ("max_side", max_side)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r}: expected a positive integer or None")
+        self.max_pixels, self.max_side = max_pixels, max_side
+        return self
+
+    def read_image(self, id: str) -> Image.Image:
+        "The image of `id` as PIL RGB, through the size guard and `max_side`."
+        return read_image(self.image_path(id), self.max_pixels, self.max_side)
+
+    def image_size(self, id: str) -> tuple[int, int]:
+        "(W, H) of `id` as `read_image` returns it (header only; raises the size guard's error)."
+        path = self.image_path(id)
+        return check_image_size(path, image_size(path), self.max_pixels, self.max_side)
+
+    def _check_mask_size(self, id: str, mask_shape: tuple[int, int]) -> tuple[int, int]:
+        "The image's stored (W, H); DataError naming both files if the mask's (H, W) differs."
+        W, H = image_size(self.image_path(id))
+        if tuple(mask_shape) != (H, W):
+            raise DataError(f"mask {self.mask_path(id)} is {mask_shape[1]}x{mask_shape[0]} (WxH) but image "
+                            f"{self.image_path(id)} is {W}x{H}")
+        return W, H
+
     def read_mask(self, id: str) -> np.ndarray | None:
-        "The mask of `id` in this dataset's class space, (H, W) uint8, or None."
+        "The mask of `id` in this dataset's class space, (H, W) uint8 (checked against its image's size, then `max_side`), or None."
         path = self.mask_path(id)
         if path is None: return None
-        raw = read_mask(path); mapped = self.mask_lut[raw]
+        raw = read_mask(path)
+        W, H = self._check_mask_size(id, raw.shape)
+        mapped = self.mask_lut[raw]
         if (mapped < 0).any():
             bad = sorted(int(v) for v in np.unique(raw[mapped < 0]))
             raise DataError(f"mask {path} has value(s) {bad[:10]} outside the class range 0..{self.num_classes} "
                             f"(255 = ignore){self.mask_hint}")
-        return mapped.astype(np.uint8)
+        mapped = mapped.astype(np.uint8)
+        target = fit_size((W, H), self.max_side)
+        if target != (W, H): mapped = np.array(Image.fromarray(mapped, "L").resize(target, Image.NEAREST))
+        return mapped
+
+    def check_sizes(self, ids: Sequence[str] | None = None, # default: every id
+                   ) -> int:
+        "Header-only check before a long run: every image within the size guard, every mask the size of its image; -> images checked."
+        ids = self.ids if ids is None else list(ids); bad = []
+        for id in ids:
+            size = self.image_size(id)                     # raises the size guard's error, naming the file
+            mp = self.mask_path(id)
+            if mp is not None:
+                W, H = image_size(self.image_path(id)); mW, mH = image_size(mp)
+                if (mW, mH) != (W, H): bad.append(f"mask {mp} is {mW}x{mH} (WxH) but image {self.image_path(id)} is {W}x{H}")
+        if bad: raise DataError(f"{len(bad)} of the {len(ids)} masks in {self.root} differ in size from their image; "
+                                f"first: " + "; ".join(bad[:3]))
+        return len(ids)
 
     def _vector(self, idx) -> torch.Tensor:
         y = torch.zeros(self.num_classes, dtype=torch.float32); y[list(idx)] = 1.0
@@ -308,8 +417,8 @@ class SegDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         id = self.ids[i]
-        image = read_image(self.image_path(id))
-        mask = self.read_mask(id)
+        image = self.read_image(id)
+        mask = self.read_mask(id)                     # checked against the image's stored size (error names both files)
         if mask is not None and mask.shape != (image.height, image.width):
             raise DataError(f"mask {self.mask_path(id)} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image "
                             f"{self.image_path(id)} is {image.width}x{image.height}")
@@ -344,8 +453,9 @@ def _labels_from_source(source, root, ids, class_names, lut, default_json="cls_l
     path = Path(root) / default_json if source == "json" else Path(source)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        raise DataError(f"label file {path} is a pickled .npy; the loaders never unpickle. Convert it once with "
-                        f"convert_cls_labels_npy({str(path)!r}, 'cls_labels.json') and pass the JSON file")
+        raise DataError(f"label file {path} is a pickled .npy; the loaders never unpickle ({PICKLE_RISK}). If you trust "
+                        f"it, convert it once with convert_cls_labels_npy({str(path)!r}, 'cls_labels.json', allow_pickle=True) "
+                        f"and pass the JSON file")
     if suffix == ".json": raw = read_label_json(path)
     elif suffix == ".csv":
         rows = read_label_csv(path, class_names)
@@ -442,22 +552,33 @@ def _read_names(names):
     if len(set(out)) != len(out): raise DataError(f"class names repeat: {out}")
     return out
 
+def _inside(folder: Path, rel: str, csv_path) -> Path:
+    "`folder / rel`, refusing an absolute `rel` or one that leaves `folder` (DataError naming the CSV and the entry)."
+    p = Path(rel)
+    if p.is_absolute() or p.drive or ".." in p.parts or not (folder / p).resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"label CSV {csv_path}: image {rel!r} is not a path inside the image folder {folder} "
+                        "(absolute paths and '..' are refused); give paths relative to that folder")
+    return folder / p
+
 def folder_dataset(images_dir, # folder of .jpg/.png images
                    csv_path, # CSV with columns image,labels (labels: class names joined by ";")
                    masks_dir=None, # optional folder of <stem>.png masks (values 1..C, 0 bg, 255 ignore)
-                   names=None, # class names (list or names file); None: sorted names found in the CSV
+                   names=None, # class names (list or names file), required: a CSV alone cannot tell a typo from a class
                    transform: Callable | None = None,
                    require_masks: bool = True,
                   ) -> SegDataset:
     "Own images: a folder + label CSV (+ optional masks)."
     images_dir = need_dir(images_dir, "image folder")
-    class_names = _read_names(names) if names is not None else None
+    if names is None:
+        found = sorted({n for _, ns in read_label_csv(csv_path).values() for n in ns}) if Path(csv_path).is_file() else []
+        raise DataError(f"folder dataset {images_dir}: class names are required (names=[...] or a names.txt file, one "
+                        f"name per line; open_dataset('folder') reads <data_root>/names.txt), so that a misspelt label "
+                        f"fails instead of becoming a new class. The CSV {csv_path} uses: {found}")
+    class_names = _read_names(names)
     rows = read_label_csv(csv_path, class_names)
-    if class_names is None: class_names = sorted({n for _, ns in rows.values() for n in ns})
-    if not class_names: raise DataError(f"label CSV {csv_path} names no class and no names were given")
     index = _index_dir(images_dir, IMAGE_EXTS); files = {}
     for id, (image, _) in rows.items():
-        p = images_dir / image
+        p = _inside(images_dir, image, csv_path)
         files[id] = p if Path(image).suffix and p.is_file() else index.get(id)
         if files[id] is None: raise FileNotFoundError(f"label CSV {csv_path}: image {image!r} not found in {images_dir}")
     labels = {k: sorted({class_names.index(n) for n in ns}) for k, (_, ns) in rows.items()}
@@ -482,9 +603,14 @@ def open_dataset(data: str, # one of DATASETS
                  data_root: str | Path = "", # dataset root ("" only for "synthetic": the embedded default)
                  split: str = "train", # split name (list file under ImageSets/Segmentation) or a list file path
                  transform: Callable | None = None,
-                 **kw, # passed on to the builder (e.g. mask_dir=, labels=, mask_space=)
+                 max_pixels: int | None = MAX_PIXELS, # size guard of every image read (after max_side); None: off
+                 max_side: int | None = None, # downscale images (and masks) at load to this longer side; None: as stored
+                 **kw, # passed on to the builder (e.g. mask_dir=, labels=, mask_space=; names= for "folder")
                 ) -> SegDataset:
     "Open a dataset named by `data` and `data_root`, as configs and run notebooks name them."
+    return _open(data, data_root, split, transform, **kw).limit_size(max_pixels, max_side)
+
+def _open(data, data_root, split, transform, **kw) -> SegDataset:
     if data not in DATASETS:
         raise ValueError(f"data={data!r}: expected one of {DATASETS}")
     if data == "synthetic":
@@ -497,9 +623,14 @@ def open_dataset(data: str, # one of DATASETS
     if data in ("coco", "coco80"):
         return coco_dataset(data_root, split, class_space="coco90" if data == "coco" else "coco80", transform=transform, **kw)
     root = need_dir(data_root, "folder dataset root")
-    names = root / "names.txt"
+    names = kw.pop("names", None)
+    if names is None:
+        names = root / "names.txt"
+        if not names.is_file():
+            raise FileNotFoundError(f"folder dataset {root}: {names} not found; write the class names there, one per line "
+                                    "(the class order is the file's order), or pass names=[...]")
     return folder_dataset(root / "images", root / "labels.csv", masks_dir=(root / "masks") if (root / "masks").is_dir() else None,
-                          names=names if names.is_file() else None, transform=transform, **kw)
+                          names=names, transform=transform, **kw)
 
 # %% ../nbs/01_data.ipynb #902277dd
 def plot_samples(ds: SegDataset, # dataset to draw from

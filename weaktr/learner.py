@@ -25,10 +25,10 @@ from .core import (get_device, seed_everything, seed_worker, atomic_path, atomic
                          atomic_write_text, atomic_save_json, cfg_from_flat, cfg_to_dict)
 
 # %% auto #0
-__all__ = ['PHASE1_VOC', 'PHASE1_VOC_V1', 'PHASE1_COCO', 'PHASE2_VOC', 'NO_DECAY', 'TrainCfg', 'effective_lr', 'cosine_lr',
-           'poly_lr', 'lr_at', 'plot_lr_schedule', 'param_groups', 'build_optimizer', 'set_lr', 'rng_state',
-           'set_rng_state', 'DistInfo', 'init_distributed', 'cleanup_distributed', 'to_device', 'read_metrics',
-           'plot_metrics', 'save_figure', 'Learner', 'fit']
+__all__ = ['PHASE1_VOC', 'PHASE1_VOC_V1', 'PHASE1_COCO', 'PHASE2_VOC', 'NO_DECAY', 'TrainCfg', 'check_range', 'effective_lr',
+           'cosine_lr', 'poly_lr', 'lr_at', 'plot_lr_schedule', 'param_groups', 'build_optimizer', 'set_lr',
+           'rng_state', 'set_rng_state', 'DistInfo', 'init_distributed', 'cleanup_distributed', 'to_device',
+           'read_metrics', 'plot_metrics', 'save_figure', 'Learner', 'fit']
 
 # %% ../nbs/09_learner.ipynb #15954363
 _CHOICES = dict(optimizer=("adamw", "sgd"), schedule=("cosine", "poly", "constant"), sched_unit=("epoch", "step"),
@@ -73,6 +73,7 @@ class TrainCfg:
     ddp_find_unused: bool = True        # DDP find_unused_parameters: both models hold parameters that get no gradient
     progress: bool = True               # tqdm bars (rank 0)
     plot: bool = True                   # write run_dir/metrics.png at every checkpoint
+    diverge_factor: float = 1000.0      # divergence guard: stop when |loss| > this × the median |loss| of the run's first 20 batches (0 = off)
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -82,6 +83,29 @@ class TrainCfg:
             if getattr(self, name) < 1: raise ValueError(f"TrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainCfg.max_steps: expected None or >= 1, got {self.max_steps}")
+        check_range("TrainCfg", "lr", self.lr, 0, None, lo_incl=False)
+        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs"): check_range("TrainCfg", name, getattr(self, name), 0)
+        check_range("TrainCfg", "eps", self.eps, 0, None, lo_incl=False)
+        check_range("TrainCfg", "poly_power", self.poly_power, 0, None, lo_incl=False)
+        check_range("TrainCfg", "momentum", self.momentum, 0, 1, hi_incl=False)
+        for i, b in enumerate(self.betas): check_range("TrainCfg", f"betas[{i}]", b, 0, 1, hi_incl=False)
+        if self.clip_grad is not None: check_range("TrainCfg", "clip_grad", self.clip_grad, 0, None, lo_incl=False)
+        if self.diverge_factor != 0: check_range("TrainCfg", "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
+
+def check_range(owner: str, # the config class, for the message
+                name: str,  # the field
+                v,          # its value
+                lo: float | None = None, hi: float | None = None, # bounds (None: unbounded)
+                lo_incl: bool = True, hi_incl: bool = True,       # closed or open ends
+               ):
+    "ValueError naming `owner.name` and the allowed range unless `v` is a finite number inside it."
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and lo is not None: ok = v >= lo if lo_incl else v > lo
+    if ok and hi is not None: ok = v <= hi if hi_incl else v < hi
+    if not ok:
+        rng = (f"{'[' if lo_incl and lo is not None else '('}{'-inf' if lo is None else f'{lo:g}'}, "
+               f"{'inf' if hi is None else f'{hi:g}'}{']' if hi_incl and hi is not None else ')'}")
+        raise ValueError(f"{owner}.{name}: expected a finite number in {rng}, got {v!r}")
 
 def effective_lr(cfg: TrainCfg) -> float:
     "The base lr the optimizer really uses: `lr × batch_size × grad_accum / 512` if `lr_scale_by_batch`, else `lr`."
@@ -309,7 +333,8 @@ def save_figure(fig: Figure, path):
 
 # %% ../nbs/09_learner.ipynb #089d963a
 _EVENTS = ("on_fit_begin", "on_batch_end", "on_epoch_end", "on_fit_end")
-_RESERVED = {"kind", "epoch", "step", "lr", "time", "epoch_time_s", "eval_time_s", "grad_norm"}
+_RESERVED = {"kind", "epoch", "step", "lr", "time", "epoch_time_s", "eval_time_s", "grad_norm", "eval_error"}
+_REF_BATCHES = 20   # the divergence guard's reference: median |loss| of the run's first 20 batches
 
 def _plain(v):
     "A JSON-ready number from a Python / NumPy / torch scalar (others unchanged)."
@@ -359,6 +384,7 @@ class Learner:
         for ev, fns in (callbacks or {}).items():
             for fn in (fns if isinstance(fns, (list, tuple)) else [fns]): self.add_callback(ev, fn)
         self.epoch, self.step = 0, 0          # epochs completed, optimizer updates done
+        self._ref_losses, self._saved_epoch = [], None   # divergence guard's reference losses; epochs done in last.pt
         self.batch_idx, self.loss, self.logs, self.lr, self.grad_norm = 0, None, {}, self.base_lr, None
         self.metrics, self.best, self.history = {}, dict(name=cfg.select_metric, mode=cfg.select_mode, value=None, epoch=None), []
 
@@ -405,17 +431,42 @@ class Learner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
 
-    def _check_finite(self, loss_v: float, epoch: int, i: int, n: int):
-        bad = not math.isfinite(loss_v)
-        if self.dist.is_distributed:
-            t = torch.tensor([float(bad)], device=self._comm_device); dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            bad = t.item() > 0
-        if bad:
-            last = self.run_dir / "last.pt"
-            kept = f"the last good checkpoint {last} (epoch {self.epoch}) is untouched" if last.exists() else "no checkpoint was written yet"
-            raise FloatingPointError(f"loss is not finite at epoch {epoch}, step {self.step} (batch {i + 1} of {n}): "
-                                     f"loss = {loss_v} on rank {self.rank} (a non-finite loss on any rank stops all); "
-                                     f"stopped before backward, {kept}")
+    def _kept(self) -> str:
+        "Which checkpoint a stop leaves in place, for the messages."
+        last = self.run_dir / "last.pt"
+        if self._saved_epoch is None or not last.exists(): return "no checkpoint was written yet"
+        return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"     # epoch = epochs done, as in last.pt
+
+    def _any_rank(self, flag: bool) -> bool:
+        "True on every rank if `flag` is True on any."
+        if not self.dist.is_distributed: return flag
+        t = torch.tensor([float(flag)], device=self._comm_device); dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() > 0
+
+    def _check_loss(self, loss_v: float, epoch: int, i: int, n: int):
+        "Stop before backward on a non-finite loss, or on a divergent one: |loss| > diverge_factor × median |loss| of the first batches."
+        f, refs = self.cfg.diverge_factor, self._ref_losses
+        ref = float(np.median(refs)) if refs else None
+        finite = math.isfinite(loss_v)
+        diverged = finite and bool(f) and ref is not None and abs(loss_v) > f * max(ref, 1e-12)
+        if not self._any_rank(not finite or diverged):
+            if len(refs) < _REF_BATCHES: refs.append(abs(loss_v))
+            return
+        where = f"at epoch {epoch}, step {self.step} (batch {i + 1} of {n})"
+        if not finite or not diverged:
+            raise FloatingPointError(f"loss is not finite {where}: loss = {loss_v} on rank {self.rank} (a non-finite loss "
+                                     f"on any rank stops all); stopped before backward, {self._kept()}")
+        raise FloatingPointError(f"training diverged {where}: loss = {loss_v:.4g} on rank {self.rank} exceeds "
+                                 f"TrainCfg.diverge_factor={f:g} x the run's reference loss {ref:.4g} (median of its first "
+                                 f"{len(refs)} batches); stopped before backward, {self._kept()}. Lower lr or set clip_grad "
+                                 "(or raise diverge_factor, 0 = off, if such a loss is expected)")
+
+    def _check_params(self, epoch: int):
+        "Never save non-finite weights: FloatingPointError naming the epoch and the kept checkpoint."
+        bad = [k for k, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if self._any_rank(bool(bad)):
+            raise FloatingPointError(f"parameters are not finite after epoch {epoch} (e.g. {bad[:3]} on rank {self.rank}): "
+                                     f"the diverged state is not saved, {self._kept()}. Lower lr or set clip_grad")
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _gather_rng(self) -> list:
@@ -432,16 +483,18 @@ class Learner:
                     scheduler=dict(schedule=self.cfg.schedule, base_lr=self.base_lr, steps_per_epoch=self.steps_per_epoch,
                                    epoch=self.epoch, step=self.step),
                     epoch=self.epoch, step=self.step, rng=self._gather_rng(), world_size=self.world_size,
-                    config=cfg_to_dict(self.cfg), best=dict(self.best), metrics=dict(self.metrics))
+                    config=cfg_to_dict(self.cfg), best=dict(self.best), metrics=dict(self.metrics),
+                    guard=dict(ref_losses=list(self._ref_losses)))
 
     def _save(self, improved: bool):
         ckpt = self.checkpoint()
-        if not self.is_main: return
-        if improved:
-            atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
-                               "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
-        atomic_torch_save(ckpt, self.run_dir / "last.pt")
-        if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
+        if self.is_main:
+            if improved:
+                atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
+                                   "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
+            atomic_torch_save(ckpt, self.run_dir / "last.pt")
+            if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
+        self._saved_epoch = self.epoch           # every rank: the stop messages name it
 
     def load_checkpoint(self, path):
         "Restore a `last.pt` written by `checkpoint()` (model, optimizer, scaler, counters, best, RNG of this rank)."
@@ -459,6 +512,7 @@ class Learner:
         if self.scaler.is_enabled() and ck["scaler"]: self.scaler.load_state_dict(ck["scaler"])
         elif self.scaler.is_enabled() != bool(ck["scaler"]): warnings.warn("amp changed between fp16 and not: GradScaler state not restored")
         self.epoch, self.step = ck["epoch"], ck["step"]
+        self._ref_losses, self._saved_epoch = list(ck.get("guard", {}).get("ref_losses", [])), ck["epoch"]
         self.best, self.metrics = dict(ck["best"]), dict(ck["metrics"])
         if len(ck["rng"]) == self.world_size: set_rng_state(ck["rng"][self.rank], self.generator)
         else:
@@ -496,13 +550,15 @@ class Learner:
             if cfg.max_steps is not None and self.step >= cfg.max_steps: break
             t0 = time.time()
             train = self._train_epoch(epoch)
+            self._check_params(epoch)                  # a diverged state is never evaluated nor saved
             rec = dict(kind="epoch", epoch=epoch, step=self.step, lr=self.lr, **{f"train_{k}": v for k, v in train.items()},
                        epoch_time_s=round(time.time() - t0, 3))
             last_epoch = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and self.step >= cfg.max_steps)
             improved = False
             if self.eval_fn is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
                 t1 = time.time()
-                ev = self._evaluate(epoch)
+                ev, err = self._evaluate(epoch)
+                if err is not None: self._save_unevaluated(epoch, rec, err)    # keeps the trained epoch, then raises
                 clash = sorted(set(ev) & (set(rec) | _RESERVED))
                 if clash: raise ValueError(f"eval_fn returned reserved metric name(s) {clash}")
                 rec.update(ev); rec["eval_time_s"] = round(time.time() - t1, 3)
@@ -539,7 +595,7 @@ class Learner:
                 with sync:
                     with self.autocast(): loss, logs = self.loss_fn(model, batch)
                     loss_v = float(loss.detach())
-                    self._check_finite(loss_v, epoch, i, n)
+                    self._check_loss(loss_v, epoch, i, n)
                     self.scaler.scale(loss / group).backward()
                 if updates:
                     if cfg.clip_grad is not None:
@@ -565,15 +621,31 @@ class Learner:
             bar.close()
         return self._reduce_means(ep_sums, ep_n)
 
-    def _evaluate(self, epoch: int) -> dict:
-        metrics = None
+    def _evaluate(self, epoch: int) -> tuple[dict | None, BaseException | None]:
+        "eval_fn on rank 0 -> (metrics, None), or (None, the error) on every rank if it raised."
+        metrics, err = None, None
         if self.is_main:
             self.model.eval()
-            with torch.no_grad(): metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
-            self.model.train()
+            try:
+                with torch.no_grad(): metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
+            except Exception as e: err = e
+            finally: self.model.train()
         if self.dist.is_distributed:
-            box = [metrics]; dist.broadcast_object_list(box, src=0); metrics = box[0]
-        return metrics
+            box = [metrics, None if err is None else f"{type(err).__name__}: {err}"]
+            dist.broadcast_object_list(box, src=0); metrics = box[0]
+            if box[1] is not None and err is None: err = RuntimeError(f"eval_fn failed on rank 0: {box[1]}")
+        return metrics, err
+
+    def _save_unevaluated(self, epoch: int, rec: dict, err: BaseException):
+        "eval_fn raised after epoch `epoch` trained: log and save that epoch (not evaluated), then raise naming the checkpoint."
+        rec.update(eval_error=f"{type(err).__name__}: {err}"[:500], time=time.time())
+        self.metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
+        self.history.append(rec); self._log(rec)
+        self.epoch = epoch + 1
+        self._save(False)
+        raise RuntimeError(f"eval_fn failed after epoch {epoch} ({type(err).__name__}: {err}); the trained epoch is kept: "
+                           f"{self.run_dir / 'last.pt'} holds {self.epoch} epochs done (epoch {epoch} not evaluated). "
+                           "Fix the cause and resume to continue from there") from err
 
     def _update_best(self, ev: dict, epoch: int) -> bool:
         name = self.cfg.select_metric

@@ -106,7 +106,7 @@ def _pseudo_task(i: int):
             maps, cids = load_cams(Path(_W["cams_dir"]) / f"{id}.npz")
             label = cam_to_label(maps, cids, _W["threshold"])
             if _W["crf"] is not None:
-                img = np.asarray(read_image(ds.image_path(id)))
+                img = np.asarray(ds.read_image(id))
                 if img.shape[:2] != label.shape:
                     raise ValueError(f"image is {img.shape[1]}x{img.shape[0]} but its CAMs are {label.shape[1]}x{label.shape[0]} (W x H)")
                 label = crf_label(img, label, cids, _W["crf"])
@@ -124,7 +124,7 @@ def _sweep_task(i: int):
         maps, cids = load_cams(Path(_W["cams_dir"]) / f"{id}.npz")
         gt = _gt(ds, id)
         if _W["crf"] is None: return threshold_confusions(maps, cids, gt, _W["thresholds"], _W["num_classes"])
-        img = np.asarray(read_image(ds.image_path(id)))
+        img = np.asarray(ds.read_image(id))
         return np.stack([confusion_matrix(crf_label(img, cam_to_label(maps, cids, t), cids, _W["crf"]), gt, _W["num_classes"])
                          for t in _W["thresholds"]])
     except Exception as e:
@@ -399,7 +399,7 @@ def plot_pseudo_labels(ds,                       # the SegDataset the labels wer
     fig = Figure(figsize=(3 * scale, scale * len(ids))); axes = fig.subplots(len(ids), 3, squeeze=False)
     for r, id in enumerate(ids):
         gt = ds.read_mask(id) if ds.mask_path(id) is not None else None
-        panels = [(read_image(ds.image_path(id)), id), (mask_to_rgb(read_mask(pseudo_dir / f"{id}.png")), "pseudo label"),
+        panels = [(ds.read_image(id), id), (mask_to_rgb(read_mask(pseudo_dir / f"{id}.png")), "pseudo label"),
                   (mask_to_rgb(gt) if gt is not None else None, "ground truth")]
         for ax, (im, title) in zip(axes[r], panels):
             ax.axis("off")

@@ -14,8 +14,9 @@ from PIL import Image
 from .data import SegDataset, need_dir, runs_dir, voc_layout_dataset, voc_palette
 
 # %% auto #0
-__all__ = ['SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DESIGNS', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN', 'synth_classes',
-           'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'make_synthetic_keyed', 'make_default_synthetic']
+__all__ = ['SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DESIGNS', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN', 'SYNTH_SMOKE',
+           'synth_classes', 'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'make_synthetic_keyed',
+           'make_default_synthetic']
 
 # %% ../nbs/01a_synth.ipynb #b3751b33
 SYNTH_SHAPES = ("disk", "square", "triangle", "cross", "star", "crescent", "annulus", "bar")
@@ -275,7 +276,9 @@ def make_synthetic_keyed(parent, # folder that holds the sets
     tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     return make_synthetic(Path(parent) / f"synthetic_{tag}", **params)
 
+SYNTH_SMOKE = dict(n_train=16, n_val=8)   # what `smoke` overrides in SYNTH_DEFAULT (one dict: no keyword given twice)
+
 def make_default_synthetic(smoke: bool = False, # a 16 + 8 image version of it (CI)
                           ) -> Path:
     "The embedded default set (`SYNTH_DEFAULT`), generated once under `runs/data/synthetic_<hash of its parameters>`."
-    return make_synthetic_keyed(runs_dir() / "data", **SYNTH_DEFAULT, **({"n_train": 16, "n_val": 8} if smoke else {}))
+    return make_synthetic_keyed(runs_dir() / "data", **{**SYNTH_DEFAULT, **(SYNTH_SMOKE if smoke else {})})

@@ -23,7 +23,7 @@ from .synth import SYNTH_DEFAULT, make_default_synthetic, make_synthetic
 from .transforms import (on_image, phase1_collate, phase1_eval_transform, phase1_train_transform,
                                posterize_zero_bits_black)
 from .fusion import FUSIONS
-from .learner import PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, effective_lr, read_metrics, save_figure
+from .learner import PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, check_range, effective_lr, read_metrics, save_figure
 from .metrics import class_map, sample_map, threshold_range
 from .model import WeakTr, create_weaktr, load_official_checkpoint, load_pretrained, weaktr_loss
 
@@ -94,6 +94,7 @@ class CamTrainCfg:
     log_every: int = 50                      # optimizer updates between step lines in metrics.jsonl
     eval_every: int = 1                      # epochs between evaluations (the last epoch is always evaluated)
     max_steps: int = 0                       # stop after this many updates (0 = no limit; the schedule still spans `epochs`)
+    diverge_factor: float = 1000.0           # divergence guard: stop when |loss| > this × the median |loss| of the first 20 batches (0 = off)
     # -- per-epoch evaluation (§phase1-select) -----------------------------------------------------------------------------
     eval_cam_miou: bool = True               # CAM mIoU on cam_split every evaluation (selects best.pt)
     cam_scales: tuple[float, ...] = (1.0,)   # CAM-check scales, each with its flip; the first must be 1.0
@@ -118,6 +119,13 @@ class CamTrainCfg:
             if getattr(self, name) < 1: raise ValueError(f"CamTrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "max_steps", "clip_grad", "max_train_images", "max_val_images", "cam_eval_max_images", "num_classes", "num_workers", "warmup_epochs"):
             if getattr(self, name) < 0: raise ValueError(f"CamTrainCfg.{name}: expected >= 0, got {getattr(self, name)}")
+        C = "CamTrainCfg"
+        check_range(C, "lr", self.lr, 0, None, lo_incl=False)
+        for name in ("min_lr", "warmup_lr", "weight_decay"): check_range(C, name, getattr(self, name), 0)
+        check_range(C, "drop_path", self.drop_path, 0, 1, hi_incl=False)       # a rate: 1 would drop every block
+        check_range(C, "re_prob", self.re_prob, 0, 1)                          # a probability
+        for name in ("reduction", "feat_reduction"): check_range(C, name, getattr(self, name), 0, None, lo_incl=False)
+        if self.diverge_factor != 0: check_range(C, "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1: raise ValueError(f"CamTrainCfg.crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 < self.eval_crop_pct <= 1: raise ValueError(f"CamTrainCfg.eval_crop_pct: expected a value in (0, 1], got {self.eval_crop_pct}")
@@ -231,6 +239,7 @@ def build_datasets(cfg: CamTrainCfg,   # the run's config
     if len(train) < cfg.batch_size:
         raise ValueError(f"the train split has {len(train)} images, fewer than batch_size={cfg.batch_size} "
                          "(the last partial batch is dropped, §phase1-data): lower batch_size")
+    if cam is not None: cam.check_sizes()      # mask/image sizes and the size guard, from the headers: now, not after an epoch
     return train, val, cam
 
 # %% ../nbs/11_train_cam.ipynb #d6efb0d7

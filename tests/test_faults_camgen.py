@@ -215,3 +215,13 @@ def test_every_amp_mode_runs_cam_generation_on_cpu(synth, tmp_path):
     assert 0 < d16 < 0.02 and d16 < dbf < 0.2
     s = generate_cams(_gen_cfg(synth, tmp_path, run_dir=str(tmp_path / "gen_f16store"), cam_dtype="float16"))
     with np.load(tmp_path / "gen_f16store" / "cams" / "train_00000.npz") as z: assert z["maps"].dtype == np.float16
+
+
+def test_train_cam_amp_follows_core_amp_dtype():
+    "Phase-1 training resolves amp like CAM generation: auto = fp16 on CUDA, off on CPU; fp16 (GradScaler) runs on CPU."
+    from weaktr.train_cam import CamTrainCfg, _train_cfg
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _train_cfg(CamTrainCfg(amp="auto"), cpu).amp == "off"
+    assert _train_cfg(CamTrainCfg(amp="auto"), cuda).amp == "fp16"
+    assert _train_cfg(CamTrainCfg(amp="fp16"), cpu).amp == "fp16"       # was a ValueError: "needs CUDA"
+    assert _train_cfg(CamTrainCfg(amp="bf16"), cpu).amp == "bf16"

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from .camgen import evaluate_cams
-from .core import atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict, get_device, seed_everything
+from .core import amp_dtype, amp_name, atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict, get_device, seed_everything
 from .data import DATASETS, SegDataset, open_dataset, runs_dir
 from .synth import SYNTH_DEFAULT, make_default_synthetic, make_synthetic
 from .transforms import (on_image, phase1_collate, phase1_eval_transform, phase1_train_transform,
@@ -356,9 +356,7 @@ _EVAL_KEYS = ("val_loss", *(f"{k}_map_{h}" for k in ("sample", "class") for h in
               "cam_miou_greedy", "cam_threshold_greedy")
 
 def _train_cfg(cfg: CamTrainCfg, device: torch.device) -> TrainCfg:
-    amp = cfg.amp if cfg.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"CamTrainCfg.amp='fp16' needs CUDA (device {device}); use 'bf16', 'off' or 'auto'")
+    amp = amp_name(amp_dtype(cfg.amp, device)).replace("fp32", "off")    # auto: the reference's fp16 on CUDA, fp32 elsewhere
     select = cfg.select_metric if cfg.select_metric != "auto" else ("cam_miou" if cfg.eval_cam_miou else "sample_map_tok")
     shared = {f.name for f in dataclasses.fields(TrainCfg)} & {f.name for f in dataclasses.fields(CamTrainCfg)}
     return cfg_from_flat(TrainCfg, {**PHASE1_VOC, **{k: getattr(cfg, k) for k in shared}, "amp": amp,

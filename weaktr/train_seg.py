@@ -184,7 +184,8 @@ def pseudo_label_dataset(base: SegDataset,   # the training split (images, ids, 
                                 f"{pseudo_dir}; first missing: {missing[:8]}")
     return SegDataset(base.root, base.ids, base.class_names, base.image_files, files, labels=None,
                       mask_lut=identity_lut(base.num_classes), transform=transform,
-                      mask_hint=f" (pseudo labels in {pseudo_dir} must use this dataset's class ids 0..{base.num_classes}, 255 = ignore)")
+                      mask_hint=f" (pseudo labels in {pseudo_dir} must use this dataset's class ids 0..{base.num_classes}, 255 = ignore)"
+                      ).limit_size(base.max_pixels, base.max_side)          # keep the data guard of the dataset it wraps
 
 def subset(ds: SegDataset, n: int) -> SegDataset:
     "The first n ids of a dataset (n = 0: the dataset itself)."

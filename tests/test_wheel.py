@@ -48,6 +48,12 @@ def test_installed_wheel_runs_the_quick_pipeline_from_an_empty_directory(wheel, 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
+    # reuse this environment's installed dependencies: when this interpreter is itself a venv, --system-site-packages
+    # only reaches the base interpreter's, so its site-packages go on the new venv's path too (appended: the wheel wins)
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+                             text=True, check=True, timeout=120).stdout.strip()
+    import site
+    Path(purelib, "_weaktr_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], capture_output=True,
                        text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -164,6 +164,14 @@ def test_grid_values_follow_the_declared_type():
         parse_assignment("workers=two", types=types)
 
 
+def test_grid_cli_refuses_a_bad_value_before_running(tmp_path, capsys):
+    "A value of the wrong declared type stops the grid CLI with one clear line (exit 2) before any point runs."
+    from weaktr.grid import main, stage_notebook
+    rc = main([str(stage_notebook("pseudo_labels")), "--grid", "workers=two", "--out", str(tmp_path / "g")])
+    assert rc == 2 and "workers='two': expected an int" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
 def test_one_parse_value():
     "Issue 11: grid.py and pipeline.py had two public parse_value that disagreed on 'TRUE'."
     import weaktr.grid as grid

@@ -751,7 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   (f" (not checked, run notebook missing: {missing})" if missing else ""))
             rc |= bool(probs)
         return rc
-    return grid_main(argv)
+    try: return grid_main(argv)
+    except (ValueError, FileNotFoundError) as e:                       # a bad name or value: one clear line, no traceback
+        print(f"weaktr.grid: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 # %% ../nbs/16_grid.ipynb #382e4268
 #| eval: false

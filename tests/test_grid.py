@@ -2,8 +2,9 @@
 
 One point is valid, the other has a bad parameter value (threshold 1.5, refused by PseudoCfg in the run notebook's
 config cell): the bad point is recorded with its message and cell, the good one finishes, the results table and plot
-are written; then the CLI re-runs the finished point and skips it. The CAMs come from a smoke `generate_cams` (tiny
-random model) on an 8-image synthetic set made in the test's temporary folder.
+are written; then the CLI re-runs the finished point and skips it, and runs the documented `crf=none` point (a
+string, not Python None). The CAMs come from a smoke `generate_cams` (tiny random model) on an 8-image synthetic set
+made in the test's temporary folder.
 """
 import json
 import os
@@ -59,15 +60,19 @@ def test_grid_on_pseudo_labels_notebook(cams):
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and csv_rows[0].startswith("threshold,crf,status,")
 
-    # the CLI re-runs the finished point: skipped (the notebook is not executed again)
+    # the CLI re-runs the finished point: skipped (the notebook is not executed again); the documented crf "none" stays
+    # a string (issue 16 item 19: it became Python None and every CRF-off point failed) and that point runs
     mtime = (out / good["name"] / "pseudo_labels.ipynb").stat().st_mtime
-    cmd = [sys.executable, "-m", "weaktr.grid", str(NB), "--grid", "threshold=0.4", "--grid", "crf=voc", "--out", str(out),
+    cmd = [sys.executable, "-m", "weaktr.grid", str(NB), "--grid", "threshold=0.4", "--grid", "crf=voc,none", "--out", str(out),
            "--base", f"cams_dir={tmp / 'cams'}", "--base", "data=synthetic", "--base", f"data_root={root}",
            "--base", "split=train", "--base", "threshold_mode=fixed", "--base", "workers=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MPLBACKEND": "Agg"})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 already finished, 0 to run" in r.stdout and "| 0.4 | voc | skipped |" in r.stdout, r.stdout
+    assert "1 already finished, 1 to run" in r.stdout and "| 0.4 | voc | skipped |" in r.stdout, r.stdout
+    assert "| 0.4 | none | done |" in r.stdout, r.stdout
+    assert json.loads((out / "threshold-0.4__crf-none" / "summary.json").read_text())["n_written"] == 8
+    assert "without encryption" not in r.stdout + r.stderr                          # issue 16 item 20
     assert (out / good["name"] / "pseudo_labels.ipynb").stat().st_mtime == mtime
 
 

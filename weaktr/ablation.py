@@ -14,6 +14,7 @@ import torch
 from .camgen import cams_batched
 from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, get_device
 from .data import open_dataset
+from .grid import REGISTRY
 from .metrics import miou, threshold_confusions, threshold_range
 from .model import load_cam_model
 from .pseudo import sweep_threshold
@@ -28,11 +29,9 @@ DEMO_THRESHOLD = 0.43      # the fixed background threshold of the ablation tabl
 def _read(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
-def _frac(v):
-    "Phase-2 numbers are in %, the rest are fractions: -> fraction (or None)."
-    if v is None: return None
-    v = float(v)
-    return v / 100 if v > 1.0 else v
+def _seg_frac(summary: dict, key: str):
+    "An evaluation summary's mIoU as a fraction, read by the unit the stage registry declares (evaluation writes %)."
+    return REGISTRY["evaluate"].fraction(summary, key)
 
 def _pct(v, nd=1): return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{nd}f}"
 
@@ -127,8 +126,8 @@ def run_ablation(cfg: AblationCfg | dict) -> dict:
     # -- gradient clipping (Phase 2 val mIoU)
     for name, p in (("GC on (demo)", cfg.seg_eval), ("GC off (plain CE)", cfg.seg_eval_nogc)):
         s = _read(Path(p) / "summary.json") if p else {}
-        if s: rows.append(dict(group="Phase 2 gradient clipping (val)", variant=name, miou_fixed=_frac(s.get("miou")), t_fixed=None,
-                               miou_best=_frac(s.get("headline_miou")), t_best=None, note="val, MS + flip"))
+        if s: rows.append(dict(group="Phase 2 gradient clipping (val)", variant=name, miou_fixed=_seg_frac(s, "miou"), t_fixed=None,
+                               miou_best=_seg_frac(s, "headline_miou"), t_best=None, note="val, MS + flip"))
     md = ablation_markdown(rows, tf, len(idx), cfg)
     summary = dict(rows=rows, table_md=md, n_images=len(idx), fixed_threshold=tf, seconds=round(time.time() - t0, 1),
                    seconds_by_group={k: round(v, 1) for k, v in times.items()})

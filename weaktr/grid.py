@@ -7,19 +7,22 @@ from __future__ import annotations
 import ast, csv, hashlib, io, itertools, json, math, multiprocessing as mp, os, re, sys, time, warnings
 import concurrent.futures as cf
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from .core import REPO_ROOT, atomic_save_json, atomic_write_text
+from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat
 
 # %% auto #0
-__all__ = ['METRIC_PREFERENCE', 'GRID_POINT', 'STAGES', 'grid_points', 'point_name', 'point_names', 'parse_value', 'split_values',
-           'parse_assignment', 'notebook_parameters', 'check_parameters', 'flatten_summary', 'default_metric',
-           'kernel_env', 'quiet_papermill', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row',
-           'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset',
-           'check_preset', 'grid_main', 'main']
+__all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POINT', 'SETUP_CELL', 'grid_points', 'point_name',
+           'point_names', 'parse_value', 'split_values', 'parse_assignment', 'notebook_parameters', 'check_parameters',
+           'flatten_summary', 'default_metric', 'runs_notebook_dir', 'StageSpec', 'stage_spec', 'spec_of',
+           'notebook_defaults', 'check_value', 'validate_params', 'kernel_env', 'quiet_papermill', 'kernel_config',
+           'run_notebook', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row', 'plot_grid',
+           'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset', 'check_preset',
+           'grid_main', 'main']
 
 # %% ../nbs/16_grid.ipynb #7c8c447f
 def grid_points(grid: dict[str, Sequence], # parameter -> values; first axis varies slowest
@@ -64,20 +67,41 @@ def point_names(points: Sequence[dict]) -> list[str]:
     return [f"{n}_{_short_hash(p)}" if n in dup else n for n, p in zip(names, points)]
 
 # %% ../nbs/16_grid.ipynb #c78d016c
-def parse_value(s: str) -> Any:
-    "A command-line value -> bool / None / int / float / list / tuple / dict / str."
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+def _literal(t: str, what: str):
+    try: return ast.literal_eval(t)
+    except (ValueError, SyntaxError) as e: raise ValueError(f"{what}: could not read {t!r} as a Python literal ({e})") from None
+
+def parse_value(s: str,                # the text after `NAME=`
+                type_name: str | None = None, # the declared type in the parameters cell ("str", "int", ...); None: untyped rules
+                name: str = "",        # the parameter, for error messages
+               ) -> Any:
+    "A command-line value -> a Python value of the declared type (see the table above); bad text raises, naming `name`."
     t = s.strip()
-    low = t.lower()
+    what = f"{name}={s!r}" if name else f"value {s!r}"
+    tn = (type_name or "").strip()
+    if tn == "str":
+        return _literal(t, what) if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"" else s
+    if tn == "bool":
+        if t.lower() in _BOOL_TEXT: return _BOOL_TEXT[t.lower()]
+        raise ValueError(f"{what}: expected a bool (true/false, 1/0, yes/no)")
+    if tn in ("int", "float"):
+        try: return int(t) if tn == "int" else float(t)
+        except ValueError: raise ValueError(f"{what}: expected {'an int' if tn == 'int' else 'a float'}") from None
+    if tn in ("tuple", "list", "dict"):
+        v = _literal(t, what)
+        if tn == "dict" and isinstance(v, dict): return v
+        if tn != "dict" and isinstance(v, (tuple, list)): return tuple(v) if tn == "tuple" else list(v)
+        raise ValueError(f"{what}: expected a {tn} literal, e.g. {'{}' if tn == 'dict' else '(1.0, 0.8)'}")
+    low = t.lower()                                                    # untyped: fixed rules
     if low == "true": return True
     if low == "false": return False
     if low in ("none", "null"): return None
     for conv in (int, float):
         try: return conv(t)
         except ValueError: pass
-    if t[:1] in ("[", "(", "{") or (len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""):
-        try: return ast.literal_eval(t)
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"could not read the value {s!r} as a Python literal ({e})") from None
+    if t[:1] in ("[", "(", "{") or (len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""): return _literal(t, what)
     return t
 
 def split_values(s: str) -> list[str]:
@@ -96,15 +120,18 @@ def split_values(s: str) -> list[str]:
     out.append(cur)
     return out
 
-def parse_assignment(s: str,            # `name=value` or `name=v1,v2,...`
-                     many: bool = False, # True: a list of values (a grid axis)
+def parse_assignment(s: str,                  # `name=value` or `name=v1,v2,...`
+                     many: bool = False,       # True: a list of values (a grid axis)
+                     types: dict | None = None, # {name: info with "inferred_type_name"} (notebook_parameters) or {name: type name}
                     ) -> tuple[str, Any]:
-    "`name=value` -> (name, parsed value); with `many`, the value is a list (split on top-level commas)."
+    "`name=value` -> (name, value parsed by the declared type); with `many`, a list (split on top-level commas)."
     if "=" not in s: raise ValueError(f"expected NAME=VALUE{',VALUE...' if many else ''}, got {s!r}")
     k, v = s.split("=", 1)
     k = k.strip()
     if not k.isidentifier(): raise ValueError(f"{s!r}: {k!r} is not a parameter name")
-    return (k, [parse_value(x) for x in split_values(v)]) if many else (k, parse_value(v))
+    info = (types or {}).get(k)
+    tn = info.get("inferred_type_name") if isinstance(info, dict) else info
+    return (k, [parse_value(x, tn, k) for x in split_values(v)]) if many else (k, parse_value(v, tn, k))
 
 # %% ../nbs/16_grid.ipynb #0a1ce131
 def _parameters_cell(notebook) -> str:
@@ -166,16 +193,152 @@ def default_metric(rows: Sequence[dict], metric_cols: Sequence[str]) -> str | No
         if c in metric_cols and has(c): return c
     return next((c for c in metric_cols if has(c)), None)
 
+# %% ../nbs/16_grid.ipynb #5e1a0c02
+def runs_notebook_dir() -> Path:
+    "The run notebooks: `<checkout>/nbs/runs` in a source checkout, else the copy shipped inside the package (`weaktr/runs`)."
+    src = REPO_ROOT / "nbs" / "runs"
+    if src.is_dir(): return src
+    import weaktr
+    return Path(weaktr.__file__).resolve().parent / "runs"
+
+def _import(ref):
+    "A 'module:name' reference (or the object itself) -> the object."
+    if not isinstance(ref, str): return ref
+    mod, _, name = ref.partition(":")
+    import importlib
+    return getattr(importlib.import_module(mod), name)
+
+@dataclass(frozen=True)
+class StageSpec:
+    "One stage of the kit, declared once (see the section text)."
+    name: str                            # registry key: the run notebook's stem, e.g. "train_cam"
+    notebook: str                        # run notebook: a file name in runs_notebook_dir(), or an absolute path
+    config: Any = ""                     # config dataclass, "module:Class" or the class ("": the notebook checks its values itself)
+    check: Any = ""                      # (cfg, base_dir) -> cfg: the file checks of the notebook's first cell ("": none)
+    inputs: tuple[str, ...] = ()         # parameters naming files or folders the stage reads (upstream outputs, weights, data)
+    neutral: tuple[str, ...] = ()        # parameters that do not change the result
+    units: tuple[tuple[str, str], ...] = ()  # (summary key, "percent") for numbers not stored as fractions
+    title: str = ""                      # one line for banners and listings
+
+    @property
+    def path(self) -> Path:
+        p = Path(self.notebook)
+        return p if p.is_absolute() else runs_notebook_dir() / p
+
+    def parameters(self) -> dict[str, dict]: return notebook_parameters(self.path)
+    def config_class(self): return _import(self.config) if self.config else None
+    def result_params(self, params: dict) -> dict:
+        "The parameters that change the result (all but the neutral ones)."
+        return {k: v for k, v in params.items() if k not in self.neutral}
+    def unit(self, summary: dict, key: str) -> str:
+        "The unit of summary[key]: the summary's own `units` record if it has one, else the declaration, else fraction."
+        own = summary.get("units") if isinstance(summary.get("units"), dict) else {}
+        return own.get(key) or dict(self.units).get(key) or "fraction"
+    def fraction(self, summary: dict, key: str):
+        "summary[key] as a fraction (None if absent), read by its declared unit, never guessed from its size."
+        v = summary.get(key)
+        if v is None: return None
+        return float(v) / 100 if self.unit(summary, key) == "percent" else float(v)
+
+_CPU = ("progress", "log_every", "resume")
+REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("train_cam", "train_cam.ipynb", "weaktr.train_cam:CamTrainCfg", "weaktr.train_cam:check_cam_cfg",
+              inputs=("data_root", "pretrained", "init_checkpoint"), neutral=_CPU,
+              title="Phase 1: WeakTr trained on image labels"),
+    StageSpec("gen_cams", "gen_cams.ipynb", "weaktr.camgen:CamGenCfg", "",
+              inputs=("checkpoint", "data_root"), neutral=("num_workers", "overwrite"),
+              title="CAM generation: multi-scale + flip, patch-affinity refinement"),
+    StageSpec("pseudo_labels", "pseudo_labels.ipynb", "weaktr.pseudo:PseudoCfg", "",
+              inputs=("cams_dir", "data_root"), neutral=("workers", "overwrite"),
+              title="pseudo labels: background threshold + dense CRF"),
+    StageSpec("train_seg", "train_seg.ipynb", "weaktr.train_seg:SegTrainCfg", "weaktr.train_seg:check_seg_cfg",
+              inputs=("pseudo_dir", "init_path", "data_root"), neutral=_CPU,
+              units=(("miou", "percent"), ("best_miou", "percent")),
+              title="Phase 2: Segmenter on the pseudo labels, gradient-clipping loss"),
+    StageSpec("evaluate", "evaluate.ipynb", "weaktr.evaluate:EvalCfg", "weaktr.evaluate:check_eval_cfg",
+              inputs=("checkpoint", "data_root"), neutral=("progress", "n_fig"),
+              units=tuple((k, "percent") for k in ("miou", "crf_miou", "headline_miou", "pixel_acc", "crf_pixel_acc",
+                                                    "pseudo_mask_train_miou")),
+              title="evaluation: multi-scale, flip, two outputs, CRF"),
+    StageSpec("ablation", "ablation.ipynb", "weaktr.ablation:AblationCfg", "",
+              inputs=("data_root", "cam_run", "cams", "scratch_run", "scratch_cams", "pseudo_run", "seg_eval", "seg_eval_nogc"),
+              neutral=("workers",), title="ablation table: init, attention type, refinement, CRF, gradient clipping"),
+    StageSpec("pretrain_backbone", "pretrain_backbone.ipynb", "weaktr.pretrain:PretrainCfg", "",
+              inputs=("data_root",), title="the synthetic pretrained backbone"),
+)}
+METHOD_STAGES = ("train_cam", "gen_cams", "pseudo_labels", "train_seg", "evaluate")
+STAGES = {n: REGISTRY[n] for n in METHOD_STAGES}   # the method's stages in pipeline order (a paper preset's sections)
+
+def stage_spec(stage: str | StageSpec) -> StageSpec:
+    "A registered stage by name (or the spec itself)."
+    if isinstance(stage, StageSpec): return stage
+    if stage not in REGISTRY: raise ValueError(f"unknown stage {stage!r}; expected one of {list(REGISTRY)}")
+    return REGISTRY[stage]
+
+def spec_of(notebook) -> StageSpec | None:
+    "The registered stage a notebook runs (by its file name and folder), or None."
+    s = REGISTRY.get(Path(notebook).stem)
+    return s if s is not None and Path(notebook).resolve() == s.path.resolve() else None
+
+def notebook_defaults(notebook) -> dict:
+    "The parameters cell's defaults as Python values (a default that is not a literal is left out)."
+    out = {}
+    for k, info in notebook_parameters(notebook).items():
+        try: out[k] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError): pass
+    return out
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (tuple, list),
+          "list": (tuple, list), "dict": (dict,)}
+
+def check_value(name: str, value, type_name: str, where: str = ""):
+    "`value` as the declared type (list -> tuple for `tuple`, int -> float); a mismatch raises a ValueError naming `name`."
+    ok = _TYPES.get((type_name or "").strip())
+    if ok is None: return value                                        # undeclared or unusual annotation: the config checks it
+    if not isinstance(value, ok) or (type_name != "bool" and isinstance(value, bool)):
+        raise ValueError(f"{where}{name}={value!r}: expected {type_name} (declared `{name}: {type_name}` in the parameters cell), "
+                         f"got {type(value).__name__}")
+    if type_name == "tuple": return tuple(value)
+    if type_name == "list": return list(value)
+    if type_name == "float": return float(value)
+    return value
+
+def validate_params(stage: str | StageSpec, # a registered stage (or its spec)
+                    params: dict,           # the papermill parameters it will get
+                    files: bool = False,    # also run the notebook's file checks (inputs must exist)
+                    base_dir=None,          # relative paths' folder for the file checks (None: REPO_ROOT, as the notebooks)
+                    label: str = "",        # the stage's name in messages (default: the registry name)
+                   ):
+    "Check `params` as the stage's run notebook will (names, declared types, config class, optionally files); -> config or None."
+    spec = stage_spec(stage)
+    declared = spec.parameters()
+    where = f"stage {label or spec.name}: "
+    unknown = sorted(set(params) - set(declared))
+    if unknown: raise ValueError(f"{where}{spec.path.name} has no parameter(s) {unknown}; its parameters are {sorted(declared)}")
+    checked = {k: check_value(k, v, declared[k]["inferred_type_name"], where) for k, v in params.items()}
+    cls = spec.config_class()
+    if cls is None: return None
+    try:
+        cfg = cfg_from_flat(cls, {**notebook_defaults(spec.path), **checked})
+        if files and spec.check: cfg = _import(spec.check)(cfg, REPO_ROOT if base_dir is None else base_dir)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{where}{e}") from None
+    return cfg
+
 # %% ../nbs/16_grid.ipynb #6b321ca9
 GRID_POINT = "grid_point.json"   # the point's notebook + parameters + status, next to its executed notebook
 
+def _package_parent() -> str:
+    import weaktr
+    return str(Path(weaktr.__file__).resolve().parents[1])
+
 @contextmanager
 def kernel_env():
-    "Temporarily put this interpreter's bin/ first on PATH and the repository on PYTHONPATH (the kernel inherits them)."
+    "Temporarily put this interpreter's bin/ first on PATH and the folder of the imported weaktr on PYTHONPATH (the kernel inherits them)."
     old = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH")}
-    bin_dir = str(Path(sys.executable).parent)
+    bin_dir, pkg = str(Path(sys.executable).parent), _package_parent()
     os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in (old["PATH"] or "").split(os.pathsep) if p and p != bin_dir])
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in (old["PYTHONPATH"] or "").split(os.pathsep) if p and p != str(REPO_ROOT)])
+    os.environ["PYTHONPATH"] = os.pathsep.join([pkg] + [p for p in (old["PYTHONPATH"] or "").split(os.pathsep) if p and p != pkg])
     try: yield
     finally:
         for k, v in old.items():
@@ -184,7 +347,7 @@ def kernel_env():
 
 @contextmanager
 def quiet_papermill():
-    "Silence papermill's parameter-inspection log lines and nbformat warnings (run_grid checks names itself)."
+    "Silence papermill's parameter-inspection log lines and nbformat warnings (the runners check names themselves)."
     import logging
     lg = logging.getLogger("papermill"); level = lg.level
     lg.setLevel(logging.ERROR)
@@ -193,15 +356,60 @@ def quiet_papermill():
             warnings.simplefilter("ignore"); yield
     finally: lg.setLevel(level)
 
+def kernel_config(socket_dir) -> "traitlets.config.Config":
+    "Kernel-manager settings: IPC transport with the sockets in `socket_dir` (POSIX); TCP elsewhere."
+    from traitlets.config import Config
+    c = Config()
+    if os.name == "posix":
+        c.KernelManager.transport = "ipc"
+        c.KernelManager.ip = str(Path(socket_dir) / "kernel")
+    return c
+
+SETUP_CELL = """# injected by weaktr.grid.run_notebook: text progress bars (not widgets) and the CPU thread count.
+# (underscore names only: run notebooks treat every public global as a parameter)
+import importlib as _il
+_ta, _ts = _il.import_module("tqdm.auto"), _il.import_module("tqdm.std")
+_ta.tqdm, _ta.trange = _ts.tqdm, _ts.trange
+{threads}del _il, _ta, _ts"""
+
+def run_notebook(notebook,                 # the run notebook (path)
+                 out,                      # where the executed notebook is written
+                 params: dict,             # papermill parameters
+                 cwd=None,                 # kernel working folder (None: the notebook's folder)
+                 kernel_name: str | None = None, # None: the notebook's own kernel
+                 timeout: float | None = None,   # per-cell limit, seconds
+                 setup: bool = False,      # first cell: text progress bars + `threads`
+                 threads: int = 0,         # torch threads in the kernel (with `setup`; 0: leave)
+                 stream: bool = False,     # forward the kernel's stdout/stderr to this process's
+                ) -> None:
+    "Execute `notebook` with papermill into `out` (the one runner of the kit); raises papermill's errors."
+    import tempfile
+    import nbformat
+    import papermill as pm
+    nb = nbformat.read(str(notebook), as_version=4)
+    if setup:
+        src = SETUP_CELL.format(threads=f"_il.import_module('torch').set_num_threads({threads})\n" if threads else "")
+        nb.cells.insert(0, nbformat.v4.new_code_cell(src, metadata=dict(tags=["runner-setup"])))
+    os.environ.setdefault("TQDM_MININTERVAL", "2")          # text bars in the kernel: a line every 2 s at most
+    with kernel_env(), quiet_papermill(), tempfile.TemporaryDirectory(prefix="wk-") as sock:
+        pm.execute_notebook(nb, str(out), parameters=_jsonable(params), kernel_name=kernel_name,
+                            cwd=str(cwd or Path(notebook).parent), progress_bar=False, log_output=False,
+                            stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
+                            execution_timeout=timeout, config=kernel_config(sock))
+
+def _identity(notebook, params: dict) -> dict:
+    spec = spec_of(notebook)
+    return _jsonable(spec.result_params(params) if spec else params)
+
 def point_finished(run_dir, notebook, params: dict) -> bool:
-    "True if `run_dir` holds a finished run of `notebook` with exactly `params` (summary.json + matching grid_point.json)."
+    "True if `run_dir` holds a finished run of `notebook` with `params` (neutral parameters aside): summary.json + grid_point.json."
     run_dir = Path(run_dir)
     sp, gp = run_dir / "summary.json", run_dir / GRID_POINT
     if not (sp.is_file() and gp.is_file()): return False
     try: rec, summ = json.loads(gp.read_text()), json.loads(sp.read_text())
     except (json.JSONDecodeError, OSError): return False
     if summ.get("finished") is False or rec.get("status") == "failed": return False
-    return rec.get("notebook") == Path(notebook).name and rec.get("params") == _jsonable(params)
+    return rec.get("notebook") == Path(notebook).name and _identity(notebook, rec.get("params", {})) == _identity(notebook, params)
 
 def error_cell(notebook) -> int | None:
     "Index of the first cell with an error output in a saved (executed) notebook, or None."
@@ -218,7 +426,6 @@ def _error_fields(e: BaseException, nb_out=None) -> dict:
 
 def run_point(task: dict) -> dict:
     "Execute one grid point (task: notebook, name, run_dir, params, point, kernel_name, cwd, timeout); return its row."
-    import papermill as pm
     run_dir = Path(task["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
     nb_in = Path(task["notebook"]); nb_out = run_dir / nb_in.name
     rec = dict(notebook=nb_in.name, notebook_path=str(nb_in), name=task["name"], point=_jsonable(task["point"]),
@@ -227,10 +434,8 @@ def run_point(task: dict) -> dict:
     t0 = time.time()
     row = dict(name=task["name"], run_dir=str(run_dir), notebook=str(nb_out))
     try:
-        with kernel_env(), quiet_papermill():
-            pm.execute_notebook(str(nb_in), str(nb_out), parameters=task["params"], kernel_name=task.get("kernel_name"),
-                                cwd=task.get("cwd") or str(nb_in.parent), progress_bar=False, log_output=False,
-                                execution_timeout=task.get("timeout"))
+        run_notebook(nb_in, nb_out, task["params"], cwd=task.get("cwd"), kernel_name=task.get("kernel_name"),
+                     timeout=task.get("timeout"))
         row.update(status="done", error=None, error_cell=None, error_type=None)
     except Exception as e:                                                 # recorded, the grid goes on
         row.update(status="failed", **_error_fields(e, nb_out))
@@ -413,17 +618,12 @@ def write_results(res: GridResults, notebook, grid: dict, base: dict) -> None:
     atomic_write_text("\n".join(md) + "\n", out / "results.md")
 
 # %% ../nbs/16_grid.ipynb #88ca6bf7
-STAGES = {"train_cam": "nbs/runs/train_cam.ipynb", "gen_cams": "nbs/runs/gen_cams.ipynb",
-          "pseudo_labels": "nbs/runs/pseudo_labels.ipynb", "train_seg": "nbs/runs/train_seg.ipynb",
-          "evaluate": "nbs/runs/evaluate.ipynb"}   # stage -> run notebook (repository-relative), in pipeline order
-
 def stage_notebook(stage: str) -> Path:
-    "The run notebook of a stage (absolute path)."
-    if stage not in STAGES: raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-    return REPO_ROOT / STAGES[stage]
+    "The run notebook of a registered stage (absolute path)."
+    return stage_spec(stage).path
 
 def stage_of(notebook) -> str | None:
-    "The stage a run notebook belongs to (by file name), or None."
+    "The method stage a run notebook belongs to (by file name), or None."
     stem = Path(notebook).stem
     return stem if stem in STAGES else None
 
@@ -469,7 +669,7 @@ def load_preset(path,                      # a configs/*.yaml preset
 def export_preset(path, stage: str, overrides: dict | None = None) -> str:
     "One stage of a preset as flat YAML text for `papermill -f` (paths expanded)."
     params = load_preset(path, stage, overrides)
-    head = f"# {stage} parameters from {path} (weaktr.grid export-preset); run notebook: {STAGES[stage]}\n"
+    head = f"# {stage} parameters from {path} (weaktr.grid export-preset); run notebook: {stage_notebook(stage)}\n"
     return head + yaml.safe_dump(_jsonable(params), sort_keys=False, default_flow_style=None, width=120)
 
 def check_preset(path, missing_ok: bool = True) -> dict[str, list[str]]:
@@ -517,8 +717,9 @@ def grid_main(argv: Sequence[str] | None = None) -> int:
         extra = yaml.safe_load(Path(a.base_file).read_text()) or {}
         if not isinstance(extra, dict): raise ValueError(f"--base-file {a.base_file}: expected a flat mapping")
         base.update(_expand(extra))
-    base.update(_expand(dict(parse_assignment(s) for s in a.base)))
-    grid = dict(parse_assignment(s, many=True) for s in a.grid)
+    types = notebook_parameters(a.notebook)                            # values are parsed by their declared types
+    base.update(_expand(dict(parse_assignment(s, types=types) for s in a.base)))
+    grid = dict(parse_assignment(s, many=True, types=types) for s in a.grid)
     for k in grid: base.pop(k, None)
     base.pop("run_dir", None)                                           # the grid runner sets it
     res = run_grid(a.notebook, grid, base, a.out, workers=a.workers, kernel_name=a.kernel, metric=a.metric, timeout=a.timeout)
@@ -535,7 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("preset"); p.add_argument("stage", choices=list(STAGES))
         p.add_argument("--set", action="append", default=[], metavar="NAME=V", help="override a parameter (repeatable)")
         a = p.parse_args(argv[1:])
-        sys.stdout.write(export_preset(a.preset, a.stage, dict(parse_assignment(s) for s in a.set)))
+        types = notebook_parameters(stage_notebook(a.stage)) if stage_notebook(a.stage).is_file() else {}
+        sys.stdout.write(export_preset(a.preset, a.stage, dict(parse_assignment(s, types=types) for s in a.set)))
         return 0
     if argv[:1] == ["check-preset"]:
         p = argparse.ArgumentParser(prog="python -m weaktr.grid check-preset", description="Check preset keys against the run notebooks' parameters.")
@@ -549,7 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   (f" (not checked, run notebook missing: {missing})" if missing else ""))
             rc |= bool(probs)
         return rc
-    return grid_main(argv)
+    try: return grid_main(argv)
+    except (ValueError, FileNotFoundError) as e:                       # a bad name or value: one clear line, no traceback
+        print(f"weaktr.grid: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 # %% ../nbs/16_grid.ipynb #382e4268
 #| eval: false

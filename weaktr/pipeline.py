@@ -4,8 +4,8 @@
 
 # %% ../nbs/20_pipeline.ipynb #b7c1e2cb
 from __future__ import annotations
-import argparse, ast, dataclasses, hashlib, json, math, os, shutil, sys, time
-from dataclasses import dataclass, field
+import argparse, hashlib, json, os, shutil, sys, time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -13,15 +13,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, get_device
-from .ablation import DEMO_THRESHOLD, _frac, _pct, _read
+from .core import atomic_save_json, atomic_write_text
+from .ablation import DEMO_THRESHOLD, _pct, _read
+from .grid import (REGISTRY, StageSpec, _error_fields, _jsonable, parse_value, run_notebook, runs_notebook_dir,
+                         stage_spec, validate_params)
 from .synth import SYNTH_DEFAULT, make_synthetic_keyed
 
 # %% auto #0
-__all__ = ['DEMO', 'QUICK', 'PRESETS', 'RUNS_NB_DIR', 'MAIN_STAGES', 'ABLATION_STAGES', 'SETUP_CELL', 'Stage', 'backbone_params',
-           'demo_data', 'build_stages', 'parse_value', 'parse_overrides', 'notebook_params', 'resolve_overrides',
-           'StageFailed', 'stage_fingerprint', 'stage_state', 'is_done', 'banner', 'run_stage', 'run_pipeline',
-           'collect_metrics', 'stage_times', 'summary_markdown', 'write_summary', 'figure_grid', 'cli_parser', 'main']
+__all__ = ['DEMO', 'QUICK', 'PRESETS', 'RUNS_NB_DIR', 'MAIN_STAGES', 'ABLATION_STAGES', 'default_run_dir', 'Stage',
+           'backbone_params', 'demo_data', 'build_stages', 'parse_overrides', 'resolve_overrides', 'StageFailed',
+           'stage_fingerprint', 'stage_state', 'is_done', 'banner', 'run_stage', 'run_pipeline', 'collect_metrics',
+           'stage_times', 'summary_markdown', 'write_summary', 'figure_grid', 'cli_parser', 'main']
 
 # %% ../nbs/20_pipeline.ipynb #0771cec6
 DEMO = dict(
@@ -57,19 +59,28 @@ QUICK = dict(
 PRESETS = dict(demo=DEMO, quick=QUICK)
 
 # %% ../nbs/20_pipeline.ipynb #b5397cae
-RUNS_NB_DIR = REPO_ROOT / "nbs" / "runs"
+RUNS_NB_DIR = runs_notebook_dir()
 MAIN_STAGES = ("train_cam", "gen_cams", "pseudo_labels", "train_seg", "evaluate")
 ABLATION_STAGES = ("train_cam_scratch", "gen_cams_scratch", "train_seg_nogc", "evaluate_nogc", "ablation")
+
+def default_run_dir() -> Path:
+    "The pipeline's default run folder: `$WEAKTR_RUNS/demo`, else `./runs/demo` (working directory)."
+    env = os.environ.get("WEAKTR_RUNS")
+    return (Path(env).expanduser() if env else Path.cwd() / "runs") / "demo"
 
 @dataclass
 class Stage:
     name: str                       # unique stage name, e.g. "train_cam" or "train_cam_scratch"
-    notebook: str                   # run notebook in nbs/runs, e.g. "train_cam.ipynb"
+    kind: str                       # the registered stage it runs (weaktr.grid.REGISTRY), e.g. "train_cam"
     params: dict                    # papermill parameters (run_dir included)
     needs: tuple = ()               # names of upstream stages
     title: str = ""                 # one line for the banner
     index: int = 0                  # position (folder prefix)
 
+    @property
+    def spec(self) -> StageSpec: return stage_spec(self.kind)
+    @property
+    def notebook(self) -> str: return self.spec.path.name
     @property
     def dirname(self) -> str: return f"{self.index:02d}_{self.name}"
 
@@ -105,44 +116,43 @@ def build_stages(run_dir,                         # the pipeline's run folder
     P = lambda k: dict(preset.get(k, {}))
     trainings = bool(preset.get("ablation_trainings", True))
     tc = dict(**data, **arch, img_size=bb["img_size"], pretrained=bb["path"], device=device, **P("train_cam"))
+    T = lambda k: REGISTRY[k].title
     stages = [
-        Stage("train_cam", "train_cam.ipynb", dict(run_dir=d(1, "train_cam"), **tc), (),
+        Stage("train_cam", "train_cam", dict(run_dir=d(1, "train_cam"), **tc), (),
               "Phase 1: WeakTr fine-tuned from the pretrained backbone on image labels"),
-        Stage("gen_cams", "gen_cams.ipynb", dict(run_dir=d(2, "gen_cams"), checkpoint=d(1, "train_cam"), **data,
-                                                 device=device, **P("gen_cams")), ("train_cam",),
-              "CAM generation: multi-scale + flip, patch-affinity refinement"),
-        Stage("pseudo_labels", "pseudo_labels.ipynb", dict(run_dir=d(3, "pseudo_labels"), cams_dir=d(2, "gen_cams"), **data,
-                                                           **P("pseudo_labels")), ("gen_cams",),
-              "pseudo labels: background threshold + dense CRF"),
-        Stage("train_seg", "train_seg.ipynb", dict(run_dir=d(4, "train_seg"), **data, **arch, init_path=bb["path"],
-                                                   pseudo_dir=d(3, "pseudo_labels") + "/pseudo", device=device, **P("train_seg")),
-              ("pseudo_labels",), "Phase 2: Segmenter on the pseudo labels, gradient-clipping loss"),
-        Stage("evaluate", "evaluate.ipynb", dict(run_dir=d(5, "evaluate"), checkpoint=d(4, "train_seg"), **data,
-                                                 device=device, **P("evaluate")), ("train_seg",),
+        Stage("gen_cams", "gen_cams", dict(run_dir=d(2, "gen_cams"), checkpoint=d(1, "train_cam"), **data,
+                                           device=device, **P("gen_cams")), ("train_cam",), T("gen_cams")),
+        Stage("pseudo_labels", "pseudo_labels", dict(run_dir=d(3, "pseudo_labels"), cams_dir=d(2, "gen_cams"), **data,
+                                                     **P("pseudo_labels")), ("gen_cams",), T("pseudo_labels")),
+        Stage("train_seg", "train_seg", dict(run_dir=d(4, "train_seg"), **data, **arch, init_path=bb["path"],
+                                             pseudo_dir=d(3, "pseudo_labels") + "/pseudo", device=device, **P("train_seg")),
+              ("pseudo_labels",), T("train_seg")),
+        Stage("evaluate", "evaluate", dict(run_dir=d(5, "evaluate"), checkpoint=d(4, "train_seg"), **data,
+                                           device=device, **P("evaluate")), ("train_seg",),
               "evaluation on val: multi-scale, flip, two outputs, CRF"),
     ]
     if ablation and trainings:
         stages += [
-            Stage("train_cam_scratch", "train_cam.ipynb", dict(run_dir=d(6, "train_cam_scratch"), **{**tc, "pretrained": ""}), (),
+            Stage("train_cam_scratch", "train_cam", dict(run_dir=d(6, "train_cam_scratch"), **{**tc, "pretrained": ""}), (),
                   "ablation: Phase 1 from random init (same recipe)"),
-            Stage("gen_cams_scratch", "gen_cams.ipynb", dict(run_dir=d(7, "gen_cams_scratch"), checkpoint=d(6, "train_cam_scratch"),
-                                                             **data, device=device, **P("gen_cams")), ("train_cam_scratch",),
+            Stage("gen_cams_scratch", "gen_cams", dict(run_dir=d(7, "gen_cams_scratch"), checkpoint=d(6, "train_cam_scratch"),
+                                                       **data, device=device, **P("gen_cams")), ("train_cam_scratch",),
                   "ablation: CAMs of the random-init Phase-1 model"),
-            Stage("train_seg_nogc", "train_seg.ipynb", {**stages[3].params, "run_dir": d(8, "train_seg_nogc"), "gc": False},
+            Stage("train_seg_nogc", "train_seg", {**stages[3].params, "run_dir": d(8, "train_seg_nogc"), "gc": False},
                   ("pseudo_labels",), "ablation: Phase 2 without gradient clipping (plain CE)"),
-            Stage("evaluate_nogc", "evaluate.ipynb", {**stages[4].params, "run_dir": d(9, "evaluate_nogc"),
-                                                          "checkpoint": d(8, "train_seg_nogc")}, ("train_seg_nogc",),
+            Stage("evaluate_nogc", "evaluate", {**stages[4].params, "run_dir": d(9, "evaluate_nogc"),
+                                                "checkpoint": d(8, "train_seg_nogc")}, ("train_seg_nogc",),
                   "ablation: evaluation of the no-GC Segmenter"),
         ]
     if ablation:
         i = len(stages) + 1
-        stages.append(Stage("ablation", "ablation.ipynb", dict(
+        stages.append(Stage("ablation", "ablation", dict(
             run_dir=d(i, "ablation"), **data, cam_run=d(1, "train_cam"), cams=d(2, "gen_cams"),
             scratch_run=d(6, "train_cam_scratch") if trainings else "", scratch_cams=d(7, "gen_cams_scratch") if trainings else "",
             seg_eval=d(5, "evaluate"), seg_eval_nogc=d(9, "evaluate_nogc") if trainings else "",
             pseudo_run=d(3, "pseudo_labels"), device=device, **P("ablation")),
             ("train_cam", "gen_cams", "pseudo_labels", "evaluate") + (("gen_cams_scratch", "evaluate_nogc") if trainings else ()),
-            "ablation table: init, attention type, refinement, CRF, gradient clipping"))
+            T("ablation")))
     for i, s in enumerate(stages): s.index = i + 1
     overrides = overrides or {}
     for s in stages:
@@ -151,17 +161,9 @@ def build_stages(run_dir,                         # the pipeline's run folder
     return stages
 
 # %% ../nbs/20_pipeline.ipynb #3e82b4bb
-def parse_value(text: str):
-    "A CLI value: Python literal, JSON true/false/null, else the string itself."
-    low = text.strip()
-    if low in ("true", "false", "null", "none", "True", "False", "None"):
-        return {"true": True, "false": False, "null": None, "none": None, "True": True, "False": False, "None": None}[low]
-    try: return ast.literal_eval(low)
-    except (ValueError, SyntaxError): return text
-
 def parse_overrides(items: Sequence,  # ["key=value", ...] or [["key", "value"], ...]
-                   ) -> list[tuple[str, str, object]]:
-    "-> [(scope, key, value)], scope '*' for unqualified keys."
+                   ) -> list[tuple[str, str, str]]:
+    "-> [(scope, key, value text)], scope '*' for unqualified keys (the text is parsed by the target's declared type)."
     out = []
     for it in items:
         if isinstance(it, (list, tuple)):
@@ -172,41 +174,37 @@ def parse_overrides(items: Sequence,  # ["key=value", ...] or [["key", "value"],
         key, value = it.split("=", 1)
         scope, _, name = key.strip().rpartition(".")
         if not name: raise ValueError(f"-p {it!r}: empty parameter name")
-        out.append((scope or "*", name, parse_value(value)))
+        out.append((scope or "*", name, value))
     return out
-
-def notebook_params(notebook: str) -> dict:
-    "The parameters a run notebook declares: {name: info} (read with `ast`: papermill 2.7's `inspect_notebook` drops a parameter whose comment holds '=')."
-    from weaktr.grid import notebook_parameters
-    path = RUNS_NB_DIR / notebook
-    if not path.is_file(): raise FileNotFoundError(f"run notebook not found: {path}")
-    return notebook_parameters(path)
 
 def resolve_overrides(parsed: list, # from parse_overrides
                       stages: list[Stage], # from build_stages (without overrides)
-                      declared: dict | None = None, # {notebook: {param: ...}}; read from the notebooks when None
+                      declared: dict | None = None, # {kind: {param: type name or parameters-cell info}}; None: the registry's notebooks
                      ) -> dict:
-    "-> {stage name: {param: value}}; unknown scopes or parameter names raise, naming the valid ones."
+    "-> {stage name: {param: typed value}}; unknown scopes or names and values of the wrong type raise, naming them."
     declared = declared if declared is not None else {}
-    def decl(nb):
-        if nb not in declared: declared[nb] = notebook_params(nb)
-        return declared[nb]
+    def decl(s):
+        if s.kind not in declared: declared[s.kind] = s.spec.parameters()
+        return declared[s.kind]
+    def type_of(info): return info.get("inferred_type_name") if isinstance(info, dict) else info
     by_scope: dict = {}
     for scope, key, value in parsed:
         if scope == "*":
-            targets = [s for s in stages if key in decl(s.notebook)]
+            targets = [s for s in stages if key in decl(s)]
             if not targets:
-                known = sorted({k for s in stages for k in decl(s.notebook)})
+                known = sorted({k for s in stages for k in decl(s)})
                 raise ValueError(f"-p {key}: no stage notebook has a parameter {key!r}; parameters are {known}")
         else:
-            targets = [s for s in stages if s.name == scope or Path(s.notebook).stem == scope]
+            targets = [s for s in stages if s.name == scope or s.kind == scope]
             if not targets:
                 raise ValueError(f"-p {scope}.{key}: unknown stage {scope!r}; stages are {[s.name for s in stages]}")
-            bad = [s for s in targets if key not in decl(s.notebook)]
+            bad = [s for s in targets if key not in decl(s)]
             if bad:
                 raise ValueError(f"-p {scope}.{key}: {bad[0].notebook} has no parameter {key!r}; "
-                                 f"its parameters are {sorted(decl(bad[0].notebook))}")
-        for s in targets: by_scope.setdefault(s.name, {})[key] = value
+                                 f"its parameters are {sorted(decl(bad[0]))}")
+        for s in targets:
+            v = parse_value(value, type_of(decl(s)[key]), f"-p {s.name}.{key}") if isinstance(value, str) else value
+            by_scope.setdefault(s.name, {})[key] = v
     return by_scope
 
 # %% ../nbs/20_pipeline.ipynb #8c554890
@@ -217,106 +215,108 @@ class StageFailed(RuntimeError):
         where = f"cell {cell}" if cell is not None else "before any cell ran"
         super().__init__(f"stage {stage!r} failed in {notebook} ({where}): {ename}: {evalue}".rstrip(": "))
 
-def _jsonable(v):
-    return json.loads(json.dumps(v, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
 def stage_fingerprint(stage: Stage, upstream: dict) -> str:
-    "sha1 of notebook + parameters + the upstream stages' fingerprints."
-    blob = json.dumps(dict(notebook=stage.notebook, params=_jsonable(stage.params),
+    "sha1 of notebook + the parameters that change the result + the upstream stages' fingerprints."
+    blob = json.dumps(dict(notebook=stage.notebook, params=_jsonable(stage.spec.result_params(stage.params)),
                            upstream={n: upstream[n] for n in stage.needs}), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 def stage_state(stage_dir: Path) -> dict:
     "The runner's record of a stage folder (pipeline.json), or {}."
     p = Path(stage_dir) / "pipeline.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    try: return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError: return {}
 
-def is_done(stage_dir: Path, fingerprint: str) -> bool:
-    "A finished stage with these parameters: pipeline.json done + same fingerprint + summary.json present."
+def is_done(stage_dir: Path, fingerprint: str | None = None) -> bool:
+    "A finished stage (with these parameters, if given): pipeline.json done (+ same fingerprint) + summary.json present."
     st = stage_state(stage_dir)
-    return st.get("status") == "done" and st.get("fingerprint") == fingerprint and (Path(stage_dir) / "summary.json").is_file()
-
-SETUP_CELL = """# injected by weaktr.pipeline: text progress bars (not widgets) and the CPU thread count.
-# (underscore names only: run notebooks treat every public global as a parameter)
-import importlib as _il
-_ta, _ts = _il.import_module("tqdm.auto"), _il.import_module("tqdm.std")
-_ta.tqdm, _ta.trange = _ts.tqdm, _ts.trange
-{threads}del _il, _ta, _ts"""
-
-def _prepared_notebook(path: Path, threads: int):
-    import nbformat
-    nb = nbformat.read(str(path), as_version=4)
-    src = SETUP_CELL.format(threads=f"_il.import_module('torch').set_num_threads({threads})\n" if threads else "")
-    nb.cells.insert(0, nbformat.v4.new_code_cell(src, metadata=dict(tags=["pipeline-setup"])))
-    return nb
+    return (st.get("status") == "done" and (fingerprint is None or st.get("fingerprint") == fingerprint)
+            and (Path(stage_dir) / "summary.json").is_file())
 
 def banner(text: str, char: str = "=") -> str:
     line = char * min(100, max(60, len(text) + 4))
     return f"\n{line}\n  {text}\n{line}"
 
+def _move(src: Path, dst: Path):
+    "Rename src -> dst, replacing dst."
+    if dst.exists(): shutil.rmtree(dst)
+    src.rename(dst)
+
 def run_stage(stage: Stage,               # what to run
               run_dir: Path,              # the pipeline's run folder
               fingerprint: str,           # from stage_fingerprint
               n_total: int = 0,           # for the banner
-              force: bool = False,        # run even if finished
+              force: bool = False,        # recompute even if finished (in an empty folder)
               threads: int = 0,           # torch threads in the kernel (0: leave)
               log=print,                  # where banners go
               stream: bool = True,        # forward the stage's output to this process's stdout/stderr
              ) -> dict:
-    "Run (or skip) one stage; -> dict(status, seconds, summary, notebook)."
-    import papermill as pm
+    "Run (or skip) one stage; -> dict(status, seconds, summary, notebook). Finished work is kept until the new run finishes."
     sdir = Path(run_dir) / stage.dirname
+    prev, failed = sdir.with_name(sdir.name + ".previous"), sdir.with_name(sdir.name + ".failed")
     out_nb = sdir / stage.notebook
     head = f"[{stage.index}/{n_total or stage.index}] {stage.name}: {stage.title}"
+    if not force and not is_done(sdir, fingerprint) and is_done(prev, fingerprint):   # a killed run had set it aside
+        if sdir.exists(): _move(sdir, failed)
+        prev.rename(sdir)
+        log(f"  {stage.name}: put back the finished result of these parameters from {prev.name} "
+            f"(the unfinished run with other parameters is in {failed.name})")
     if not force and is_done(sdir, fingerprint):
         st = stage_state(sdir)
         log(banner(f"{head}  -- done earlier ({st.get('seconds', 0):.0f} s), skipped", "-"))
         return dict(status="skipped", seconds=st.get("seconds", 0.0), summary=json.loads((sdir / "summary.json").read_text()),
                     notebook=str(out_nb))
+    validate_params(stage.kind, stage.params, files=True, label=stage.name)   # a bad value stops here: nothing touched yet
     old = stage_state(sdir)
-    if sdir.exists() and old.get("fingerprint") not in (None, fingerprint):
-        log(f"  parameters of {stage.name} changed since the last run: emptying {sdir}")
-        shutil.rmtree(sdir)
+    if sdir.exists() and (force or old.get("fingerprint") != fingerprint):
+        if is_done(sdir):
+            _move(sdir, prev)
+            log(f"  {stage.name}: {'--force' if force else 'parameters changed'}: the finished result is set aside in "
+                f"{prev} (put back if this run fails, deleted when it finishes)")
+        else:
+            shutil.rmtree(sdir)                              # an unfinished run with other parameters: nothing to keep
+            log(f"  {stage.name}: removed an unfinished run with other parameters")
     sdir.mkdir(parents=True, exist_ok=True)
     log(banner(f"{head}\n  notebook: {out_nb}"))
-    rec = dict(stage=stage.name, notebook=stage.notebook, executed=str(out_nb), fingerprint=fingerprint,
+    rec = dict(stage=stage.name, kind=stage.kind, notebook=stage.notebook, executed=str(out_nb), fingerprint=fingerprint,
                params=_jsonable(stage.params), needs=list(stage.needs), status="running",
                started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_save_json(rec, sdir / "pipeline.json")
-    nb = _prepared_notebook(RUNS_NB_DIR / stage.notebook, threads)
     t0 = time.time()
-    os.environ.setdefault("TQDM_MININTERVAL", "2")          # text bars in the kernel: a line every 2 s at most
+    err = None
     try:
-        pm.execute_notebook(nb, str(out_nb), parameters=_jsonable(stage.params), cwd=str(RUNS_NB_DIR),
-                            kernel_name="python3", progress_bar=False, log_output=False,
-                            stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None)
-    except pm.PapermillExecutionError as e:
-        rec.update(status="failed", seconds=round(time.time() - t0, 1), cell=e.cell_index, error=f"{e.ename}: {e.evalue}")
-        atomic_save_json(rec, sdir / "pipeline.json")
-        raise StageFailed(stage.name, out_nb, e.cell_index, e.ename, e.evalue) from None
+        run_notebook(stage.spec.path, out_nb, stage.params, cwd=RUNS_NB_DIR, kernel_name="python3", setup=True,
+                     threads=threads, stream=stream)
+        if not (sdir / "summary.json").is_file(): err = dict(error="MissingSummary: the notebook ran but wrote no summary.json",
+                                                             error_cell=None, error_type="MissingSummary")
     except Exception as e:
-        rec.update(status="failed", seconds=round(time.time() - t0, 1), error=f"{type(e).__name__}: {e}")
-        atomic_save_json(rec, sdir / "pipeline.json")
-        raise StageFailed(stage.name, out_nb, None, type(e).__name__, str(e)) from e
+        err = _error_fields(e, out_nb)
     dt = time.time() - t0
-    if not (sdir / "summary.json").is_file():
-        rec.update(status="failed", seconds=round(dt, 1), error="the notebook ran but wrote no summary.json")
+    if err is not None:
+        rec.update(status="failed", seconds=round(dt, 1), cell=err["error_cell"], error=err["error"])
         atomic_save_json(rec, sdir / "pipeline.json")
-        raise StageFailed(stage.name, out_nb, None, "MissingSummary", f"{sdir}/summary.json was not written")
+        nb = out_nb
+        if prev.exists():                                    # keep the failed run for its traceback, put the old one back
+            _move(sdir, failed); prev.rename(sdir); nb = failed / stage.notebook
+            log(f"  {stage.name} failed: its run is kept in {failed}; the previous result is back in {sdir}")
+        ename, _, evalue = err["error"].partition(": ")
+        raise StageFailed(stage.name, nb, err["error_cell"], ename, evalue)
     rec.update(status="done", seconds=round(dt, 1), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_save_json(rec, sdir / "pipeline.json")
+    for p in (prev, failed):
+        if p.exists(): shutil.rmtree(p)
     log(f"  {stage.name} done in {dt:.0f} s")
     return dict(status="ran", seconds=dt, summary=json.loads((sdir / "summary.json").read_text()), notebook=str(out_nb))
 
 # %% ../nbs/20_pipeline.ipynb #838ca5db
-def run_pipeline(run_dir="runs/demo",                 # one folder for everything
+def run_pipeline(run_dir=None,                        # one folder for everything (None: default_run_dir())
                  quick: bool = False,                 # the QUICK preset (tests, CI) instead of DEMO
                  stages: Sequence[str] | None = None, # run only these (by name); None = all
                  device: str = "auto",                # every stage's device
                  ablation: bool = True,               # the ablation stages and table
                  overrides: Sequence = (),            # ["key=value", "stage.key=value", ...]
                  threads: int = 0,                    # torch threads in each stage kernel (0: torch's default)
-                 force: bool = False,                 # rerun the selected stages even if finished
+                 force: bool = False,                 # recompute the selected stages even if finished
                  asset: str = "",                     # backbone asset ("" = weaktr.pretrain.DEMO_ASSET)
                  data_root: str = "",                 # a make_synthetic folder to use instead of the preset's set
                  preset: dict | None = None,          # a custom preset (overrides `quick`)
@@ -324,11 +324,12 @@ def run_pipeline(run_dir="runs/demo",                 # one folder for everythin
                 ) -> dict:
     "Run the method end to end (resumable); -> the summary dict (also written to run_dir/summary.{json,md})."
     t0 = time.time()
-    run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir or default_run_dir()).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
     preset = preset or (QUICK if quick else DEMO)
     base = build_stages(run_dir, preset, ablation, device, asset=asset, data_root=data_root)
     ov = resolve_overrides(parse_overrides(overrides), base)
     all_stages = build_stages(run_dir, preset, ablation, device, ov, asset=asset, data_root=data_root)
+    for s in all_stages: validate_params(s.kind, s.params, label=s.name)   # before any stage runs or any folder moves
     names = [s.name for s in all_stages]
     if stages:
         unknown = [s for s in stages if s not in names]
@@ -356,12 +357,13 @@ def collect_metrics(run_dir: Path, stages: list[Stage]) -> dict:
     by = {s.name: Path(run_dir) / s.dirname for s in stages}
     tc, ps, ev = (_read(by[n] / "summary.json") if n in by else {} for n in ("train_cam", "pseudo_labels", "evaluate"))
     best = tc.get("best", {}).get("metrics", {}) or tc.get("final", {})
+    ev_spec = REGISTRY["evaluate"]                         # evaluation writes percent: read by the declared unit
     m = dict(
         cls_map=best.get("class_map_tok"), cls_sample_map=best.get("sample_map_tok"),
         phase1_cam_miou=best.get("cam_miou"), phase1_epoch=tc.get("best", {}).get("epoch"),
         cam_threshold=ps.get("threshold"), cam_miou_no_crf=ps.get("sweep_best_miou"),
         pseudo_miou=ps.get("miou"), label_free_threshold=ps.get("label_free_threshold"),
-        seg_miou=_frac(ev.get("headline_miou")), seg_miou_no_crf=_frac(ev.get("miou")),
+        seg_miou=ev_spec.fraction(ev, "headline_miou"), seg_miou_no_crf=ev_spec.fraction(ev, "miou"),
     )
     return m
 
@@ -469,7 +471,7 @@ def cli_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m weaktr.pipeline",
                                 description="WeakTr end to end on the embedded synthetic dataset: Phase 1 -> CAMs -> pseudo "
                                             "labels -> Phase 2 -> evaluation (+ ablation), each stage an executed papermill notebook.")
-    p.add_argument("--run-dir", default="runs/demo", help="one folder for everything (default runs/demo)")
+    p.add_argument("--run-dir", default=None, help="one folder for everything (default: $WEAKTR_RUNS/demo, else ./runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny setting for tests/CI (seconds per stage; numbers mean nothing)")
     p.add_argument("--stages", default="", help="comma-separated stage names to run (default: all); upstream stages must be finished")
     p.add_argument("--device", default="auto", help="device of every stage: auto | cpu | cuda | cuda:1 ...")
@@ -478,7 +480,8 @@ def cli_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation", dest="ablation", action="store_true", help="run the ablation stages (default)")
     p.set_defaults(ablation=True)
     p.add_argument("--threads", type=int, default=0, help="torch threads in each stage (0: torch's default)")
-    p.add_argument("--force", action="store_true", help="rerun the selected stages even if finished")
+    p.add_argument("--force", action="store_true", help="recompute the selected stages in empty folders even if finished "
+                   "(a finished result is kept aside until the new run finishes)")
     p.add_argument("-p", "--param", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="parameter override: key=value (every stage that has it) or stage.key=value; repeatable")
     p.add_argument("--list", action="store_true", help="list the stages and their parameters, run nothing")
@@ -489,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] or None
     if args.list:
         preset = QUICK if args.quick else DEMO
-        for s in build_stages(Path(args.run_dir).resolve(), preset, args.ablation, args.device):
+        for s in build_stages(Path(args.run_dir or default_run_dir()).resolve(), preset, args.ablation, args.device):
             print(f"{s.dirname}: {s.notebook}  needs {list(s.needs)}\n  " + json.dumps(_jsonable(s.params)))
         return 0
     try:

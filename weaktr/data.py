@@ -594,10 +594,12 @@ def folder_dataset(images_dir, # folder of .jpg/.png images
 DATASETS = ("synthetic", "voc", "coco", "coco80", "folder")
 
 def runs_dir() -> Path:
-    "Where runs and generated data go: `$WEAKTR_RUNS`, else `<repo>/runs`."
+    "Where runs and generated data go: `$WEAKTR_RUNS`, else `<checkout>/runs` in a git checkout, else `./runs`."
     from weaktr.core import REPO_ROOT
     env = os.environ.get("WEAKTR_RUNS")
-    return Path(env).expanduser() if env else REPO_ROOT / "runs"
+    if env: return Path(env).expanduser()
+    # an installed package (pip install .) has no checkout around it: runs go to the working directory
+    return REPO_ROOT / "runs" if (REPO_ROOT / "settings.ini").is_file() else Path.cwd() / "runs"
 
 def open_dataset(data: str, # one of DATASETS
                  data_root: str | Path = "", # dataset root ("" only for "synthetic": the embedded default)

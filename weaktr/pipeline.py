@@ -85,13 +85,10 @@ class Stage:
     def dirname(self) -> str: return f"{self.index:02d}_{self.name}"
 
 def backbone_params(asset: str = "") -> dict:
-    "Phase-1/Phase-2 architecture parameters of the shipped backbone asset (`weaktr.pretrain.DEMO_ASSET` by default)."
-    from weaktr.pretrain import DEMO_ASSET, asset_card, asset_path
-    name = asset or DEMO_ASSET
-    card = asset_card(name)
-    kw = card["architecture"]["kwargs"]
-    return dict(path=str(asset_path(name)), backbone=card["architecture"]["backbone"], embed_dim=kw["embed_dim"],
-                depth=kw["depth"], num_heads=kw["num_heads"], patch_size=kw["patch_size"], img_size=kw["img_size"])
+    "Phase-1/Phase-2 architecture parameters of a shipped backbone asset (`weaktr.zoo.DEMO_ASSET` by default)."
+    from weaktr.zoo import DEMO_ASSET, asset_path, backbone_arch
+    name = asset or DEMO_ASSET                                     # registered with timm under its name (weaktr.zoo)
+    return dict(path=str(asset_path(name)), **backbone_arch(name))
 
 def demo_data(run_dir: Path, params: dict) -> Path:
     "The demo's synthetic set in <run_dir>/data/synthetic_<hash of params> (deterministic; reused when it exists)."

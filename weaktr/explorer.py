@@ -228,7 +228,7 @@ class HeadExplorer:
         "Show a message line (kind: info, warn, error) in the status line (it replaces the previous one)."
         color = {"info": "#225", "warn": "#a60", "error": "#b00"}[kind]
         self.messages.append((kind, text))
-        self.status.value = f'<div style="color:{color}; font-size:13px">{html.escape(text)}</div>'
+        self.status.value = f'<div style="color:{color}; font-size:13px; line-height:1.4">{html.escape(text)}</div>'
 
     @contextmanager
     def _guarded(self):
@@ -293,14 +293,16 @@ class HeadExplorer:
         self._btn_layout = W.Layout(width="100%", height="100%", margin="0", padding="0", min_width="0", border="0")
         self._btn_style = W.ButtonStyle(button_color="transparent")
         self.click_grid = W.GridBox(layout=W.Layout(grid_area="v", margin="0")); self.click_grid.add_class("weaktr-click")
-        self.view_stack = W.GridBox([self.main, self.click_grid], layout=W.Layout(grid_template_areas='"v"', margin="0"))
-        self.colorbar = W.HTML(layout=lay("70px"))
-        self.view2_title = W.HTML(); self.view2 = W.Image(format="png"); self.view2.add_class("weaktr-view2")
-        self.view_row = W.HBox([self.view_stack, self.colorbar, W.VBox([self.view2_title, self.view2])],
+        fixed = dict(flex="0 0 auto", margin="0")                       # never squeezed by the flex row
+        self.view_stack = W.GridBox([self.main, self.click_grid], layout=W.Layout(grid_template_areas='"v"', **fixed))
+        self.colorbar = W.HTML(layout=lay("70px", flex="0 0 auto"))
+        self.view2_title = W.HTML(); self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
+        self.view2.add_class("weaktr-view2")
+        self.view_row = W.HBox([self.view_stack, self.colorbar, W.VBox([self.view2_title, self.view2], layout=W.Layout(**fixed))],
                                layout=W.Layout(align_items="flex-start"))
         self.click_shows = W.ToggleButtons(options=[("its affinity row", "affinity"), ("the value only", "value")],
                                            value="affinity", description="click on the image shows", style=sty)
-        self.click_shows.style.button_width = "110px"
+        self.click_shows.style.button_width = "130px"
         self.info = W.HTML()
         self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False, layout=lay("180px"))
         self.head = W.IntSlider(value=0, min=0, max=0, description="head", continuous_update=False, layout=lay("180px"))
@@ -315,12 +317,12 @@ class HeadExplorer:
         # head grid: rows = layers, columns = heads
         self.click_mode = W.ToggleButtons(options=[("enlarge", "select"), ("switch on/off", "toggle")], value="select",
                                           description="click a head to", style=sty)
-        self.click_mode.style.button_width = "90px"
-        self.all_on = W.Button(description="all heads on", icon="refresh", layout=lay("120px"))
+        self.click_mode.style.button_width = "110px"
+        self.all_on = W.Button(description="all heads on", icon="refresh", layout=lay("130px", flex="0 0 auto"))
         self.grid_box = W.GridBox(); self.grid_box.add_class("weaktr-grid")
         self.grid_help = W.HTML()
-        self.right = W.VBox([self.click_mode, W.HBox([self.all_on, self.grid_help]), self.grid_box],
-                            layout=W.Layout(margin="0 0 0 12px"))
+        self.right = W.VBox([self.grid_box, self.grid_help, self.click_mode, self.all_on],   # the grid level with the view
+                            layout=W.Layout(margin="0 0 0 12px", flex="0 0 auto"))
         self.ckpt_text = W.Text(placeholder="checkpoint: run folder or .pt", description="checkpoint", style=sty, layout=lay("420px"))
         self.ckpt_btn = W.Button(description="load")
         self.row_ckpt = W.HBox([self.ckpt_text, self.ckpt_btn])
@@ -605,7 +607,7 @@ class HeadExplorer:
 
     def _build_grid(self):
         L, nh, t = self.model.depth, self.model.num_heads, self._thumb_side()
-        small = W.Layout(width=f"{t}px", height="16px", padding="0", margin="0", min_width="0")
+        small = W.Layout(width=f"{t}px", height="22px", padding="0", margin="0", min_width="0")
         cells, self._cells, self._rows, self._cols = [W.HTML("")], {}, [], []
         for hd in range(nh):
             b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer", layout=small)
@@ -628,8 +630,8 @@ class HeadExplorer:
                 cells.append(W.VBox([img, btn], layout=W.Layout(margin="0")))
         self.grid_box.children = cells
         self.grid_box.layout = W.Layout(grid_template_columns=f"34px repeat({nh}, {t}px)", grid_gap="1px 2px")
-        self.grid_help.value = ('<span style="font-size:11px">rows = layers, columns = heads; under each head its AAF '
-                                'weight w (orange = switched off)</span>')
+        self.grid_help.value = (f'<div style="font-size:11px; line-height:1.3; max-width:{34 + nh * (t + 2)}px">rows = '
+                                'layers, columns = heads; under each head its AAF weight w (orange = switched off)</div>')
 
     def click_head(self, layer: int, head: int):
         "A click on a grid cell: enlarge the head (mode 'select') or switch it on/off (mode 'toggle')."
@@ -747,7 +749,7 @@ class HeadExplorer:
         elif note == "flat":
             self._msg("the map is flat (max − min ≤ 0.1 % of the max): no region is outlined", "warn")
             title += " · flat"
-        self.title_main.value = f'<div style="font-size:13px; font-weight:600">{html.escape(title)}</div>'
+        self.title_main.value = f'<div style="font-size:13px; font-weight:600; line-height:1.4">{html.escape(title)}</div>'
         H = self.base.shape[0]
         if m.dtype.kind in "iub": self.colorbar.value = _legend_html(an, an.present)
         else:
@@ -779,7 +781,8 @@ class HeadExplorer:
                 self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value, None if key == "pseudo" else (self.mass.value or None))
                 t += f" · IoU {self.iou2:.2f}"
         self.view2.value = png
-        self.view2_title.value = f'<div style="font-size:12px; max-width:{round(self.base.shape[1] * 0.6)}px">{html.escape(t)}</div>'
+        self.view2_title.value = (f'<div style="font-size:12px; line-height:1.35; max-width:{round(self.base.shape[1] * 0.6)}px">'
+                                  f'{html.escape(t)}</div>')
 
     def _update_info(self, m, region):
         an, cls, src = self.analysis, self.cls_dd.value, self.source.value

@@ -499,10 +499,11 @@ def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, h
     if source == "rollout": return attention_rollout(analysis, cls, head_mask)
     raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
 
-def _grid_fig(nrows, ncols, cell, top=0.5):
-    fig = Figure(figsize=(ncols * cell, nrows * cell * 1.12 + top))
+def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3):
+    W, H = ncols * cell + left, nrows * cell * 1.15 + top + bottom
+    fig = Figure(figsize=(W, H))
     axs = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - top / (nrows * cell * 1.12 + top), wspace=0.08, hspace=0.3)
+    fig.subplots_adjust(left=left / W, right=0.99, bottom=bottom / H, top=1 - top / H, wspace=0.06, hspace=0.35)
     for ax in axs.ravel(): ax.set_xticks([]); ax.set_yticks([])
     return fig, axs
 
@@ -514,23 +515,28 @@ def plot_head_grid(analysis: ImageAnalysis,  # the computed-once result
                    cmap: str = "viridis",
                    sqrt: bool = False,
                    cell: float = 1.0,        # inches per thumbnail
+                   over_image: bool = True,  # draw each map over the image (as DINO shows heads)
                   ) -> Figure:
     "The L x nh grid (rows = layers, columns = heads) of per-head maps, each titled with its AAF weight."
     L, nh = analysis.depth, analysis.num_heads
     z, wg = head_mask_grid(analysis, head_mask), analysis.head_weight_grid()
     fig, axs = _grid_fig(L, nh, cell)
+    fs = int(np.clip(cell * 8, 7, 10))                                # readable at any grid size
     for k in range(L):
         for hd in range(nh):
             ax = axs[k, hd]
             m = affinity_row(analysis, patch, layer=k, head=hd) if patch is not None else head_map(analysis, k, hd, cls)
-            ax.imshow(colorize(normalize_map(m, sqrt), cmap), interpolation="nearest", alpha=1.0 if z[k, hd] else 0.25)
-            ax.set_title(f"L{k} h{hd} w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=7,
-                         color="black" if z[k, hd] else "0.6")
+            pic = (overlay_image(analysis.image, m, 0.6, cmap, sqrt) if over_image
+                   else colorize(normalize_map(m, sqrt), cmap))
+            ax.imshow(pic, interpolation="nearest", alpha=1.0 if z[k, hd] else 0.25)
+            ax.set_title(f"w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=fs, color="black" if z[k, hd] else "0.6")
+            if hd == 0: ax.set_ylabel(f"layer {k}", fontsize=fs)
+            if k == L - 1: ax.set_xlabel(f"head {hd}", fontsize=fs)
             if selected is not None and tuple(selected) == (k, hd):
                 for sp in ax.spines.values(): sp.set_color("red"); sp.set_linewidth(2.5)
     what = (f"patch {patch_index(analysis, patch)} → patches" if patch is not None
             else f"class token '{analysis.class_names[cls]}' → patches")
-    fig.suptitle(f"{analysis.id}: {what}\nrows = layers, columns = heads, w = AAF weight", fontsize=7)
+    fig.suptitle(f"{analysis.id}: {what}\nrows = layers, columns = heads, w = AAF weight", fontsize=fs + 1)
     return fig
 
 def _patch_rect(analysis, patch, ax):

@@ -24,9 +24,9 @@ from .crf import CrfCfg, CRF_VOC_LABELS
 # %% auto #0
 __all__ = ['FUSED_KINDS', 'CMAPS', 'SOURCES', 'snap_size', 'prepare_image', 'ImageAnalysis', 'to_model_input', 'analyze_image',
            'head_index', 'head_map', 'head_mask_grid', 'effective_weights', 'fused_map', 'patch_index', 'affinity_row',
-           'attention_rollout', 'normalize_map', 'upsample_map', 'attention_mass_threshold', 'binarize', 'map_note',
-           'map_iou', 'pseudo_label', 'colorize', 'overlay_image', 'png_bytes', 'thumbnail_png', 'source_map',
-           'plot_head_grid', 'plot_overlay', 'plot_head_weights', 'plot_summary']
+           'attention_rollout', 'grad_cam', 'normalize_map', 'upsample_map', 'attention_mass_threshold', 'binarize',
+           'map_note', 'map_iou', 'pseudo_label', 'colorize', 'overlay_image', 'png_bytes', 'thumbnail_png',
+           'source_map', 'plot_head_grid', 'plot_overlay', 'plot_head_weights', 'plot_summary']
 
 # %% ../nbs/17_viz.ipynb #b85b2a8a
 def _to_pil(image) -> tuple[Image.Image, list[str]]:
@@ -126,6 +126,8 @@ class ImageAnalysis:
     mask: Optional[np.ndarray] = None    # (H, W) uint8 GT class map (0 bg, c+1, 255 ignore) at image size, or None
     id: str = ""                   # name shown in titles
     notes: list = field(default_factory=list)   # what preprocessing did
+    patch_feats: Optional[torch.Tensor] = None  # (D, h, w) input of the CAM head (for Grad-CAM), or None
+    head_conv: Optional[tuple] = None           # (weight (C, D, k, k), bias (C,)) of the CAM head's conv, or None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -180,7 +182,14 @@ def analyze_image(model,                          # a WeakTr (anything with `.in
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(): ins = model.inspect(to_model_input(pil)[None].to(device))
+        feats = []                                                  # the CAM head's input, for Grad-CAM
+        conv = getattr(model, "head", None)
+        hook = (conv.register_forward_pre_hook(lambda mod, args: feats.append(args[0][0].detach().float().cpu()))
+                if isinstance(conv, torch.nn.Conv2d) else None)
+        try:
+            with torch.no_grad(): ins = model.inspect(to_model_input(pil)[None].to(device))
+        finally:
+            if hook is not None: hook.remove()
     finally:
         model.train(was_training)
     f = lambda t: t[0].detach().float().cpu()
@@ -190,7 +199,10 @@ def analyze_image(model,                          # a WeakTr (anything with `.in
         cams=f(ins.cams), cam_fine=f(ins.cam_fine),
         scores={k: f(v).sigmoid().numpy() for k, v in zip(("token", "coarse", "fine"), ins.logits)},
         grid=tuple(ins.grid), depth=ins.depth, num_heads=ins.num_heads, class_names=names, labels=labels,
-        mask=None if mask is None else np.asarray(mask, np.uint8), id=id, notes=notes)
+        mask=None if mask is None else np.asarray(mask, np.uint8), id=id, notes=notes,
+        patch_feats=feats[0] if feats else None,
+        head_conv=(conv.weight.detach().float().cpu(), None if conv.bias is None else conv.bias.detach().float().cpu())
+                  if feats else None)
 
 # %% ../nbs/17_viz.ipynb #a25949c7
 def _check_index(name, v, n):
@@ -308,6 +320,24 @@ def attention_rollout(analysis: ImageAnalysis,  # the computed-once result
             V = V @ (a / a.sum(-1, keepdim=True))                       # (C, N) @ (N, N)
         analysis._cache[key] = V[:, C:].reshape(C, h, w)               # (C, P) -> (C, h, w)
     return analysis._cache[key][cls].numpy()
+
+def grad_cam(analysis: ImageAnalysis,  # the computed-once result (with `patch_feats`, `head_conv`)
+             cls: int,                 # class c
+            ) -> np.ndarray:
+    "Grad-CAM (Selvaraju et al. 2017) of the coarse score y_c = GAP(conv(F))_c at the CAM head's input F: (h, w)."
+    cls = _check_index("cls", cls, analysis.num_classes)
+    if analysis.patch_feats is None:
+        raise ValueError("this analysis has no CAM-head features (the model has no conv `head`): Grad-CAM is not available")
+    key = ("gradcam", cls)
+    if key not in analysis._cache:
+        Wt, b = analysis.head_conv
+        X = analysis.patch_feats.clone().requires_grad_(True)             # (D, h, w)
+        with torch.enable_grad():
+            y = F.conv2d(X[None], Wt, b, padding=Wt.shape[-1] // 2)[0, cls].mean()   # (1, C, h, w) -> GAP of class c
+            g, = torch.autograd.grad(y, X)                                # (D, h, w)
+        alpha = g.mean((1, 2))                                            # (D,) channel weights
+        analysis._cache[key] = F.relu((alpha[:, None, None] * X.detach()).sum(0))   # (h, w)
+    return analysis._cache[key].numpy()
 
 def normalize_map(m: np.ndarray,       # any float map
                   sqrt: bool = False,  # square-root after normalising (lifts the long tail of attention)
@@ -482,6 +512,7 @@ SOURCES = {  # map sources of the explorer: key -> label
     "pseudo": "pseudo label (threshold + CRF)",
     "refined_uniform": "baseline: refined CAM, uniform head weights (no AAF)",
     "rollout": "baseline: attention rollout (class token → patches)",
+    "gradcam": "baseline: Grad-CAM of the CAM head",
 }
 
 def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, head: int = 0,
@@ -497,6 +528,7 @@ def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, h
     if source == "pseudo": return pseudo_label(analysis, threshold, head_mask=head_mask, crf=crf)
     if source == "refined_uniform": return fused_map(analysis, cls, head_mask, "refined", uniform=True)
     if source == "rollout": return attention_rollout(analysis, cls, head_mask)
+    if source == "gradcam": return grad_cam(analysis, cls)
     raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
 
 def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3):

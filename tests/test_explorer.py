@@ -12,7 +12,7 @@ from PIL import Image
 from weaktr.synth import make_synthetic, synthetic_dataset
 from weaktr.model import create_weaktr
 from weaktr.viz import (analyze_image, fused_map, head_map, affinity_row, pseudo_label, plot_head_grid, plot_overlay,
-                        plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, binarize, map_note, SOURCES)
+                        plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, binarize, map_note, grad_cam, SOURCES)
 from weaktr.explorer import head_explorer, HeadExplorer
 
 torch.set_num_threads(1)
@@ -121,6 +121,9 @@ def test_widget_wiring(deit_s, synth, tmp_path):
     before = ex.view2.value
     ex.compare.value = "refined_uniform"                                # side by side: learned vs uniform head weights
     assert ex.view2.value != before and "uniform head weights" in ex.view2_title.value
+    ex.compare.value = "gradcam"                                        # the Grad-CAM baseline beside WeakTr's map
+    assert "Grad-CAM" in ex.view2_title.value and "IoU" not in ex.view2_title.value   # this photo has no GT
+    np.testing.assert_allclose(ex.current_map("gradcam"), grad_cam(ex.analysis, ex.cls_dd.value))
     p = ex.export_grid()
     assert Image.open(p).size[0] > 300
 

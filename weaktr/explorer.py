@@ -70,6 +70,7 @@ def demo_model(num_classes: int,       # C
               ) -> WeakTr:
     "The notebooks' small WeakTr: the shipped pretrained tiny backbone if present, else a random tiny ViT (64 px, patch 8)."
     torch.manual_seed(seed)
+    why = ""
     if pretrained:
         try:
             from weaktr.pretrain import DEMO_ASSET, asset_card, asset_path
@@ -81,11 +82,11 @@ def demo_model(num_classes: int,       # C
             model.description = (f"shipped pretrained backbone {name} (D={kw.get('embed_dim')}, "
                                  f"{kw.get('depth')} blocks × {kw.get('num_heads')} heads, patch {kw.get('patch_size')})")
             return model
-        except (ImportError, FileNotFoundError, KeyError):
-            pass
+        except (ImportError, FileNotFoundError, KeyError) as e:       # no usable asset: say so in the description
+            why = f"the shipped backbone could not be loaded ({type(e).__name__}: {e})"
     model = create_weaktr("deit_tiny_patch16_224", num_classes, img_size=64, patch_size=8, embed_dim=64, depth=4,
                           num_heads=4, reduction=2, pool="max", drop_path_rate=0.0)
-    model.description = "random-init tiny ViT (D=64, 4 blocks × 4 heads, patch 8, 64 px)"
+    model.description = "random-init tiny ViT (D=64, 4 blocks × 4 heads, patch 8, 64 px)" + (f"; {why}" if why else "")
     return model
 
 def quick_finetune(model: WeakTr,        # trained in place

@@ -531,11 +531,13 @@ def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, h
     if source == "gradcam": return grad_cam(analysis, cls)
     raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
 
-def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3):
-    W, H = ncols * cell + left, nrows * cell * 1.15 + top + bottom
+def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3, aspect=1.0, title=0.25):
+    "nrows x ncols axes of `cell` inches width, height cell * aspect (image H / W) plus a title line each."
+    W, H = ncols * cell + left, nrows * (cell * aspect + title) + top + bottom
     fig = Figure(figsize=(W, H))
     axs = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=left / W, right=0.99, bottom=bottom / H, top=1 - top / H, wspace=0.06, hspace=0.35)
+    fig.subplots_adjust(left=left / W, right=0.99, bottom=bottom / H, top=1 - top / H, wspace=0.06,
+                        hspace=title / (cell * aspect))
     for ax in axs.ravel(): ax.set_xticks([]); ax.set_yticks([])
     return fig, axs
 
@@ -552,7 +554,8 @@ def plot_head_grid(analysis: ImageAnalysis,  # the computed-once result
     "The L x nh grid (rows = layers, columns = heads) of per-head maps, each titled with its AAF weight."
     L, nh = analysis.depth, analysis.num_heads
     z, wg = head_mask_grid(analysis, head_mask), analysis.head_weight_grid()
-    fig, axs = _grid_fig(L, nh, cell)
+    H, W = analysis.image.shape[:2]
+    fig, axs = _grid_fig(L, nh, cell, aspect=H / W)
     fs = int(np.clip(cell * 8, 7, 10))                                # readable at any grid size
     for k in range(L):
         for hd in range(nh):

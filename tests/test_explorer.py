@@ -224,7 +224,7 @@ def test_large_upload_works_at_the_working_size(deit_s, synth):
     ex.add_upload("big.jpg", encode(photo(1280, 960), "JPEG"))
     an = ex.analysis
     assert an.id == "big.jpg" and max(an.image.shape[:2]) <= 448 and max(an.grid) <= 28
-    assert "resized 1280x960 -> 448x336" in ex.messages[-1][1]
+    assert any("resized 1280x960 -> 448x336" in t for _, t in ex.messages[-3:]), ex.messages[-3:]
     assert max(ex.base.shape[:2]) <= ex.view_side                       # the display copy, not the 1280 x 960 original
 
 
@@ -235,7 +235,7 @@ def test_uploads_are_converted_or_refused(deit_s, synth):
     for name, im in cases.items():
         ex.upload.value = upload_value(name, encode(im, "JPEG" if name.endswith("jpg") else "PNG"))
         assert ex.analysis.id == name and ex.analysis.image.ndim == 3, (name, ex.messages[-1])
-        assert ex.messages[-1][0] == "info" and "converted from" in ex.messages[-1][1], (name, ex.messages[-1])
+        assert any(k == "info" and "converted from" in t for k, t in ex.messages[-3:]), (name, ex.messages[-3:])
     n = len(ex.uploads)
     truncated = encode(photo())[:200]
     bad = {"truncated.png": (truncated, "not an image file"), "text.png": (b"hello", "not an image file"),

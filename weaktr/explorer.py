@@ -226,10 +226,12 @@ class HeadExplorer:
 
     # -- messages ---------------------------------------------------------------------------------------------
     def _msg(self, text: str, kind: str = "info"):
-        "Show a message line (kind: info, warn, error) in the status line (it replaces the previous one)."
+        "Show a message line (kind: info, warn, error) in the status lines of the current action (at most 3)."
         color = {"info": "#225", "warn": "#a60", "error": "#b00"}[kind]
         self.messages.append((kind, text))
-        self.status.value = f'<div style="color:{color}; font-size:13px; line-height:1.4">{html.escape(text)}</div>'
+        self._lines = (getattr(self, "_lines", []) + [
+            f'<div style="color:{color}; font-size:13px; line-height:1.4">{html.escape(text)}</div>'])[-3:]
+        self.status.value = "".join(self._lines)
 
     @contextmanager
     def _guarded(self):
@@ -239,8 +241,8 @@ class HeadExplorer:
             self._msg(readable_error(e), "error")
 
     def _act(self, fn, *a):
-        "A user action: clear the status line (no stale text), run `fn`, errors become messages."
-        self.status.value = ""
+        "A user action: clear the status lines (no stale text), run `fn`, errors become messages."
+        self.status.value, self._lines = "", []
         with self._guarded(): return fn(*a)
 
     def _on(self, widget, fn, names="value"):
@@ -369,8 +371,9 @@ class HeadExplorer:
         self.cache.clear(); self.head_mask = None; self.export_html.value = ""
         L, nh = model.depth, model.num_heads
         side = self.max_side
-        self.title.value = (f'<div style="font-size:14px"><b>WeakTr head explorer</b> — {html.escape(model_summary(model))}'
-                            f' · images fed at ≤ {side} px</div>' if side else "")
+        fed = f" · images fed at ≤ {side} px" if side else " · images fed at their own size"
+        self.title.value = (f'<div style="font-size:14px"><b>WeakTr head explorer</b> — '
+                            f'{html.escape(model_summary(model) + fed)}</div>')
         with self._batch():
             self.layer.max, self.head.max = L - 1, nh - 1
         self._build_grid()
@@ -521,10 +524,10 @@ class HeadExplorer:
             self.compare.options = opts
             self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
         self._layout_view()
-        self._refresh(grid=True)
         note = ("; ".join(an.notes) + ". ") if an.notes else ""
         self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px fed to the model, grid {h}x{w}, analysed in "
                   f"{time.time() - t0:.2f} s. {note}")
+        self._refresh(grid=True)                                         # its warnings (e.g. a zero map) come last
 
     def _update_class_options(self):
         an = self.analysis

@@ -69,11 +69,12 @@ def photo(W=1280, H=960, seed=0) -> bytes:
 def measure_controls(ex, repeats: int) -> dict:
     "Median seconds per control (each set to alternating values `repeats` times)."
     h, w = ex.analysis.grid
-    other = [c for c in range(ex.model.num_classes) if c != ex.cls_dd.value][0]
     ex.all_classes.value = True
+    first = ex.cls_dd.value
+    other = [c for c in range(ex.model.num_classes) if c != first][0]
     steps = {
         "map": lambda i: setattr(ex.source, "value", ("fused", "refined")[i % 2]),
-        "class": lambda i: setattr(ex.cls_dd, "value", (other, ex.analysis.present[0])[i % 2]),
+        "class": lambda i: setattr(ex.cls_dd, "value", (other, first)[i % 2]),
         "opacity": lambda i: setattr(ex.alpha, "value", (0.3, 0.6)[i % 2]),
         "threshold": lambda i: setattr(ex.threshold, "value", (0.3, 0.5)[i % 2]),
         "colormap": lambda i: setattr(ex.cmap, "value", ("magma", "jet")[i % 2]),

@@ -2,8 +2,11 @@
 
 Starts `jupyter lab` from this venv on 127.0.0.1 (free port, random token) over a temporary copy of
 nbs/explore.ipynb (fine-tuning budget cut to a few seconds), runs all cells in the browser, checks that the widget
-rendered (screenshots saved under the test's tmp folder), clicks a head of the grid, a patch of the picker and
-moves the opacity slider, and checks each time that the displayed image changed.
+rendered at 1280 x 800 (screenshots saved under the test's tmp folder; $WEAKTR_EXPLORER_SCREENSHOT names a file to
+copy the layout screenshot to), clicks a head of the grid, clicks on the image itself (the query patch), moves the
+opacity slider, steps to the next image and picks a map for the side-by-side compare, checking each time that the
+displayed image changed; and replays the toggle-state bug (after "all heads on", a click on L1 must switch layer 1
+off).
 
 Needs: pip `playwright` (its Python client only; never `playwright install`: the browser is the system's) and
 Chromium (`apt-get install -y chromium`). Skips, saying so, only where Chromium cannot be found.
@@ -121,7 +124,7 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page = browser.new_page(viewport={"width": 1280, "height": 800})   # the target screen
             page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=60_000)
             page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000)
             # the notebook is open and its kernel is ready
@@ -138,8 +141,16 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             assert "Error" not in status, status
 
             explorer = page.locator(".weaktr-explorer")
-            explorer.scroll_into_view_if_needed()
+            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")          # the file browser's width
+            page.wait_for_timeout(500)
+            explorer.evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)
             page.screenshot(path=str(shots / "lab.png"))
+            if os.environ.get("WEAKTR_EXPLORER_SCREENSHOT"):
+                shutil.copyfile(shots / "lab.png", os.environ["WEAKTR_EXPLORER_SCREENSHOT"])
+            box, grid_box = page.locator("img.weaktr-main").bounding_box(), page.locator(".weaktr-grid").bounding_box()
+            assert grid_box["x"] > box["x"] + box["width"] * 0.9, ("the head grid is not beside the main view", box, grid_box)
+            assert box["y"] + box["height"] <= 800 and grid_box["y"] < 800, ("the view or the grid starts below the fold", box, grid_box)
             im = non_blank(explorer.screenshot(path=str(shots / "explorer.png")), (600, 400))
             grid = page.locator(".weaktr-grid")
             g = non_blank(grid.screenshot(path=str(shots / "grid.png")), (150, 150))
@@ -162,15 +173,40 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             # pick a head in the grid: the main view shows that head
             cell = page.locator(".weaktr-grid button.weaktr-cell-1-1")
             changed_after(lambda: (cell.scroll_into_view_if_needed(), cell.click()), "head_click")
-            # click a patch of the picker: its affinity row
-            patch = page.locator(".weaktr-picker button").nth(5)
-            changed_after(lambda: (patch.scroll_into_view_if_needed(), patch.click()), "patch_click")
+            # click on the image itself (a transparent button per patch lies over it): that patch's affinity row
+            def click_image():
+                main.scroll_into_view_if_needed()
+                b = main.bounding_box()
+                page.mouse.click(b["x"] + 0.3 * b["width"], b["y"] + 0.4 * b["height"])
+            changed_after(click_image, "image_click")
+            page.wait_for_function("() => document.querySelector('.weaktr-status').innerText.includes('patch (')",
+                                   timeout=10_000)
             # move the opacity slider with the keyboard
             handle = page.locator(".weaktr-opacity .noUi-handle")
             def slide():
                 handle.scroll_into_view_if_needed(); handle.focus()
                 for _ in range(4): page.keyboard.press("ArrowRight")
             changed_after(slide, "opacity_slider")
+            # the toggle-state bug: switch layer 1 off, all heads on, then L1 again must switch layer 1 OFF
+            page.locator(".weaktr-explorer .widget-toggle-buttons button", has_text="switch on/off").click()
+            row1 = page.locator("button.weaktr-row-1")
+            def wait_class(sel, cls, present):
+                page.wait_for_function("([sel, c, p]) => { const e = document.querySelector(sel); "
+                                       "return e && e.classList.contains(c) === p; }", arg=[sel, cls, present], timeout=20_000)
+            changed_after(lambda: (row1.scroll_into_view_if_needed(), row1.click()), "layer1_off")
+            wait_class("button.weaktr-cell-1-0", "mod-warning", True); wait_class("button.weaktr-row-1", "mod-active", False)
+            changed_after(lambda: page.locator(".weaktr-explorer button", has_text="all heads on").click(), "all_on")
+            wait_class("button.weaktr-cell-1-0", "mod-warning", False); wait_class("button.weaktr-row-1", "mod-active", True)
+            changed_after(lambda: row1.click(), "layer1_off_again")            # the old code switched it ON here
+            wait_class("button.weaktr-cell-1-0", "mod-warning", True); wait_class("button.weaktr-row-1", "mod-active", False)
+            # the next image, then a second map beside the main view (side-by-side compare)
+            changed_after(lambda: page.locator("button.weaktr-next").click(), "next_image")
+            v2 = page.locator("img.weaktr-view2")
+            before = v2.get_attribute("src")
+            page.locator(".weaktr-compare select").select_option(label="baseline: refined CAM, uniform head weights (no AAF)")
+            page.wait_for_function("(old) => document.querySelector('img.weaktr-view2').src !== old", arg=before,
+                                   timeout=20_000)
+            page.screenshot(path=str(shots / "compare.png"))
         except Exception:
             try:
                 page.screenshot(path=str(shots / "failure.png"))

@@ -1,7 +1,7 @@
-"""The attention-head explorer headless, at DeiT-S size (12 layers x 6 heads): figures, widget wiring, readable
-errors, and that every interaction after the one forward pass stays instant on a CPU."""
+"""The attention-head explorer headless, at DeiT-S size (12 layers x 6 heads): figures, widget wiring, one head
+state, readable messages for every bad input, exports. Speed is measured in bench/bench_explorer.py, not here."""
 from __future__ import annotations
-import datetime, io, time
+import datetime, io, json, os
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from PIL import Image
 from weaktr.synth import make_synthetic, synthetic_dataset
 from weaktr.model import create_weaktr
 from weaktr.viz import (analyze_image, fused_map, head_map, affinity_row, pseudo_label, plot_head_grid, plot_overlay,
-                        plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, SOURCES)
+                        plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, binarize, map_note, grad_cam, SOURCES)
 from weaktr.explorer import head_explorer, HeadExplorer
 
 torch.set_num_threads(1)
@@ -57,11 +57,8 @@ def test_figures_at_deit_s_size(deit_s, synth):
     fig = plot_head_grid(an, an.present[0], selected=(11, 5))
     assert isinstance(fig, Figure) and len(fig.axes) == 72
     z = np.ones((12, 6), bool); z[:6] = False                            # first half of the layers off
-    t0 = time.perf_counter()
     m = fused_map(an, an.present[0], z, "refined")                      # one masked re-fusion of a 72 x 614 x 614 stack
-    t_fuse = time.perf_counter() - t0
     assert m.shape == (h, w) and not np.allclose(m, fused_map(an, an.present[0], None, "refined"))
-    assert t_fuse < 2.0, f"re-fusing the heads took {t_fuse:.2f} s"
     for src in SOURCES:
         out = source_map(an, src, an.present[0], 3, 2, z, (5, 7), 0.4, crf=False)
         assert out.shape == ((h, w) if src != "pseudo" else an.image.shape[:2])
@@ -84,7 +81,7 @@ def test_summary_and_iou_with_gt(deit_s, synth):
     np.testing.assert_array_equal(attention_mass_threshold(one_hot, 0.3), one_hot > 0)
 
 
-def test_widget_wiring_and_speed(deit_s, synth, tmp_path):
+def test_widget_wiring(deit_s, synth, tmp_path):
     box = head_explorer(deit_s, synth, images=[photo()], export_dir=tmp_path / "exp", max_side=320)
     ex: HeadExplorer = box.explorer
     assert len(ex._cells) == 72 and len(ex.grid_box.children) == 1 + 6 + 12 * 7
@@ -92,10 +89,9 @@ def test_widget_wiring_and_speed(deit_s, synth, tmp_path):
     ex.image_dd.value = ("img", 0)                                      # the 320x240 picture: 20 x 15 patches
     assert ex.analysis.grid == (15, 20)
 
-    timings = {}
     def act(name, fn):
         before = ex.main.value
-        t0 = time.perf_counter(); fn(); timings[name] = time.perf_counter() - t0
+        fn()
         assert ex.main.value != before, f"{name} did not change the view"
         assert not [m for m in ex.messages if m[0] == "error"], ex.messages
 
@@ -106,23 +102,130 @@ def test_widget_wiring_and_speed(deit_s, synth, tmp_path):
     ex.source.value = "refined"
     ex.click_mode.value = "toggle"
     act("head off", ex._cells[11, 0][1].click)
-    act("layer off", lambda: setattr(ex.grid_box.children[1 + 6 + 5 * 7], "value", False))   # layer 5's toggle
-    act("column off", lambda: setattr(ex.grid_box.children[1 + 2], "value", False))           # head 2 of every layer
+    act("layer off", lambda: setattr(ex._rows[5], "value", False))
+    assert not any(b.value for b in ex._cols)                           # layer 5 is off: no column is all on
+    act("column on", lambda: setattr(ex._cols[2], "value", True))       # a click on h2: the whole column on ...
+    act("column off", lambda: setattr(ex._cols[2], "value", False))     # ... and a second one: head 2 of every layer off
     z = ex.mask_grid()
     assert not z[11, 0] and not z[5].any() and not z[:, 2].any() and z.sum() == 72 - 1 - 6 - 11
     np.testing.assert_allclose(ex.current_map(), fused_map(ex.analysis, ex.cls_dd.value, z, "refined"))
     act("all on", ex.all_on.click)
     assert ex.head_mask is None
-    rc, pb = ex._picker[37]
-    act("patch", pb.click)
-    np.testing.assert_allclose(ex.current_map(), affinity_row(ex.analysis, rc))
+    h, w = ex.analysis.grid
+    act("click on the image", ex.click_grid.children[3 * w + 4].click)  # the transparent button over patch (3, 4)
+    np.testing.assert_allclose(ex.current_map(), affinity_row(ex.analysis, (3, 4)))
     act("opacity", lambda: setattr(ex.alpha, "value", 0.2))
     act("colormap", lambda: setattr(ex.cmap, "value", "magma"))
+    ex.source.value = "refined"
     act("mass", lambda: setattr(ex.mass, "value", 0.5))
-    slow = {k: round(v, 2) for k, v in timings.items() if v > 1.5}
-    assert not slow, f"interactions should be instant on a CPU, these were not: {slow}"
+    before = ex.view2.value
+    ex.compare.value = "refined_uniform"                                # side by side: learned vs uniform head weights
+    assert ex.view2.value != before and "uniform head weights" in ex.view2_title.value
+    ex.compare.value = "gradcam"                                        # the Grad-CAM baseline beside WeakTr's map
+    assert "Grad-CAM" in ex.view2_title.value and "IoU" not in ex.view2_title.value   # this photo has no GT
+    np.testing.assert_allclose(ex.current_map("gradcam"), grad_cam(ex.analysis, ex.cls_dd.value))
     p = ex.export_grid()
     assert Image.open(p).size[0] > 300
+
+
+def test_toggles_follow_the_heads(deit_s, synth):
+    "The bug: after 'all heads on' the L/h toggles kept their old state, so clicking L3 to switch it off switched it on."
+    ex = head_explorer(deit_s, synth, max_side=224).explorer
+    ex._rows[3].value = False                                           # layer 3 off
+    assert [b.value for b in ex._cols] == [False] * 6                   # every column now has an off head (layer 3)
+    ex._cols[1].value = True; ex._cols[1].value = False                 # two clicks on h1: all on, then all off
+    assert not ex.mask_grid()[3].any() and not ex.mask_grid()[:, 1].any()
+    assert not any(b.value for b in ex._rows)
+    ex.all_on.click()
+    assert ex.head_mask is None and all(b.value for b in ex._rows + ex._cols)
+    ex._rows[3].value = False                                           # the user clicks L3 to switch it OFF
+    z = ex.mask_grid()
+    assert not z[3].any() and z[np.arange(12) != 3].all(), "clicking L3 after 'all heads on' must switch layer 3 off"
+    ex.click_mode.value = "toggle"
+    for hd in range(6): ex._cells[3, hd][1].click()                     # back on head by head: L3 follows
+    assert ex._rows[3].value and ex.head_mask is None
+    ex._cells[0, 0][1].click()
+    assert not ex._rows[0].value and not ex._cols[0].value and ex._rows[1].value and ex._cols[1].value
+
+
+def test_messages_are_one_readable_line(deit_s, synth, tmp_path):
+    ex = head_explorer(deit_s, synth, export_dir=tmp_path / "exp", max_side=224).explorer
+    def last_error():
+        kind, text = ex.messages[-1]
+        assert kind == "error", ex.messages[-1]
+        assert "Traceback" not in text and " object at 0x" not in text and "\n" not in text, text
+        return text
+    # a text file given as checkpoint (was: IndexError: pop from empty list / KeyError)
+    for name, data in (("notes.pt", b"hello\nworld\n"), ("junk.pt", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(data)
+        ex.ckpt_text.value = str(tmp_path / name); ex.ckpt_btn.click()
+        assert "is not a PyTorch checkpoint" in last_error() and ex.model is deit_s
+    (tmp_path / "damaged.pt").write_bytes(b"\x80\x02" + bytes(64))
+    ex.ckpt_text.value = str(tmp_path / "damaged.pt"); ex.ckpt_btn.click()
+    assert "could not be read as a WeakTr checkpoint" in last_error()
+    # an unreadable upload (was: cannot identify image file <_io.BytesIO object at 0x...>)
+    ex.upload.value = upload_value("photo.png", b"\x89PNG but not really")
+    assert last_error() == "upload 'photo.png' is not an image file PIL can read (unknown format or not an image)"
+    # dataset index out of range (was: clamped silently by a BoundedIntText)
+    ex.index.value = 2; shown = ex.analysis.id
+    ex.index.value = 40
+    assert last_error() == "dataset # 40 is out of range: the dataset has 4 images, # 0 to 3"
+    assert ex.index.value == 2 and ex.analysis.id == shown
+    ex.index.value = -1; last_error()
+    # an absent class: a warning line, and the info says the pseudo label ignores it
+    ex.all_classes.value = True
+    absent = next(c for c in range(C) if c not in ex.analysis.present)
+    ex.cls_dd.value = absent
+    kind, text = ex.messages[-1]
+    assert kind == "warn" and "is not among this image's labels" in text and "is not among" in ex.info.value
+    # the title names the model in words, never a raw settings dict
+    assert "{" not in ex.title.value and "12 layers × 6 heads" in ex.title.value
+    ex.cls_dd.value = ex.analysis.present[0]
+
+
+def test_no_stale_text_and_hints(deit_s, synth, tmp_path):
+    ex = head_explorer(deit_s, synth, export_dir=tmp_path / "exp", max_side=224).explorer
+    ex.crf.value = False
+    ex.source.value = "pseudo"
+    assert "pseudo label at t=" in ex.status.value
+    ex.source.value = "refined"                                         # switching maps: the pseudo-label line goes
+    assert "pseudo label" not in ex.status.value
+    p = ex.export_view()
+    first = ex.analysis.id
+    assert first in ex.export_html.value and p.name.startswith(first)
+    ex.next_btn.click()                                                 # a new image: no link to the old export
+    assert ex.analysis.id != first and ex.export_html.value == ""
+    # an all-zero map: a hint in the status line and the view's title
+    ex.set_head_mask(np.zeros((12, 6), bool))
+    kind, text = ex.messages[-1]
+    assert kind == "warn" and "zero everywhere (every head is switched off)" in text, ex.messages[-3:]
+    assert "zero everywhere" in ex.title_main.value
+    ex.all_on.click()
+    assert "zero everywhere" not in ex.status.value
+    # attention mass on a flat map: no speckled outline (ties kept together: all or nothing)
+    flat = np.full(ex.analysis.grid, 0.25, np.float32)
+    assert binarize(flat, mass=0.5, size=(64, 64)).all()
+    assert map_note(flat) == "flat"
+
+
+def test_exports_record_settings(deit_s, synth, tmp_path):
+    ex = head_explorer(deit_s, synth, export_dir=tmp_path / "exp", max_side=224).explorer
+    ex.click_mode.value = "toggle"; ex._cells[2, 3][1].click()
+    for p in (ex.export_view(), ex.export_grid()):
+        assert (os.stat(p).st_mode & 0o777) == 0o644 and (os.stat(p.with_suffix(".json")).st_mode & 0o777) == 0o644
+        meta = json.loads(Image.open(p).text["weaktr:settings"])
+        assert meta == json.loads(p.with_suffix(".json").read_text())
+        assert meta["image"] == ex.analysis.id and meta["heads_off"] == [[2, 3]] and meta["map"] == "refined"
+        assert meta["threshold"] == ex.threshold.value and "12 layers × 6 heads" in meta["model"]
+
+
+def test_large_upload_works_at_the_working_size(deit_s, synth):
+    ex = head_explorer(deit_s, synth).explorer
+    ex.add_upload("big.jpg", encode(photo(1280, 960), "JPEG"))
+    an = ex.analysis
+    assert an.id == "big.jpg" and max(an.image.shape[:2]) <= 448 and max(an.grid) <= 28
+    assert any("resized 1280x960 -> 448x336" in t for _, t in ex.messages[-3:]), ex.messages[-3:]
+    assert max(ex.base.shape[:2]) <= ex.view_side                       # the display copy, not the 1280 x 960 original
 
 
 def test_uploads_are_converted_or_refused(deit_s, synth):
@@ -132,7 +235,7 @@ def test_uploads_are_converted_or_refused(deit_s, synth):
     for name, im in cases.items():
         ex.upload.value = upload_value(name, encode(im, "JPEG" if name.endswith("jpg") else "PNG"))
         assert ex.analysis.id == name and ex.analysis.image.ndim == 3, (name, ex.messages[-1])
-        assert ex.messages[-1][0] == "info" and "converted from" in ex.messages[-1][1], (name, ex.messages[-1])
+        assert any(k == "info" and "converted from" in t for k, t in ex.messages[-3:]), (name, ex.messages[-3:])
     n = len(ex.uploads)
     truncated = encode(photo())[:200]
     bad = {"truncated.png": (truncated, "not an image file"), "text.png": (b"hello", "not an image file"),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_explorer.ipynb #d0ea0f0e
 from __future__ import annotations
-import base64, html, io, time, traceback
+import base64, html, io, json, os, pickle, re, time, traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,27 +19,39 @@ from .core import atomic_path
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .data import runs_dir
 from .model import WeakTr, create_weaktr, weaktr_loss, weaktr_config_from_state_dict
-from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize, upsample_map,
-                        head_mask_grid, affinity_row, head_map, thumbnail_png, png_bytes, plot_overlay, plot_head_grid)
+from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize, map_note,
+                        effective_weights, affinity_row, head_map, colorize, overlay_image, thumbnail_png, png_bytes,
+                        plot_overlay, plot_head_grid)
 
 # %% auto #0
-__all__ = ['load_explorer_model', 'find_demo_checkpoint', 'demo_model', 'quick_finetune', 'HeadExplorer', 'head_explorer']
+__all__ = ['load_explorer_model', 'find_demo_checkpoint', 'demo_model', 'quick_finetune', 'readable_error', 'working_side',
+           'model_summary', 'HeadExplorer', 'head_explorer']
 
 # %% ../nbs/18_explorer.ipynb #a6c1aed0
 def load_explorer_model(checkpoint,                     # run folder, learner .pt or official Phase-1 checkpoint
                         device: str | torch.device = "cpu",
                        ) -> WeakTr:
-    "A WeakTr Phase-1 model from a checkpoint, in eval mode (shapes inferred; errors name the file)."
-    from weaktr.model import load_cam_model
-    return load_cam_model(checkpoint, device=device)
+    "A WeakTr Phase-1 model from a checkpoint, in eval mode (shapes inferred; errors name the file and say what it is)."
+    from weaktr.model import load_cam_model, resolve_checkpoint
+    path, _ = resolve_checkpoint(checkpoint)                       # FileNotFoundError naming the path
+    with open(path, "rb") as f: head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":                  # torch.save writes a zip (PK..) or a pickle (0x80 ..)
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle): "
+                         "give a run folder, a learner .pt or an official WeakTr Phase-1 file")
+    try:
+        return load_cam_model(path, device=device)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, IndexError) as e:   # damaged or foreign file
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"{path} could not be read as a WeakTr checkpoint ({type(e).__name__}: {first[:120]})") from None
 
 def _is_phase1(path: Path) -> bool:
+    "True when `path` loads (weights only) as a WeakTr Phase-1 state dict; unreadable files are not candidates."
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        sd = obj.get("model", obj) if isinstance(obj, dict) else None
-        return isinstance(sd, dict) and bool(weaktr_config_from_state_dict(sd))
-    except Exception:
+    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, IndexError):
         return False
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    return isinstance(sd, dict) and bool(weaktr_config_from_state_dict(sd))
 
 def find_demo_checkpoint(root=None, # folder to search (default: runs/demo)
                         ) -> Path | None:
@@ -58,6 +70,7 @@ def demo_model(num_classes: int,       # C
               ) -> WeakTr:
     "The notebooks' small WeakTr: the shipped pretrained tiny backbone if present, else a random tiny ViT (64 px, patch 8)."
     torch.manual_seed(seed)
+    why = ""
     if pretrained:
         try:
             from weaktr.pretrain import DEMO_ASSET, asset_card, asset_path
@@ -66,13 +79,14 @@ def demo_model(num_classes: int,       # C
             backbone, kw = arch["backbone"], dict(arch["kwargs"])
             model = create_weaktr(backbone, num_classes, pretrained=asset_path(name), reduction=4, pool="max",
                                   drop_path_rate=0.0, **kw)
-            model.description = f"{backbone} {kw} from the shipped pretrained backbone {name}"
+            model.description = (f"shipped pretrained backbone {name} (D={kw.get('embed_dim')}, "
+                                 f"{kw.get('depth')} blocks × {kw.get('num_heads')} heads, patch {kw.get('patch_size')})")
             return model
-        except (ImportError, FileNotFoundError, KeyError):
-            pass
+        except (ImportError, FileNotFoundError, KeyError) as e:       # no usable asset: say so in the description
+            why = f"the shipped backbone could not be loaded ({type(e).__name__}: {e})"
     model = create_weaktr("deit_tiny_patch16_224", num_classes, img_size=64, patch_size=8, embed_dim=64, depth=4,
                           num_heads=4, reduction=2, pool="max", drop_path_rate=0.0)
-    model.description = "random-init tiny ViT (D=64, 4 blocks x 4 heads, patch 8, 64 px)"
+    model.description = "random-init tiny ViT (D=64, 4 blocks × 4 heads, patch 8, 64 px)" + (f"; {why}" if why else "")
     return model
 
 def quick_finetune(model: WeakTr,        # trained in place
@@ -115,6 +129,65 @@ def quick_finetune(model: WeakTr,        # trained in place
 # %% ../nbs/18_explorer.ipynb #2f60db99
 def _hex(rgb) -> str: return "#%02x%02x%02x" % tuple(int(v) for v in rgb)
 
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+def readable_error(e: BaseException) -> str:
+    "One line for the widget: the error's own message (object reprs removed); unexpected types say so."
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = _REPR.sub("the data", text) or type(e).__name__
+    if not isinstance(e, (ValueError, TypeError, OSError, KeyError)):
+        text = f"unexpected {type(e).__name__}: {text} (traceback in explorer.last_error)"
+    return text[:400]
+
+def _edge(region: np.ndarray) -> np.ndarray:
+    "The 1-pixel inner border of a bool region: (H, W) bool."
+    r = np.pad(region, 1, mode="edge")
+    inner = r[1:-1, 1:-1] & r[:-2, 1:-1] & r[2:, 1:-1] & r[1:-1, :-2] & r[1:-1, 2:]
+    return region & ~inner
+
+def _resize_nearest(a: np.ndarray, size: tuple) -> np.ndarray:
+    "(h, w[, 3]) uint8 array -> (H, W[, 3]) by nearest neighbour."
+    return np.asarray(Image.fromarray(np.asarray(a, np.uint8)).resize((size[1], size[0]), Image.NEAREST))
+
+def _colorbar_html(cmap: str, lo: float, hi: float, sqrt: bool, height: int) -> str:
+    "A vertical colour scale as HTML (CSS gradient) labelled with the map's raw values."
+    stops = ", ".join(_hex(c) for c in colorize(np.linspace(0, 1, 11)[None], cmap)[0])
+    mid = lo + (hi - lo) * (0.25 if sqrt else 0.5)                  # sqrt scale: the middle of the bar is 1/4 of the range
+    lab = lambda v: f"{v:.3g}"
+    return (f'<div style="display:flex; height:{height}px; font-size:11px; line-height:1">'
+            f'<div style="width:12px; background:linear-gradient(to top, {stops}); border:1px solid #888"></div>'
+            f'<div style="display:flex; flex-direction:column; justify-content:space-between; margin-left:3px">'
+            f'<span>{lab(hi)}</span><span>{lab(mid)}</span><span>{lab(lo)}</span></div></div>')
+
+def _legend_html(an, classes) -> str:
+    "Colour legend of a label map (VOC palette)."
+    from weaktr.data import voc_palette
+    pal = voc_palette()
+    items = [(0, "background")] + [(c + 1, an.class_names[c]) for c in classes]
+    return "".join(f'<div style="font-size:11px; white-space:nowrap"><span style="display:inline-block; width:10px; '
+                   f'height:10px; background:{_hex(pal[v])}; border:1px solid #888"></span> {html.escape(n)}</div>'
+                   for v, n in items)
+
+def working_side(model, max_patches: int = 28) -> int:
+    "Longer image side the explorer feeds the model: `max_patches` patches (>= the model's own input size)."
+    ps = model.patch_size if isinstance(model.patch_size, int) else max(model.patch_size)
+    size = model.config.get("img_size", 224) if hasattr(model, "config") else 224
+    size = max(size) if isinstance(size, (tuple, list)) else int(size)
+    return max(max_patches * ps, size)
+
+def model_summary(model) -> str:
+    "One readable line on a model: backbone, L x nh, C, patch, and where its weights come from."
+    L, nh, p = model.depth, model.num_heads, model.patch_size
+    p = p if isinstance(p, int) else max(p)
+    line = f"{model.backbone_name} · {L} layers × {nh} heads · C={model.num_classes} classes · patch {p}"
+    ck = getattr(model, "checkpoint_path", None)
+    desc = getattr(model, "description", None)
+    if ck: line += f" · checkpoint {Path(ck).name}"
+    elif isinstance(desc, str) and desc and "{" not in desc: line += f" · {desc}"
+    return line
+
+_PATCH_SOURCES = ("affinity", "head_affinity")          # maps of one query patch
+
 class HeadExplorer:
     "State and widgets of the attention-head explorer (see `head_explorer`)."
     def __init__(self,
@@ -123,26 +196,28 @@ class HeadExplorer:
                  images: Sequence | None = None,    # extra images: paths, PIL images or arrays
                  device: str = "cpu",
                  class_names: Sequence[str] | None = None,  # names when there is no (matching) dataset
-                 max_side: int | None = 448,        # longer image side fed to the model (see `weaktr.viz.prepare_image`)
+                 max_side: int | str | None = "auto",  # longer side fed to the model ("auto": `working_side`, None: as is)
                  max_items: int = 50,               # dataset items listed in the image menu (any index via `dataset #`)
-                 thumb: int = 56,                   # thumbnail side in pixels
-                 export_dir="explorer_exports",     # where PNG exports are written
+                 thumb: int | None = None,          # thumbnail side in pixels (None: fit L rows in ~600 px)
+                 view_side: int = 400,              # longer side of the main view in pixels
+                 export_dir="explorer_exports",     # where PNG exports are written (git-ignored)
                  threshold: float = 0.43,           # initial threshold (pseudo-label background score)
                  cache_size: int = 4,               # analysed images kept in memory
                 ):
-        self.device, self.max_side, self.thumb, self.export_dir = device, max_side, thumb, Path(export_dir)
+        self.device, self.max_side_opt, self.thumb_opt, self.export_dir = device, max_side, thumb, Path(export_dir)
+        self.view_side, self.max_items = view_side, max_items
         self.dataset, self.user_class_names, self.cache_size = dataset, class_names, cache_size
         self.images = list(images or [])
         self.uploads: list[tuple[str, bytes]] = []
-        self.cache: OrderedDict = OrderedDict()
+        self.cache: OrderedDict = OrderedDict()       # key -> (ImageAnalysis, display image)
         self.model, self.analysis, self.last_error, self.messages = None, None, None, []
-        self._shown_key, self.iou = None, None
-        self.head_mask = None                 # (L, nh) bool, True = on
-        self._suspend, self._cells, self._picker = 0, {}, []
-        self._build_controls(max_items, threshold)
-        self.box = W.VBox([self.title, self.notice, self.row_image, self.row_class, self.row_pos, self.row_look, self.row_thr,
-                           self.status, W.HBox([self.main, W.VBox([self.info, self.picker_box])]),
-                           self.row_grid_ctl, self.grid_box, self.row_export, self.row_ckpt],
+        self._shown_key, self.iou, self.iou2, self.base = None, None, None, None
+        self.head_mask = None                 # (L, nh) bool, True = on; the only head state (toggles follow it)
+        self._suspend, self._cells, self._rows, self._cols, self._view_btns = 0, {}, [], [], []
+        self._click = (1, 1, 1)               # click grid: (step, rows, cols)
+        self._build_controls(threshold)
+        self.box = W.VBox([self.title, self.notice, self.row_image, self.row_class, self.row_look, self.status,
+                           W.HBox([self.left, self.right], layout=W.Layout(align_items="flex-start")), self.row_ckpt],
                           layout=W.Layout(width="100%"))
         self.box.add_class("weaktr-explorer")
         self.box.explorer = self
@@ -151,23 +226,29 @@ class HeadExplorer:
 
     # -- messages ---------------------------------------------------------------------------------------------
     def _msg(self, text: str, kind: str = "info"):
-        "Show a message line (kind: info, warn, error)."
+        "Show a message line (kind: info, warn, error) in the status lines of the current action (at most 3)."
         color = {"info": "#225", "warn": "#a60", "error": "#b00"}[kind]
         self.messages.append((kind, text))
-        self.status.value = f'<div style="color:{color}; font-size:12px">{html.escape(text)}</div>'
+        self._lines = (getattr(self, "_lines", []) + [
+            f'<div style="color:{color}; font-size:13px; line-height:1.4">{html.escape(text)}</div>'])[-3:]
+        self.status.value = "".join(self._lines)
 
     @contextmanager
     def _guarded(self):
         try: yield
-        except Exception as e:
+        except Exception as e:                    # every handler: a readable message, the traceback kept
             self.last_error = traceback.format_exc()
-            self._msg(f"{type(e).__name__}: {e}", "error")
+            self._msg(readable_error(e), "error")
+
+    def _act(self, fn, *a):
+        "A user action: clear the status lines (no stale text), run `fn`, errors become messages."
+        self.status.value, self._lines = "", []
+        with self._guarded(): return fn(*a)
 
     def _on(self, widget, fn, names="value"):
-        "Observe a widget; the handler's errors become messages; ignored while batching."
+        "Observe a widget; ignored while batching."
         def handler(change):
-            if self._suspend: return
-            with self._guarded(): fn(change)
+            if not self._suspend: self._act(fn, change)
         widget.observe(handler, names=names)
 
     @contextmanager
@@ -177,52 +258,74 @@ class HeadExplorer:
         finally: self._suspend -= 1
 
     # -- widgets ----------------------------------------------------------------------------------------------
-    def _build_controls(self, max_items, threshold):
-        sty, lay = dict(description_width="initial"), lambda w: W.Layout(width=w)
-        self.title = W.HTML()
-        self.image_dd = W.Dropdown(description="image", style=sty, layout=lay("260px"))
-        n = len(self.dataset) if self.dataset is not None else 0
-        self.index = W.BoundedIntText(value=0, min=0, max=max(n - 1, 0), description="dataset #", style=sty,
-                                      layout=lay("150px"), disabled=n == 0)
-        self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image")
-        self.row_image = W.HBox([self.image_dd, self.index, self.upload])
-        self.cls_dd = W.Dropdown(description="class", style=sty, layout=lay("300px"))
-        self.all_classes = W.Checkbox(value=False, description="all classes", indent=False, layout=lay("110px"))
-        self.source = W.Dropdown(options=[(v, k) for k, v in SOURCES.items()], value="refined", description="map",
-                                 style=sty, layout=lay("300px"))
-        self.row_class = W.HBox([self.cls_dd, self.all_classes, self.source])
-        self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False, layout=lay("230px"))
-        self.head = W.IntSlider(value=0, min=0, max=0, description="head", continuous_update=False, layout=lay("230px"))
-        self.patch_r = W.IntSlider(value=0, min=0, max=0, description="patch row", style=sty, continuous_update=False, layout=lay("230px"))
-        self.patch_c = W.IntSlider(value=0, min=0, max=0, description="patch col", style=sty, continuous_update=False, layout=lay("230px"))
-        self.row_pos = W.HBox([self.layer, self.head, self.patch_r, self.patch_c])
-        self.alpha = W.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="opacity", continuous_update=False, layout=lay("230px"))
-        self.cmap = W.Dropdown(options=list(CMAPS), value="jet", description="colormap", style=sty, layout=lay("170px"))
-        self.sqrt = W.Checkbox(value=False, description="sqrt scaling", indent=False, layout=lay("120px"))
-        self.row_look = W.HBox([self.alpha, self.cmap, self.sqrt])
-        self.threshold = W.FloatSlider(value=threshold, min=0, max=1, step=0.01, description="threshold", continuous_update=False,
-                                       layout=lay("260px"), tooltip="background score of the pseudo label; cut of the outlined region")
-        self.mass = W.FloatSlider(value=0.0, min=0, max=1, step=0.05, description="attn mass (0=off)", style=sty,
-                                  continuous_update=False, layout=lay("300px"))
-        self.crf = W.Checkbox(value=True, description="CRF", indent=False, layout=lay("70px"))
-        self.row_thr = W.HBox([self.threshold, self.mass, self.crf])
-        for w, name in ((self.source, "source"), (self.alpha, "opacity"), (self.cls_dd, "class"), (self.image_dd, "image")):
-            w.add_class(f"weaktr-{name}")                                    # stable hooks for browser tests
-        self.status = W.HTML(); self.status.add_class("weaktr-status")
+    def _build_controls(self, threshold):
+        sty, lay = dict(description_width="initial"), lambda w, **k: W.Layout(width=w, **k)
+        self.title = W.HTML(); self.title.add_class("weaktr-title")
         self.notice = W.HTML()                # persistent warnings (model / dataset mismatch)
-        self.main = W.Image(format="png", layout=W.Layout(max_width="640px")); self.main.add_class("weaktr-main")
-        self.info = W.HTML(layout=lay("330px"))
-        self.picker = W.GridBox(); self.picker.add_class("weaktr-picker")
-        self.picker_box = W.VBox([W.HTML("<b>patch picker</b> (click a patch: its affinity row)"), self.picker])
+        self.prev_btn = W.Button(description="◀ prev", layout=lay("70px"), tooltip="previous image")
+        self.next_btn = W.Button(description="next ▶", layout=lay("70px"), tooltip="next image")
+        self.image_dd = W.Dropdown(description="image", style=sty, layout=lay("250px"))
+        n = len(self.dataset) if self.dataset is not None else 0
+        self.index = W.IntText(value=0, description="dataset #", style=sty, layout=lay("130px"), disabled=n == 0)
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image", layout=lay("150px"))
+        self.row_image = W.HBox([self.prev_btn, self.image_dd, self.next_btn, self.index, self.upload])
+        self.cls_dd = W.Dropdown(description="class", style=sty, layout=lay("250px"))
+        self.all_classes = W.Checkbox(value=False, description="all classes", indent=False, layout=lay("95px"))
+        self.source = W.Dropdown(options=[(v, k) for k, v in SOURCES.items()], value="refined", description="map",
+                                 style=sty, layout=lay("330px"))
+        self.compare = W.Dropdown(description="beside it", style=sty, layout=lay("330px"))
+        self.row_class = W.HBox([self.cls_dd, self.all_classes, self.source, self.compare])
+        self.threshold = W.FloatSlider(value=threshold, min=0, max=1, step=0.01, description="threshold", style=sty,
+                                       continuous_update=False, layout=lay("220px"),
+                                       tooltip="background score of the pseudo label; cut of the outlined region")
+        self.mass = W.FloatSlider(value=0.0, min=0, max=1, step=0.05, description="attn mass", style=sty,
+                                  continuous_update=False, layout=lay("200px"), tooltip="DINO's attention-mass region (0 = off)")
+        self.crf = W.Checkbox(value=True, description="CRF", indent=False, layout=lay("55px"))
+        self.alpha = W.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="opacity", style=sty,
+                                   continuous_update=False, layout=lay("190px"))
+        self.cmap = W.Dropdown(options=list(CMAPS), value="jet", description="colormap", style=sty, layout=lay("150px"))
+        self.sqrt = W.Checkbox(value=False, description="sqrt", indent=False, layout=lay("55px"))
+        self.row_look = W.HBox([self.threshold, self.mass, self.crf, self.alpha, self.cmap, self.sqrt])
+        for w, name in ((self.source, "source"), (self.alpha, "opacity"), (self.cls_dd, "class"), (self.image_dd, "image"),
+                        (self.compare, "compare"), (self.prev_btn, "prev"), (self.next_btn, "next")):
+            w.add_class(f"weaktr-{name}")                                    # stable hooks for browser tests
+        self.status = W.HTML(layout=lay("100%", min_height="20px")); self.status.add_class("weaktr-status")
+        # main view: the overlay with a transparent button per patch (block) on top: click = pick the query patch
+        self.title_main = W.HTML(); self.title_main.add_class("weaktr-view-title")
+        self.main = W.Image(format="png", layout=W.Layout(grid_area="v", margin="0")); self.main.add_class("weaktr-main")
+        self._btn_layout = W.Layout(width="100%", height="100%", margin="0", padding="0", min_width="0", border="0")
+        self._btn_style = W.ButtonStyle(button_color="transparent")
+        self.click_grid = W.GridBox(layout=W.Layout(grid_area="v", margin="0")); self.click_grid.add_class("weaktr-click")
+        fixed = dict(flex="0 0 auto", margin="0")                       # never squeezed by the flex row
+        self.view_stack = W.GridBox([self.main, self.click_grid], layout=W.Layout(grid_template_areas='"v"', **fixed))
+        self.colorbar = W.HTML(layout=lay("70px", flex="0 0 auto"))
+        self.view2_title = W.HTML(); self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
+        self.view2.add_class("weaktr-view2")
+        self.view_row = W.HBox([self.view_stack, self.colorbar, W.VBox([self.view2_title, self.view2], layout=W.Layout(**fixed))],
+                               layout=W.Layout(align_items="flex-start"))
+        self.click_shows = W.ToggleButtons(options=[("its affinity row", "affinity"), ("the value only", "value")],
+                                           value="affinity", description="click on the image shows", style=sty)
+        self.click_shows.style.button_width = "130px"
+        self.info = W.HTML()
+        self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False, layout=lay("180px"))
+        self.head = W.IntSlider(value=0, min=0, max=0, description="head", continuous_update=False, layout=lay("180px"))
+        self.patch_r = W.IntSlider(value=0, min=0, max=0, description="patch row", style=sty, continuous_update=False, layout=lay("200px"))
+        self.patch_c = W.IntSlider(value=0, min=0, max=0, description="col", style=sty, continuous_update=False, layout=lay("170px"))
+        self.row_pos = W.HBox([self.layer, self.head, self.patch_r, self.patch_c])
+        self.export_view_btn = W.Button(description="export view PNG", icon="download", layout=lay("150px"))
+        self.export_grid_btn = W.Button(description="export grid PNG", icon="th", layout=lay("150px"))
+        self.export_html = W.HTML(); self.export_html.add_class("weaktr-export")
+        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_html])
+        self.left = W.VBox([self.title_main, self.view_row, self.click_shows, self.info, self.row_pos, self.row_export])
+        # head grid: rows = layers, columns = heads
         self.click_mode = W.ToggleButtons(options=[("enlarge", "select"), ("switch on/off", "toggle")], value="select",
                                           description="click a head to", style=sty)
-        self.all_on = W.Button(description="all heads on", icon="refresh")
-        self.row_grid_ctl = W.HBox([self.click_mode, self.all_on])
+        self.click_mode.style.button_width = "110px"
+        self.all_on = W.Button(description="all heads on", icon="refresh", layout=lay("130px", flex="0 0 auto"))
         self.grid_box = W.GridBox(); self.grid_box.add_class("weaktr-grid")
-        self.export_view_btn = W.Button(description="export view PNG", icon="download")
-        self.export_grid_btn = W.Button(description="export grid PNG", icon="th")
-        self.export_html = W.HTML()
-        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_html])
+        self.grid_help = W.HTML()
+        self.right = W.VBox([self.grid_box, self.grid_help, self.click_mode, self.all_on],   # the grid level with the view
+                            layout=W.Layout(margin="0 0 0 12px", flex="0 0 auto"))
         self.ckpt_text = W.Text(placeholder="checkpoint: run folder or .pt", description="checkpoint", style=sty, layout=lay("420px"))
         self.ckpt_btn = W.Button(description="load")
         self.row_ckpt = W.HBox([self.ckpt_text, self.ckpt_btn])
@@ -231,27 +334,28 @@ class HeadExplorer:
         self._on(self.index, lambda c: self._pick_index(c["new"]))
         self._on(self.upload, lambda c: self._on_upload(c["new"]))
         self._on(self.all_classes, lambda c: self._update_class_options())
-        self._on(self.cls_dd, lambda c: self._refresh(grid=True))
-        self._on(self.source, lambda c: self._refresh(grid=True))
+        self._on(self.cls_dd, lambda c: self._class_changed())
+        for w in (self.source, self.compare, self.cmap, self.sqrt): self._on(w, lambda c: self._refresh(grid=True))
         for w in (self.layer, self.head): self._on(w, lambda c: self._select_head(self.layer.value, self.head.value))
-        for w in (self.patch_r, self.patch_c):
-            self._on(w, lambda c: self._refresh(grid=self.source.value in ("affinity", "head_affinity"), picker=True))
-        for w in (self.alpha, self.mass, self.crf): self._on(w, lambda c: self._refresh())
-        self._on(self.threshold, lambda c: self._refresh())
-        for w in (self.cmap, self.sqrt): self._on(w, lambda c: self._refresh(grid=True))
-        self.all_on.on_click(lambda b: self._guard_call(self.set_head_mask, None))
-        self.export_view_btn.on_click(lambda b: self._guard_call(self.export_view))
-        self.export_grid_btn.on_click(lambda b: self._guard_call(self.export_grid))
-        self.ckpt_btn.on_click(lambda b: self._guard_call(self.load_checkpoint, self.ckpt_text.value))
-
-    def _guard_call(self, fn, *a):
-        with self._guarded(): return fn(*a)
+        for w in (self.patch_r, self.patch_c): self._on(w, lambda c: self._refresh(grid=True))
+        for w in (self.alpha, self.mass, self.crf, self.threshold): self._on(w, lambda c: self._refresh())
+        self.prev_btn.on_click(lambda b: self._act(self.step_image, -1))
+        self.next_btn.on_click(lambda b: self._act(self.step_image, 1))
+        self.all_on.on_click(lambda b: self._act(self.set_head_mask, None))
+        self.export_view_btn.on_click(lambda b: self._act(self.export_view))
+        self.export_grid_btn.on_click(lambda b: self._act(self.export_grid))
+        self.ckpt_btn.on_click(lambda b: self._act(self.load_checkpoint, self.ckpt_text.value))
 
     # -- model and images -------------------------------------------------------------------------------------
     @property
     def dataset_ok(self) -> bool:
         "The dataset's classes fit the model (labels, masks and names are used)."
         return self.dataset is not None and self.model is not None and self.dataset.num_classes == self.model.num_classes
+
+    @property
+    def max_side(self):
+        "Longer image side fed to the model (see `working_side`)."
+        return working_side(self.model) if self.max_side_opt == "auto" else self.max_side_opt
 
     def class_names(self) -> tuple:
         C = self.model.num_classes
@@ -264,11 +368,12 @@ class HeadExplorer:
         if not isinstance(model, WeakTr):
             raise TypeError(f"expected a WeakTr model or a checkpoint path, got {type(model).__name__}")
         self.model = model.to(self.device).eval()
-        self.cache.clear(); self.head_mask = None
+        self.cache.clear(); self.head_mask = None; self.export_html.value = ""
         L, nh = model.depth, model.num_heads
-        desc = getattr(model, "description", None) or getattr(model, "checkpoint_path", None) or model.backbone_name
-        self.title.value = (f"<b>WeakTr head explorer</b> — {html.escape(str(desc))}: {L} layers × {nh} heads, "
-                            f"C={model.num_classes} classes, patch {model.patch_size}")
+        side = self.max_side
+        fed = f" · images fed at ≤ {side} px" if side else " · images fed at their own size"
+        self.title.value = (f'<div style="font-size:14px"><b>WeakTr head explorer</b> — '
+                            f'{html.escape(model_summary(model) + fed)}</div>')
         with self._batch():
             self.layer.max, self.head.max = L - 1, nh - 1
         self._build_grid()
@@ -279,7 +384,7 @@ class HeadExplorer:
         if self.user_class_names is not None and len(self.user_class_names) != model.num_classes and not self.dataset_ok:
             warn.append(f"{len(self.user_class_names)} class names given for a model with C={model.num_classes}: names not used")
         for t in warn: self._msg(t, "warn")
-        self.notice.value = "".join(f'<div style="color:#a60; font-size:12px">⚠ {html.escape(t)}</div>' for t in warn)
+        self.notice.value = "".join(f'<div style="color:#a60; font-size:13px">⚠ {html.escape(t)}</div>' for t in warn)
         self._shown_key = None
         self._update_image_options()
         if self.image_dd.options: self._show_item(self.image_dd.value)
@@ -297,10 +402,10 @@ class HeadExplorer:
         self._msg(f"loaded {path}")
         return True
 
-    def _update_image_options(self, max_items=None):
+    def _update_image_options(self):
         opts = []
         if self.dataset is not None:
-            n = len(self.dataset); k = min(n, max_items or 50)
+            n = len(self.dataset); k = min(n, self.max_items)
             opts += [(f"#{i} {self.dataset.ids[i]}", ("ds", i)) for i in range(k)]
         opts += [(f"image: {self._image_name(j)}", ("img", j)) for j in range(len(self.images))]
         opts += [(f"upload: {name}", ("up", j)) for j, (name, _) in enumerate(self.uploads)]
@@ -314,10 +419,35 @@ class HeadExplorer:
         return Path(im).name if isinstance(im, (str, Path)) else f"{j} ({type(im).__name__})"
 
     def _pick_index(self, i):
-        key = ("ds", int(i))
+        n = len(self.dataset) if self.dataset is not None else 0
+        if not 0 <= int(i) < n:
+            cur = self._shown_key[1] if self._shown_key and self._shown_key[0] == "ds" else 0
+            with self._batch(): self.index.value = cur
+            raise ValueError(f"dataset # {i} is out of range: the dataset has {n} images, # 0 to {n - 1}"
+                             if n else "there is no dataset to pick from")
+        self._show_key(("ds", int(i)))
+
+    def _show_key(self, key):
+        "Show a menu entry (adding a dataset item beyond the listed ones)."
         if key not in [v for _, v in self.image_dd.options]:
-            with self._batch(): self.image_dd.options = list(self.image_dd.options) + [(f"#{i} {self.dataset.ids[i]}", key)]
-        self.image_dd.value = key                                            # triggers _show_item
+            with self._batch(): self.image_dd.options = list(self.image_dd.options) + [(f"#{key[1]} {self.dataset.ids[key[1]]}", key)]
+        if self.image_dd.value == key: self._show_item(key)
+        else:
+            with self._batch(): self.image_dd.value = key
+            self._show_item(key)
+
+    def step_image(self, d: int):
+        "Previous (d=-1) / next (d=1) image: dataset items by index, then your images and uploads in menu order."
+        key = self._shown_key
+        if key is not None and key[0] == "ds":
+            i, n = key[1] + d, len(self.dataset)
+            if 0 <= i < n: return self._show_key(("ds", i))
+        vals = [v for _, v in self.image_dd.options]
+        j = vals.index(key) + d if key in vals else 0
+        if key is not None and key[0] == "ds" and d > 0: j = next((k for k, v in enumerate(vals) if v[0] != "ds"), len(vals))
+        if not 0 <= j < len(vals):
+            self._msg(f"this is the {'first' if d < 0 else 'last'} image", "warn"); return
+        self._show_key(vals[j])
 
     def _on_upload(self, value):
         if not value: return
@@ -326,16 +456,20 @@ class HeadExplorer:
 
     def add_upload(self, name: str, data: bytes):
         "Add an uploaded image file (bytes) and show it; unreadable files give a message."
+        from PIL import UnidentifiedImageError
         try:
             with Image.open(io.BytesIO(data)) as im: im.load(); im = im.copy()
-        except Exception as e:
-            raise ValueError(f"upload {name!r} is not an image file PIL can read ({type(e).__name__}: {e})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"upload {name!r} is not an image file PIL can read (unknown format or not an image)") from None
+        except (OSError, SyntaxError, ValueError) as e:         # truncated / corrupt data
+            raise ValueError(f"upload {name!r} is not an image file PIL can read (corrupt or truncated: "
+                             f"{readable_error(e)})") from None
         ps = self.model.patch_size if isinstance(self.model.patch_size, int) else max(self.model.patch_size)
-        try: prepare_image(im, ps, self.max_side)                        # refuse unusable images before listing them
+        try: prepare_image(im, ps, None)                         # refuse unusable images before listing them
         except (ValueError, TypeError) as e: raise ValueError(f"upload {name!r}: {e}") from None
         self.uploads.append((name, data))
         self._update_image_options()
-        self.image_dd.value = ("up", len(self.uploads) - 1)
+        self._show_key(("up", len(self.uploads) - 1))
 
     def _load(self, key) -> dict:
         kind, j = key
@@ -347,19 +481,28 @@ class HeadExplorer:
         name, data = self.uploads[j]
         return dict(image=Image.open(io.BytesIO(data)), labels=None, mask=None, id=name)
 
+    def _cell(self, an) -> int:
+        "Pixels per patch in the main view."
+        return max(1, self.view_side // max(an.grid))
+
     def analyze(self, key) -> ImageAnalysis:
-        "The computed-once analysis of an image menu entry (cached)."
-        if key in self.cache: self.cache.move_to_end(key); return self.cache[key]
+        "The computed-once analysis of an image menu entry (cached with its display image)."
+        if key in self.cache: self.cache.move_to_end(key); return self.cache[key][0]
         item = self._load(key)
-        an = analyze_image(self.model, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
-                           max_side=self.max_side, device=self.device)
-        self.cache[key] = an
+        full, _, notes = prepare_image(item["image"], 1, None)         # RGB at full resolution (kept for display only)
+        mask = item["mask"]
+        an = analyze_image(self.model, full, item["labels"], mask, self.class_names(), id=item["id"],
+                           max_side=self.max_side, device=self.device)   # the model works at its working size
+        an.notes = notes + an.notes
+        (h, w), cell = an.grid, self._cell(an)
+        base = np.asarray(full.resize((w * cell, h * cell), Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
+        del full
+        self.cache[key] = (an, base)
         while len(self.cache) > self.cache_size: self.cache.popitem(last=False)
         return an
 
     def _show_item(self, key):
         if key is None: return
-        self._msg("computing attention maps …")
         t0, prev = time.time(), self._shown_key
         try:
             an = self.analyze(key)
@@ -367,16 +510,24 @@ class HeadExplorer:
             if prev is not None and prev != key:
                 with self._batch(): self.image_dd.value = prev
             raise
-        self.analysis, self._shown_key = an, key
+        self.analysis, self.base, self._shown_key = an, self.cache[key][1], key
+        self.export_html.value = ""                                      # a link to the previous image's export is stale
         h, w = an.grid
         with self._batch():
             self.patch_r.max, self.patch_c.max = h - 1, w - 1
             self.patch_r.value, self.patch_c.value = h // 2, w // 2
+            if key[0] == "ds": self.index.value = key[1]
             self._update_class_options()
-        self._build_picker()
-        self._refresh(grid=True, picker=True)
+            opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
+                   [(v, k) for k, v in SOURCES.items()]
+            cur = self.compare.value
+            self.compare.options = opts
+            self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
+        self._layout_view()
         note = ("; ".join(an.notes) + ". ") if an.notes else ""
-        self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px, grid {h}x{w}, analysed in {time.time() - t0:.2f} s. {note}")
+        self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px fed to the model, grid {h}x{w}, analysed in "
+                  f"{time.time() - t0:.2f} s. {note}")
+        self._refresh(grid=True)                                         # its warnings (e.g. a zero map) come last
 
     def _update_class_options(self):
         an = self.analysis
@@ -387,64 +538,104 @@ class HeadExplorer:
         gt = an.labels is not None
         def label(c):
             tag = ("GT " if gt else "pred ") if c in present else ""
-            return f"{an.class_names[c]}  {tag}p={an.scores['token'][c]:.2f}"
+            return f"{an.class_names[c]}  {tag}p={float(an.scores['token'][c]):.2f}"
         cur = self.cls_dd.value
         with self._batch():
             self.cls_dd.options = [(label(c), c) for c in order]
             self.cls_dd.value = cur if cur in order else order[0]
         if not self._suspend: self._refresh(grid=True)
 
-    # -- head grid and patch picker ---------------------------------------------------------------------------
+    def _class_changed(self):
+        an, c = self.analysis, self.cls_dd.value
+        if an is not None and c is not None and c not in an.present:
+            self._msg(f"'{an.class_names[c]}' is not among this image's "
+                      f"{'labels' if an.labels is not None else 'predicted classes'}: its maps are shown, the pseudo "
+                      f"label ignores it", "warn")
+        self._refresh(grid=True)
+
+    # -- click grid over the main view, head grid ---------------------------------------------------------------
+    def _layout_view(self):
+        "Size the main view and lay the transparent click buttons over it (one per patch, or per block of patches)."
+        an = self.analysis
+        (h, w), cell = an.grid, self._cell(an)
+        step = max(1, int(np.ceil(max(h, w) / 28)))                     # at most 28 buttons a side
+        gr, gc = -(-h // step), -(-w // step)
+        while len(self._view_btns) < gr * gc:
+            i = len(self._view_btns)
+            b = W.Button(description="", layout=self._btn_layout, style=self._btn_style)
+            b.on_click(lambda _, i=i: self._act(self.click_view, i))
+            self._view_btns.append(b)
+        self._click = (step, gr, gc)
+        H, Wd = h * cell, w * cell
+        rows = " ".join(f"{(min(r + step, h) - r) * cell}px" for r in range(0, h, step))
+        cols = " ".join(f"{(min(c + step, w) - c) * cell}px" for c in range(0, w, step))
+        self.main.layout.width, self.main.layout.height = f"{Wd}px", f"{H}px"
+        self.click_grid.layout.grid_template_rows, self.click_grid.layout.grid_template_columns = rows, cols
+        self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
+        self.click_grid.children = self._view_btns[:gr * gc]
+        self.view_stack.layout.width, self.view_stack.layout.height = f"{Wd}px", f"{H}px"
+
+    def click_view(self, i: int):
+        "A click on the main view's button i: the query patch under it (and the map's value there)."
+        step, gr, gc = self._click
+        (h, w) = self.analysis.grid
+        br, bc = divmod(int(i), gc)
+        r, c = min(br * step + step // 2, h - 1), min(bc * step + step // 2, w - 1)
+        self.pick_patch(r, c)
+
+    def _value_at(self, m, r, c) -> str:
+        an = self.analysis
+        (h, w) = an.grid
+        m = np.asarray(m)
+        if m.dtype.kind in "iub":                                        # a label map at image size
+            H, W = m.shape
+            v = int(m[min(H - 1, int((r + 0.5) * H / h)), min(W - 1, int((c + 0.5) * W / w))])
+            return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
+        mx = float(np.clip(m, 0, None).max())
+        v = float(m[r, c])
+        return f"{v:.4g}" + (f" ({100 * max(v, 0) / mx:.0f} % of the max)" if mx > 0 else "")
+
+    def pick_patch(self, r: int, c: int):
+        "Select query patch (row, col): the value of the shown map there; its affinity row unless 'value only'."
+        src = self.source.value
+        name = SOURCES[src].split(" (")[0]
+        val = self._value_at(self.current_map(), r, c)
+        with self._batch():
+            self.patch_r.value, self.patch_c.value = int(r), int(c)
+            if self.click_shows.value == "affinity" and src not in _PATCH_SOURCES: self.source.value = "affinity"
+        self._refresh(grid=True)
+        self._msg(f"patch ({r}, {c}): {name} = {val}")
+
+    def _thumb_side(self) -> int:
+        return self.thumb_opt or int(np.clip(600 // self.model.depth - 16, 28, 64))
+
     def _build_grid(self):
-        L, nh, t = self.model.depth, self.model.num_heads, self.thumb
-        cells, self._cells = [W.HTML("")], {}
+        L, nh, t = self.model.depth, self.model.num_heads, self._thumb_side()
+        small = W.Layout(width=f"{t}px", height="22px", padding="0", margin="0", min_width="0")
+        cells, self._cells, self._rows, self._cols = [W.HTML("")], {}, [], []
         for hd in range(nh):
-            b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer",
-                               layout=W.Layout(width=f"{t}px", height="24px"))
+            b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer", layout=small)
+            b.add_class(f"weaktr-col-{hd}")
             self._on(b, lambda c, hd=hd: self._set_column(hd, c["new"]))
-            cells.append(b)
+            self._cols.append(b); cells.append(b)
         for k in range(L):
             b = W.ToggleButton(value=True, description=f"L{k}", tooltip=f"switch all heads of layer {k}",
-                               layout=W.Layout(width="44px", height=f"{t}px"))
+                               layout=W.Layout(width="34px", height=f"{t}px", padding="0", margin="0", min_width="0"))
+            b.add_class(f"weaktr-row-{k}")
             self._on(b, lambda c, k=k: self._set_row(k, c["new"]))
-            cells.append(b)
+            self._rows.append(b); cells.append(b)
             for hd in range(nh):
-                img = W.Image(format="png", layout=W.Layout(width=f"{t}px", height=f"{t}px"))
-                btn = W.Button(description="", layout=W.Layout(width=f"{t}px", height="20px", padding="0"))
-                btn.style.font_size = "10px"
+                img = W.Image(format="png", layout=W.Layout(width=f"{t}px", margin="0"))
+                btn = W.Button(description="", layout=small)
+                btn.style.font_size = "9px"
                 btn.add_class(f"weaktr-cell-{k}-{hd}")
-                btn.on_click(lambda b, k=k, hd=hd: self._guard_call(self.click_head, k, hd))
+                btn.on_click(lambda b, k=k, hd=hd: self._act(self.click_head, k, hd))
                 self._cells[k, hd] = (img, btn)
                 cells.append(W.VBox([img, btn], layout=W.Layout(margin="0")))
         self.grid_box.children = cells
-        self.grid_box.layout = W.Layout(grid_template_columns=f"44px repeat({nh}, {t}px)", grid_gap="2px 4px")
-
-    def _build_picker(self):
-        an = self.analysis
-        h, w = an.grid
-        step = max(1, int(np.ceil(max(h, w) / 24)))            # at most ~24 buttons a side: a button covers step x step patches
-        rows, cols = range(0, h, step), range(0, w, step)
-        H, Wd = an.image.shape[:2]
-        ph, pw = H / h, Wd / w
-        self._picker = []
-        for r in rows:
-            for c in cols:
-                rr, cc = min(r + step // 2, h - 1), min(c + step // 2, w - 1)
-                tile = an.image[int(r * ph):int(min(r + step, h) * ph), int(c * pw):int(min(c + step, w) * pw)]
-                b = W.Button(description="", tooltip=f"patch ({rr}, {cc})",
-                             layout=W.Layout(width="14px", height="14px", padding="0", margin="0"))
-                b.style.button_color = _hex(tile.reshape(-1, 3).mean(0))
-                b.on_click(lambda _, rr=rr, cc=cc: self._guard_call(self.pick_patch, rr, cc))
-                self._picker.append(((rr, cc), b))
-        self.picker.children = [b for _, b in self._picker]
-        self.picker.layout = W.Layout(grid_template_columns=f"repeat({len(cols)}, 14px)", grid_gap="1px")
-
-    def pick_patch(self, r: int, c: int):
-        "Select query patch (row, col) and show its affinity row."
-        with self._batch():
-            self.patch_r.value, self.patch_c.value = r, c
-            if self.source.value not in ("affinity", "head_affinity"): self.source.value = "affinity"
-        self._refresh(grid=True, picker=True)
+        self.grid_box.layout = W.Layout(grid_template_columns=f"34px repeat({nh}, {t}px)", grid_gap="1px 2px")
+        self.grid_help.value = (f'<div style="font-size:11px; line-height:1.3; max-width:{34 + nh * (t + 2)}px">rows = '
+                                'layers, columns = heads; under each head its AAF weight w (orange = switched off)</div>')
 
     def click_head(self, layer: int, head: int):
         "A click on a grid cell: enlarge the head (mode 'select') or switch it on/off (mode 'toggle')."
@@ -455,8 +646,8 @@ class HeadExplorer:
 
     def _select_head(self, layer, head):
         with self._batch():
-            self.layer.value, self.head.value = layer, head
-            self.source.value = "head_affinity" if self.source.value in ("affinity", "head_affinity") else "head"
+            self.layer.value, self.head.value = int(layer), int(head)
+            self.source.value = "head_affinity" if self.source.value in _PATCH_SOURCES else "head"
         self._refresh(grid=True)
 
     def mask_grid(self) -> np.ndarray:
@@ -464,13 +655,22 @@ class HeadExplorer:
         return np.ones((self.model.depth, self.model.num_heads), bool) if self.head_mask is None else self.head_mask.copy()
 
     def set_head_mask(self, z):
-        "Set the heads in the fusion: (L, nh) bool [layer, head], or None for all."
+        "Set the heads in the fusion: (L, nh) bool [layer, head], or None for all; the row/column toggles follow."
         self.head_mask = None if z is None else np.asarray(z, bool).copy()
         if self.head_mask is not None and self.head_mask.all(): self.head_mask = None
-        off = 0 if self.head_mask is None else int((~self.head_mask).sum())
-        if off == self.model.depth * self.model.num_heads:
+        self._sync_toggles()
+        if self.head_mask is not None and not self.head_mask.any():
             self._msg("all heads are switched off: every fused map is zero", "warn")
         self._refresh(grid=True)
+
+    def _sync_toggles(self):
+        "Row/column toggles show whether every head of that layer/column is on (derived from `head_mask`)."
+        z = self.mask_grid()
+        with self._batch():
+            for k, b in enumerate(self._rows):
+                if b.value != bool(z[k].all()): b.value = bool(z[k].all())
+            for hd, b in enumerate(self._cols):
+                if b.value != bool(z[:, hd].all()): b.value = bool(z[:, hd].all())
 
     def _set_row(self, k, on):
         z = self.mask_grid(); z[k, :] = on; self.set_head_mask(z)
@@ -479,98 +679,180 @@ class HeadExplorer:
         z = self.mask_grid(); z[:, hd] = on; self.set_head_mask(z)
 
     # -- drawing ----------------------------------------------------------------------------------------------
-    def current_map(self) -> np.ndarray:
-        "The main view's map for the current controls."
+    def current_map(self, source: str | None = None) -> np.ndarray:
+        "The map of `source` (default: the main view's) for the current controls."
         an = self.analysis
-        return source_map(an, self.source.value, self.cls_dd.value, self.layer.value, self.head.value, self.head_mask,
-                          (self.patch_r.value, self.patch_c.value), self.threshold.value, self.crf.value)
+        return source_map(an, source or self.source.value, self.cls_dd.value, self.layer.value, self.head.value,
+                          self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value, self.crf.value)
+
+    def view_title(self, source: str | None = None) -> str:
+        "Plain-text title of a view (no reprs: only ints, names and rounded floats)."
+        an, src = self.analysis, source or self.source.value
+        name, k, hd = an.class_names[self.cls_dd.value], int(self.layer.value), int(self.head.value)
+        r, c = int(self.patch_r.value), int(self.patch_c.value)
+        t = {"head": f"layer {k}, head {hd}: '{name}' token → patches (w = {float(an.head_weight_grid()[k, hd]):.2f})",
+             "affinity": f"patch ({r}, {c}) → patches, fused affinity",
+             "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches"}.get(src, f"{SOURCES[src]} · '{name}'")
+        if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
+        if self.head_mask is not None and src not in ("head", "head_affinity", "coarse"):
+            t += f" · {int((~self.head_mask).sum())} heads off"
+        return t
 
     def current_figure(self):
-        "The main view as a matplotlib Figure (`weaktr.viz.plot_overlay`)."
-        an, src, cls = self.analysis, self.source.value, self.cls_dd.value
-        m = self.current_map()
-        name = an.class_names[cls]
-        title = {"head": f"layer {self.layer.value} head {self.head.value}: '{name}' token → patches "
-                         f"(w={an.head_weight_grid()[self.layer.value, self.head.value]:.2f})",
-                 "affinity": f"patch ({self.patch_r.value}, {self.patch_c.value}) → patches, fused",
-                 "head_affinity": f"layer {self.layer.value} head {self.head.value}: patch ({self.patch_r.value}, "
-                                  f"{self.patch_c.value}) → patches"}.get(src, f"{SOURCES[src]} · {name}")
-        if self.head_mask is not None and src not in ("head", "head_affinity", "coarse"):
-            title += f" · {int((~self.head_mask).sum())} heads off"
-        is_label = src == "pseudo"
-        patchy = src in ("affinity", "head_affinity")
-        return plot_overlay(an, m, cls=None if patchy else cls, title=title, alpha=self.alpha.value,
-                            cmap=self.cmap.value, sqrt=self.sqrt.value,
-                            threshold=None if is_label else self.threshold.value, mass=self.mass.value or None,
+        "The main view as a matplotlib Figure (`weaktr.viz.plot_overlay`, with a colour bar), for export."
+        src, cls = self.source.value, self.cls_dd.value
+        patchy = src in _PATCH_SOURCES
+        return plot_overlay(self.analysis, self.current_map(), cls=None if patchy else cls, title=self.view_title(),
+                            alpha=self.alpha.value, cmap=self.cmap.value, sqrt=self.sqrt.value,
+                            threshold=None if src == "pseudo" else self.threshold.value, mass=self.mass.value or None,
                             patch=(self.patch_r.value, self.patch_c.value) if patchy else None)
 
-    def _refresh(self, grid: bool = False, picker: bool = False):
+    def _render(self, m, src, scale: float = 1.0):
+        "A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its region."
+        an, base = self.analysis, self.base
+        if scale != 1.0:
+            base = np.asarray(Image.fromarray(base).resize((max(1, round(base.shape[1] * scale)),
+                                                            max(1, round(base.shape[0] * scale))), Image.BILINEAR))
+        Hd, Wd = base.shape[:2]
+        m = np.asarray(m)
+        cls, region = self.cls_dd.value, None
+        if m.dtype.kind in "iub":                                        # label map (pseudo label, GT)
+            lab = _resize_nearest(m, (Hd, Wd))
+            out = overlay_image(base, lab, self.alpha.value if src != "gt" else 0.7)
+            region = lab == cls + 1
+        else:
+            out = overlay_image(base, m, self.alpha.value, self.cmap.value, self.sqrt.value)
+            if map_note(m) is None and src not in _PATCH_SOURCES:
+                region = binarize(m, self.threshold.value, self.mass.value or None, size=(Hd, Wd))
+        out = out.copy()
+        if region is not None and region.any() and not region.all(): out[_edge(region)] = 255
+        if src != "image":                                               # the query patch, on every map
+            (h, w) = an.grid
+            ch, cw = Hd / h, Wd / w
+            r0, c0 = int(self.patch_r.value * ch), int(self.patch_c.value * cw)
+            r1, c1 = min(Hd, int((self.patch_r.value + 1) * ch)) - 1, min(Wd, int((self.patch_c.value + 1) * cw)) - 1
+            for color, d in ((255, 0), (0, 1)):
+                out[r0 + d, c0 + d:c1 - d + 1] = color; out[r1 - d, c0 + d:c1 - d + 1] = color
+                out[r0 + d:r1 - d + 1, c0 + d] = color; out[r0 + d:r1 - d + 1, c1 - d] = color
+        return png_bytes(out, compress_level=1), region
+
+    def _refresh(self, grid: bool = False):
         if self._suspend or self.analysis is None or self.cls_dd.value is None: return
-        an, cls = self.analysis, self.cls_dd.value
-        pseudo = self.source.value == "pseudo"
-        if pseudo: self._msg("pseudo label: background threshold" + (" + dense CRF (a second or two at 448 px) …" if self.crf.value else " …"))
-        fig = self.current_figure()
-        self.main.value = png_bytes(fig, dpi=72)
-        if pseudo:
+        an, cls, src = self.analysis, self.cls_dd.value, self.source.value
+        m = self.current_map()
+        self.main.value, region = self._render(m, src)
+        title = self.view_title()
+        note = None if m.dtype.kind in "iub" else map_note(m)
+        if note == "zero":
+            why = ("every head is switched off" if self.head_mask is not None and not self.head_mask.any() else
+                   f"ReLU(M) of '{an.class_names[cls]}' is 0 everywhere: the CAM head does not fire for this class"
+                   if src in ("coarse", "fused", "refined", "refined_uniform") and not (an.cam_coarse[cls] > 0).any() else
+                   "no positive value")
+            self._msg(f"the map is zero everywhere ({why}): the view shows the plain image", "warn")
+            title += " · zero everywhere"
+        elif note == "flat":
+            self._msg("the map is flat (max − min ≤ 0.1 % of the max): no region is outlined", "warn")
+            title += " · flat"
+        self.title_main.value = f'<div style="font-size:13px; font-weight:600; line-height:1.4">{html.escape(title)}</div>'
+        H = self.base.shape[0]
+        if m.dtype.kind in "iub": self.colorbar.value = _legend_html(an, an.present)
+        else:
+            mm = np.clip(m.astype(np.float64), 0, None)
+            self.colorbar.value = _colorbar_html(self.cmap.value, float(mm.min()), float(mm.max()), self.sqrt.value, H - 8)
+        if src == "pseudo":
             self._msg(f"pseudo label at t={self.threshold.value:.2f}{' + CRF' if self.crf.value else ''} for "
                       f"{', '.join(an.class_names[c] for c in an.present)} "
                       f"({'GT labels' if an.labels is not None else 'predicted classes, p > 0.5'})")
-        self._update_info()
+        self._refresh_view2()
+        self._update_info(m, region)
         if grid: self._refresh_grid()
-        if picker: self._refresh_picker()
 
-    def _update_info(self):
+    def _refresh_view2(self):
+        "The panel beside the main view: the GT, the plain image, or a second map (a side-by-side compare)."
+        an, key, cls = self.analysis, self.compare.value, self.cls_dd.value
+        self.iou2 = None
+        if key == "gt":
+            png, _ = self._render(an.mask, "gt", 0.6)
+            t = "ground truth"
+        elif key == "image":
+            png, t = png_bytes(np.asarray(Image.fromarray(self.base).resize(
+                (round(self.base.shape[1] * 0.6), round(self.base.shape[0] * 0.6)), Image.BILINEAR)), compress_level=1), f"{an.id}"
+        else:
+            m2 = self.current_map(key)
+            png, _ = self._render(m2, key, 0.6)
+            t = self.view_title(key)
+            if an.mask is not None and key not in _PATCH_SOURCES:
+                self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value, None if key == "pseudo" else (self.mass.value or None))
+                t += f" · IoU {self.iou2:.2f}"
+        self.view2.value = png
+        self.view2_title.value = (f'<div style="font-size:12px; line-height:1.35; max-width:{round(self.base.shape[1] * 0.6)}px">'
+                                  f'{html.escape(t)}</div>')
+
+    def _update_info(self, m, region):
         an, cls, src = self.analysis, self.cls_dd.value, self.source.value
-        rows = [f"<b>{html.escape(an.id)}</b> · class <b>{html.escape(an.class_names[cls])}</b>"]
-        rows.append("scores: token {:.2f} · coarse {:.2f} · fine {:.2f}".format(
-            *(float(an.scores[k][cls]) for k in ("token", "coarse", "fine"))))
+        rows = [f"<b>{html.escape(an.id)}</b> · class <b>{html.escape(an.class_names[cls])}</b> · scores: token "
+                + " · ".join(f"{k} {float(an.scores[k][cls]):.2f}" for k in ("token", "coarse", "fine")).replace("token ", "", 1)]
         if cls not in an.present:
             rows.append(f'<span style="color:#a60">"{html.escape(an.class_names[cls])}" is not among this image\'s '
                         f'{"labels" if an.labels is not None else "predicted classes"}; the pseudo label ignores it</span>')
-        if an.mask is not None and src not in ("affinity", "head_affinity"):
-            m = self.current_map()
-            iou = map_iou(m, an.mask, cls, self.threshold.value, self.mass.value or None)
-            how = f"attention mass {self.mass.value:.2f}" if self.mass.value and src != "pseudo" else f"threshold {self.threshold.value:.2f}"
-            rows.append(f"IoU with GT: <b>{iou:.3f}</b> ({how})")
-            self.iou = iou
-        else:
-            self.iou = None
+        self.iou = None
+        if an.mask is not None and src not in _PATCH_SOURCES:
+            self.iou = map_iou(m, an.mask, cls, self.threshold.value, None if src == "pseudo" else (self.mass.value or None))
+            how = (f"attention mass {self.mass.value:.2f}" if self.mass.value and src != "pseudo"
+                   else f"threshold {self.threshold.value:.2f}")
+            rows.append(f"IoU with GT: <b>{self.iou:.3f}</b> (white outline: {how})")
         off = 0 if self.head_mask is None else int((~self.head_mask).sum())
-        w_on = float((self.analysis.head_weights * torch.from_numpy(head_mask_grid(an, self.head_mask).T.reshape(-1).copy())).sum())
+        w_on = float(effective_weights(an, self.head_mask).sum())
         rows.append(f"heads on: {an.num_maps - off}/{an.num_maps} · Σw on/all = {w_on:.2f}/{float(an.head_weights.sum()):.2f}")
         self.info.value = "<div style='font-size:12px; line-height:1.5'>" + "<br>".join(rows) + "</div>"
 
     def _refresh_grid(self):
         an = self.analysis
         if an is None: return
-        cls, z, wg = self.cls_dd.value, self.mask_grid(), an.head_weight_grid()
-        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in ("affinity", "head_affinity") else None
+        cls, z, wg, t = self.cls_dd.value, self.mask_grid(), an.head_weight_grid(), self._thumb_side()
+        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
         sel = (self.layer.value, self.head.value) if self.source.value in ("head", "head_affinity") else None
+        cmap = "viridis" if self.cmap.value == "jet" else self.cmap.value
+        key = (id(an), cls, patch, sel, cmap, self.sqrt.value, z.tobytes())
+        if key == getattr(self, "_grid_key", None): return               # nothing the thumbnails show has changed
+        self._grid_key = key
+        (h, w) = an.grid
+        small = np.asarray(Image.fromarray(an.image).resize((max(1, round(w * t / max(h, w))), max(1, round(h * t / max(h, w)))),
+                                                              Image.BILINEAR))
         for (k, hd), (img, btn) in self._cells.items():
             m = affinity_row(an, patch, layer=k, head=hd) if patch is not None else head_map(an, k, hd, cls)
-            img.value = thumbnail_png(m, self.thumb, "viridis" if self.cmap.value == "jet" else self.cmap.value,
-                                      self.sqrt.value, dim=not z[k, hd])
-            btn.description = f"w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off")
+            img.value = thumbnail_png(m, t, cmap, self.sqrt.value, dim=not z[k, hd], image=small)
+            btn.description = f"{wg[k, hd]:.2f}"
             btn.tooltip = f"layer {k}, head {hd}: AAF weight {wg[k, hd]:.3f}" + ("" if z[k, hd] else " (switched off)")
             btn.button_style = "info" if sel == (k, hd) else ("warning" if not z[k, hd] else "")
 
-    def _refresh_picker(self):
-        "Frame the picker button of the selected patch (the nearest one when a button covers several patches)."
-        if not self._picker: return
-        r, c = self.patch_r.value, self.patch_c.value
-        near = min(range(len(self._picker)), key=lambda i: abs(self._picker[i][0][0] - r) + abs(self._picker[i][0][1] - c))
-        for i, (_, b) in enumerate(self._picker):
-            border = "2px solid #000" if i == near else None
-            if b.layout.border != border: b.layout.border = border
-
     # -- export -----------------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        "What the current view shows: image, class, map, heads, thresholds, look, model (recorded with exports)."
+        an = self.analysis
+        z = self.mask_grid()
+        return {"image": an.id, "class": an.class_names[self.cls_dd.value], "class_index": int(self.cls_dd.value),
+                "map": self.source.value, "map_label": SOURCES[self.source.value], "beside": self.compare.value,
+                "layer": int(self.layer.value), "head": int(self.head.value),
+                "patch": [int(self.patch_r.value), int(self.patch_c.value)],
+                "threshold": float(self.threshold.value), "attention_mass": float(self.mass.value), "crf": bool(self.crf.value),
+                "opacity": float(self.alpha.value), "colormap": self.cmap.value, "sqrt": bool(self.sqrt.value),
+                "heads_off": [[int(k), int(h)] for k, h in zip(*np.nonzero(~z))],
+                "iou": None if self.iou is None or np.isnan(self.iou) else round(float(self.iou), 4),
+                "model": model_summary(self.model), "checkpoint": getattr(self.model, "checkpoint_path", None),
+                "image_size_fed": [int(an.image.shape[1]), int(an.image.shape[0])], "grid": [int(g) for g in an.grid],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
     def _export(self, fig, name) -> Path:
-        data = png_bytes(fig, dpi=110)
+        meta = self.settings()
+        data = png_bytes(fig, dpi=110, metadata={"Software": "weaktr explorer", "weaktr:settings": json.dumps(meta)})
         path = self.export_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp: Path(tmp).write_bytes(data)
+        side = path.with_suffix(".json")
+        with atomic_path(side) as tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
+        for p in (path, side): os.chmod(p, 0o644)                       # world-readable (mkstemp makes 0600)
         b64 = base64.b64encode(data).decode()
-        self.export_html.value = (f'saved {html.escape(str(path))} · <a download="{html.escape(name)}" '
+        self.export_html.value = (f'saved {html.escape(str(path))} (+ .json settings) · <a download="{html.escape(name)}" '
                                   f'href="data:image/png;base64,{b64}">download</a>')
         return path
 
@@ -580,14 +862,14 @@ class HeadExplorer:
         return f"{safe}_{an.class_names[self.cls_dd.value].replace(' ', '_')}"
 
     def export_view(self) -> Path:
-        "Write the current main view as PNG (export_dir/<id>_<class>_<source>.png); returns the path."
+        "Write the current main view as PNG (export_dir/<id>_<class>_<source>.png, settings in its text + a .json)."
         if self.analysis is None: raise ValueError("no image is shown: nothing to export")
         return self._export(self.current_figure(), f"{self._stem()}_{self.source.value}.png")
 
     def export_grid(self) -> Path:
-        "Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png); returns the path."
+        "Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png, settings recorded); returns the path."
         if self.analysis is None: raise ValueError("no image is shown: nothing to export")
-        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in ("affinity", "head_affinity") else None
+        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
         fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
                              selected=(self.layer.value, self.head.value), sqrt=self.sqrt.value)
         return self._export(fig, f"{self._stem()}_grid.png")
@@ -596,7 +878,7 @@ def head_explorer(model,                      # a WeakTr, or a checkpoint path (
                   dataset=None,               # SegDataset: images with labels and GT masks (optional)
                   images: Sequence | None = None,  # extra images: paths, PIL images or arrays
                   device: str = "cpu",
-                  **kw,                       # see `HeadExplorer` (class_names, max_side, thumb, export_dir, threshold, ...)
+                  **kw,                       # see `HeadExplorer` (class_names, max_side, thumb, view_side, export_dir, ...)
                  ) -> W.VBox:
     "Build the attention-head explorer; display the returned VBox (its `.explorer` holds the state)."
     return HeadExplorer(model, dataset, images, device, **kw).box

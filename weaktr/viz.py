@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-import matplotlib
+import matplotlib, matplotlib.cm, matplotlib.colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -24,9 +24,9 @@ from .crf import CrfCfg, CRF_VOC_LABELS
 # %% auto #0
 __all__ = ['FUSED_KINDS', 'CMAPS', 'SOURCES', 'snap_size', 'prepare_image', 'ImageAnalysis', 'to_model_input', 'analyze_image',
            'head_index', 'head_map', 'head_mask_grid', 'effective_weights', 'fused_map', 'patch_index', 'affinity_row',
-           'normalize_map', 'upsample_map', 'attention_mass_threshold', 'binarize', 'map_iou', 'pseudo_label',
-           'colorize', 'overlay_image', 'png_bytes', 'thumbnail_png', 'source_map', 'plot_head_grid', 'plot_overlay',
-           'plot_head_weights', 'plot_summary']
+           'attention_rollout', 'grad_cam', 'normalize_map', 'upsample_map', 'attention_mass_threshold', 'binarize',
+           'map_note', 'map_iou', 'pseudo_label', 'colorize', 'overlay_image', 'png_bytes', 'thumbnail_png',
+           'source_map', 'plot_head_grid', 'plot_overlay', 'plot_head_weights', 'plot_summary']
 
 # %% ../nbs/17_viz.ipynb #b85b2a8a
 def _to_pil(image) -> tuple[Image.Image, list[str]]:
@@ -126,6 +126,8 @@ class ImageAnalysis:
     mask: Optional[np.ndarray] = None    # (H, W) uint8 GT class map (0 bg, c+1, 255 ignore) at image size, or None
     id: str = ""                   # name shown in titles
     notes: list = field(default_factory=list)   # what preprocessing did
+    patch_feats: Optional[torch.Tensor] = None  # (D, h, w) input of the CAM head (for Grad-CAM), or None
+    head_conv: Optional[tuple] = None           # (weight (C, D, k, k), bias (C,)) of the CAM head's conv, or None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -180,7 +182,14 @@ def analyze_image(model,                          # a WeakTr (anything with `.in
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(): ins = model.inspect(to_model_input(pil)[None].to(device))
+        feats = []                                                  # the CAM head's input, for Grad-CAM
+        conv = getattr(model, "head", None)
+        hook = (conv.register_forward_pre_hook(lambda mod, args: feats.append(args[0][0].detach().float().cpu()))
+                if isinstance(conv, torch.nn.Conv2d) else None)
+        try:
+            with torch.no_grad(): ins = model.inspect(to_model_input(pil)[None].to(device))
+        finally:
+            if hook is not None: hook.remove()
     finally:
         model.train(was_training)
     f = lambda t: t[0].detach().float().cpu()
@@ -190,7 +199,10 @@ def analyze_image(model,                          # a WeakTr (anything with `.in
         cams=f(ins.cams), cam_fine=f(ins.cam_fine),
         scores={k: f(v).sigmoid().numpy() for k, v in zip(("token", "coarse", "fine"), ins.logits)},
         grid=tuple(ins.grid), depth=ins.depth, num_heads=ins.num_heads, class_names=names, labels=labels,
-        mask=None if mask is None else np.asarray(mask, np.uint8), id=id, notes=notes)
+        mask=None if mask is None else np.asarray(mask, np.uint8), id=id, notes=notes,
+        patch_feats=feats[0] if feats else None,
+        head_conv=(conv.weight.detach().float().cpu(), None if conv.bias is None else conv.bias.detach().float().cpu())
+                  if feats else None)
 
 # %% ../nbs/17_viz.ipynb #a25949c7
 def _check_index(name, v, n):
@@ -226,18 +238,20 @@ def effective_weights(analysis: ImageAnalysis, head_mask=None) -> torch.Tensor:
     z = torch.from_numpy(head_mask_grid(analysis, head_mask).T.reshape(-1).copy())   # (L, nh) -> (nh, L) -> (M,)
     return analysis.head_weights * z
 
-def _fused(analysis: ImageAnalysis, head_mask=None, need_affinity: bool = False) -> dict:
-    "S (C, h, w) and, on demand, A_pp (P, P) of the masked fusion; cached per mask."
+def _fused(analysis: ImageAnalysis, head_mask=None, need_affinity: bool = False, uniform: bool = False) -> dict:
+    "S (C, h, w) and, on demand, A_pp (P, P) of the masked fusion; cached per mask (and weighting)."
     z = head_mask_grid(analysis, head_mask)
-    key = ("fused", z.tobytes())
+    key = ("fused", z.tobytes(), uniform)
     r = analysis._cache.get(key)
     if r is None:
-        for k in [k for k in analysis._cache if k[0] == "fused"]: del analysis._cache[k]   # keep one mask only
+        old = [k for k in analysis._cache if k[0] == "fused" and k[2] == uniform]
+        for k in old: del analysis._cache[k]                        # keep one mask per weighting only
         r = analysis._cache[key] = {}
-    if z.all():                                                     # all heads on: the model's own tensors
+    if z.all() and not uniform:                                     # all heads on: the model's own tensors
         r.setdefault("S", analysis.cls_patch_attn); r.setdefault("A_pp", analysis.patch_affinity)
     C, M, (h, w) = analysis.num_classes, analysis.num_maps, analysis.grid
     wz = effective_weights(analysis, z)                             # (M,)
+    if uniform: wz = (wz > 0).float() * analysis.head_weights.mean()  # every head the mean weight: AAF switched off
     if "S" not in r:
         r["S"] = (torch.einsum("m,mcp->cp", wz, analysis.attn_stack[:, :C, C:]) / M).reshape(C, h, w)  # (M, C, P) -> (C, h, w)
     if need_affinity and "A_pp" not in r:
@@ -250,11 +264,12 @@ def fused_map(analysis: ImageAnalysis,  # the computed-once result
               cls: int,                 # class c
               head_mask=None,           # (L, nh) bool [layer, head] (or (M,) head-major); None = all heads on
               kind: str = "cams",       # "cross" S_c, "cams" S_c * ReLU(M_c), "refined" A_pp @ cams_c
+              uniform: bool = False,    # every head weighted by the mean AAF weight (the fusion without AAF)
              ) -> np.ndarray:
     "A fused map of class c, recomputed with the masked head weights (not renormalised): (h, w) float32."
     if kind not in FUSED_KINDS: raise ValueError(f"kind must be one of {FUSED_KINDS}, got {kind!r}")
     cls = _check_index("cls", cls, analysis.num_classes)
-    r = _fused(analysis, head_mask, need_affinity=kind == "refined")
+    r = _fused(analysis, head_mask, need_affinity=kind == "refined", uniform=uniform)
     S = r["S"][cls]                                                 # (h, w)
     if kind == "cross": return S.numpy()
     cams = S * analysis.cam_coarse[cls].relu()                      # (h, w)
@@ -284,6 +299,46 @@ def affinity_row(analysis: ImageAnalysis,  # the computed-once result
         row = _fused(analysis, head_mask, need_affinity=True)["A_pp"][i]
     return row.reshape(analysis.grid).numpy()                       # (P,) -> (h, w)
 
+def attention_rollout(analysis: ImageAnalysis,  # the computed-once result
+                      cls: int,                 # class token c
+                      head_mask=None,           # switched-off heads are left out of each layer's mean
+                     ) -> np.ndarray:
+    "Attention rollout (Abnar & Zuidema 2020), class token c -> patches: (h, w) float32."
+    L, nh, C, (h, w) = analysis.depth, analysis.num_heads, analysis.num_classes, analysis.grid
+    cls = _check_index("cls", cls, C)
+    z = head_mask_grid(analysis, head_mask)
+    key = ("rollout", z.tobytes())
+    if key not in analysis._cache:
+        N = analysis.attn_stack.shape[-1]
+        A = analysis.attn_stack.reshape(nh, L, N, N)                    # m = head*L + layer -> [head, layer]
+        eye = torch.eye(N)
+        V = eye[:C]                                                     # (C, N): rows of the class tokens
+        for k in reversed(range(L)):                                    # R = a_{L-1} ... a_0, read from the left
+            on = torch.from_numpy(z[k].copy())
+            a = A[on, k].mean(0) if on.any() else eye                   # (N, N) heads averaged
+            a = 0.5 * a + 0.5 * eye                                     # the residual path
+            V = V @ (a / a.sum(-1, keepdim=True))                       # (C, N) @ (N, N)
+        analysis._cache[key] = V[:, C:].reshape(C, h, w)               # (C, P) -> (C, h, w)
+    return analysis._cache[key][cls].numpy()
+
+def grad_cam(analysis: ImageAnalysis,  # the computed-once result (with `patch_feats`, `head_conv`)
+             cls: int,                 # class c
+            ) -> np.ndarray:
+    "Grad-CAM (Selvaraju et al. 2017) of the coarse score y_c = GAP(conv(F))_c at the CAM head's input F: (h, w)."
+    cls = _check_index("cls", cls, analysis.num_classes)
+    if analysis.patch_feats is None:
+        raise ValueError("this analysis has no CAM-head features (the model has no conv `head`): Grad-CAM is not available")
+    key = ("gradcam", cls)
+    if key not in analysis._cache:
+        Wt, b = analysis.head_conv
+        X = analysis.patch_feats.clone().requires_grad_(True)             # (D, h, w)
+        with torch.enable_grad():
+            y = F.conv2d(X[None], Wt, b, padding=Wt.shape[-1] // 2)[0, cls].mean()   # (1, C, h, w) -> GAP of class c
+            g, = torch.autograd.grad(y, X)                                # (D, h, w)
+        alpha = g.mean((1, 2))                                            # (D,) channel weights
+        analysis._cache[key] = F.relu((alpha[:, None, None] * X.detach()).sum(0))   # (h, w)
+    return analysis._cache[key].numpy()
+
 def normalize_map(m: np.ndarray,       # any float map
                   sqrt: bool = False,  # square-root after normalising (lifts the long tail of attention)
                  ) -> np.ndarray:
@@ -312,14 +367,29 @@ def attention_mass_threshold(m: np.ndarray,  # non-negative map (negatives are c
     if total <= 0: return np.zeros(a.shape, bool)
     order = np.argsort(flat, kind="stable")                            # ascending
     cum = np.cumsum(flat[order]) / total
-    keep = np.empty(flat.shape, bool); keep[order] = cum > 1 - mass + 1e-9          # 1e-9: float sums that tie
-    return keep.reshape(a.shape)
+    first = int(np.argmax(cum > 1 - mass + 1e-9))                      # first kept position (1e-9: float sums that tie)
+    cut = flat[order[first]]
+    return (a >= cut) & (a > 0)                                        # ties at the cut all kept: no arbitrary subset
 
-def binarize(m: np.ndarray, threshold: float = 0.5, mass: float | None = None) -> np.ndarray:
+def binarize(m: np.ndarray,                  # float map
+             threshold: float = 0.5,         # normalised-value threshold
+             mass: float | None = None,      # or an attention-mass threshold
+             size: tuple | None = None,      # (H, W): the region at image size (map upsampled bilinearly)
+            ) -> np.ndarray:
     "Foreground of a float map: attention mass if `mass` is given, else normalised value >= threshold (bool)."
-    if mass: return attention_mass_threshold(m, mass)
+    if mass:
+        keep = attention_mass_threshold(m, mass)                       # at the map's own (patch) resolution
+        if size is None or keep.shape == tuple(size): return keep
+        return upsample_map(keep.astype(np.float32), size) >= 0.5      # smooth outline of the patch region
+    if size is not None: m = upsample_map(m, size)
     n = normalize_map(m)
     return (n >= threshold) & (n > 0)
+
+def map_note(m: np.ndarray, rtol: float = 1e-3) -> str | None:
+    "Why a float map shows nothing: 'zero' (no positive value), 'flat' (max - min <= rtol * max), else None."
+    a = np.clip(np.asarray(m, np.float64), 0, None)
+    if a.dtype.kind not in "f" or not a.size or a.max() <= 0: return "zero"
+    return "flat" if a.max() - a.min() <= rtol * a.max() else None
 
 def map_iou(m: np.ndarray,             # (h, w) or (H, W) float map, (H, W) bool region, or (H, W) int label map
             mask: np.ndarray,          # (H, W) GT class map (0 bg, c+1 class c, 255 ignore)
@@ -334,7 +404,7 @@ def map_iou(m: np.ndarray,             # (h, w) or (H, W) float map, (H, W) bool
         if m.shape != mask.shape: raise ValueError(f"region/label map has shape {m.shape}, the mask {mask.shape}; they must match")
         pred = m if m.dtype == bool else m == cls + 1
     else:
-        pred = binarize(upsample_map(m, mask.shape), threshold, mass)
+        pred = binarize(m, threshold, mass, size=mask.shape)
     gt, valid = mask == cls + 1, mask != IGNORE_INDEX
     union = ((pred | gt) & valid).sum()
     return float(((pred & gt) & valid).sum() / union) if union else float("nan")
@@ -392,11 +462,20 @@ def overlay_image(image: np.ndarray,    # (H, W, 3) uint8
         a = alpha
     return ((1 - a) * image.astype(np.float32) + a * col).round().clip(0, 255).astype(np.uint8)
 
-def png_bytes(x, dpi: int = 80) -> bytes:
+def png_bytes(x, dpi: int = 80,
+              metadata: dict | None = None,   # PNG text chunks {key: str}
+              compress_level: int = 6,        # zlib level for arrays (1: ~5x faster to write, for widgets)
+             ) -> bytes:
     "PNG of an (H, W[, 3]) uint8 array or a matplotlib Figure."
     buf = io.BytesIO()
-    if isinstance(x, Figure): x.savefig(buf, format="png", dpi=dpi)
-    else: Image.fromarray(np.asarray(x, np.uint8)).save(buf, format="PNG")
+    if isinstance(x, Figure): x.savefig(buf, format="png", dpi=dpi, metadata=metadata)
+    else:
+        info = None
+        if metadata:
+            from PIL.PngImagePlugin import PngInfo
+            info = PngInfo()
+            for k, v in metadata.items(): info.add_text(k, str(v))
+        Image.fromarray(np.asarray(x, np.uint8)).save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return buf.getvalue()
 
 def thumbnail_png(m: np.ndarray,       # (h, w) map
@@ -404,13 +483,22 @@ def thumbnail_png(m: np.ndarray,       # (h, w) map
                   cmap: str = "viridis",
                   sqrt: bool = False,
                   dim: bool = False,   # draw faded (a switched-off head)
+                  image: np.ndarray | None = None,  # (H, W, 3) uint8: draw the map over this image (as DINO shows heads)
+                  alpha: float = 0.6,  # map opacity over the image
                  ) -> bytes:
-    "A small PNG of a normalised map, for the head grid's thumbnails."
-    rgb = colorize(normalize_map(m, sqrt), cmap)
-    if dim: rgb = (0.25 * rgb + 0.75 * 235).astype(np.uint8)
-    h, w = rgb.shape[:2]
+    "A small PNG of a normalised map, for the head grid's thumbnails (over the image when one is given)."
+    m = np.asarray(m, np.float32)
+    h, w = m.shape
     s = size / max(h, w)
-    return png_bytes(np.asarray(Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)))
+    tw, th = max(1, round(w * s)), max(1, round(h * s))
+    if image is None:
+        rgb = np.asarray(Image.fromarray(colorize(normalize_map(m, sqrt), cmap)).resize((tw, th), Image.NEAREST))
+    else:
+        base = np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((tw, th), Image.BILINEAR), np.float32)
+        col = colorize(normalize_map(upsample_map(m, (th, tw)), sqrt), cmap).astype(np.float32)
+        rgb = ((1 - alpha) * base + alpha * col).round().astype(np.uint8)
+    if dim: rgb = (0.25 * rgb + 0.75 * 235).astype(np.uint8)
+    return png_bytes(rgb, compress_level=1)
 
 # %% ../nbs/17_viz.ipynb #abcc7f03
 SOURCES = {  # map sources of the explorer: key -> label
@@ -422,6 +510,9 @@ SOURCES = {  # map sources of the explorer: key -> label
     "affinity": "patch affinity row Ā_pp[i] (fused)",
     "head_affinity": "one head's patch row A_m[C+i, C:]",
     "pseudo": "pseudo label (threshold + CRF)",
+    "refined_uniform": "baseline: refined CAM, uniform head weights (no AAF)",
+    "rollout": "baseline: attention rollout (class token → patches)",
+    "gradcam": "baseline: Grad-CAM of the CAM head",
 }
 
 def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, head: int = 0,
@@ -435,12 +526,18 @@ def source_map(analysis: ImageAnalysis, source: str, cls: int, layer: int = 0, h
     if source == "affinity": return affinity_row(analysis, patch, head_mask)
     if source == "head_affinity": return affinity_row(analysis, patch, layer=layer, head=head)
     if source == "pseudo": return pseudo_label(analysis, threshold, head_mask=head_mask, crf=crf)
+    if source == "refined_uniform": return fused_map(analysis, cls, head_mask, "refined", uniform=True)
+    if source == "rollout": return attention_rollout(analysis, cls, head_mask)
+    if source == "gradcam": return grad_cam(analysis, cls)
     raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
 
-def _grid_fig(nrows, ncols, cell, top=0.5):
-    fig = Figure(figsize=(ncols * cell, nrows * cell * 1.12 + top))
+def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3, aspect=1.0, title=0.25):
+    "nrows x ncols axes of `cell` inches width, height cell * aspect (image H / W) plus a title line each."
+    W, H = ncols * cell + left, nrows * (cell * aspect + title) + top + bottom
+    fig = Figure(figsize=(W, H))
     axs = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - top / (nrows * cell * 1.12 + top), wspace=0.08, hspace=0.3)
+    fig.subplots_adjust(left=left / W, right=0.99, bottom=bottom / H, top=1 - top / H, wspace=0.06,
+                        hspace=title / (cell * aspect))
     for ax in axs.ravel(): ax.set_xticks([]); ax.set_yticks([])
     return fig, axs
 
@@ -452,23 +549,29 @@ def plot_head_grid(analysis: ImageAnalysis,  # the computed-once result
                    cmap: str = "viridis",
                    sqrt: bool = False,
                    cell: float = 1.0,        # inches per thumbnail
+                   over_image: bool = True,  # draw each map over the image (as DINO shows heads)
                   ) -> Figure:
     "The L x nh grid (rows = layers, columns = heads) of per-head maps, each titled with its AAF weight."
     L, nh = analysis.depth, analysis.num_heads
     z, wg = head_mask_grid(analysis, head_mask), analysis.head_weight_grid()
-    fig, axs = _grid_fig(L, nh, cell)
+    H, W = analysis.image.shape[:2]
+    fig, axs = _grid_fig(L, nh, cell, aspect=H / W)
+    fs = int(np.clip(cell * 8, 7, 10))                                # readable at any grid size
     for k in range(L):
         for hd in range(nh):
             ax = axs[k, hd]
             m = affinity_row(analysis, patch, layer=k, head=hd) if patch is not None else head_map(analysis, k, hd, cls)
-            ax.imshow(colorize(normalize_map(m, sqrt), cmap), interpolation="nearest", alpha=1.0 if z[k, hd] else 0.25)
-            ax.set_title(f"L{k} h{hd} w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=7,
-                         color="black" if z[k, hd] else "0.6")
+            pic = (overlay_image(analysis.image, m, 0.6, cmap, sqrt) if over_image
+                   else colorize(normalize_map(m, sqrt), cmap))
+            ax.imshow(pic, interpolation="nearest", alpha=1.0 if z[k, hd] else 0.25)
+            ax.set_title(f"w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=fs, color="black" if z[k, hd] else "0.6")
+            if hd == 0: ax.set_ylabel(f"layer {k}", fontsize=fs)
+            if k == L - 1: ax.set_xlabel(f"head {hd}", fontsize=fs)
             if selected is not None and tuple(selected) == (k, hd):
                 for sp in ax.spines.values(): sp.set_color("red"); sp.set_linewidth(2.5)
     what = (f"patch {patch_index(analysis, patch)} → patches" if patch is not None
             else f"class token '{analysis.class_names[cls]}' → patches")
-    fig.suptitle(f"{analysis.id}: {what}\nrows = layers, columns = heads, w = AAF weight", fontsize=7)
+    fig.suptitle(f"{analysis.id}: {what}\nrows = layers, columns = heads, w = AAF weight", fontsize=fs + 1)
     return fig
 
 def _patch_rect(analysis, patch, ax):
@@ -489,33 +592,50 @@ def plot_overlay(analysis: ImageAnalysis,     # the computed-once result
                  mass: float | None = None,   # or the DINO attention-mass region
                  patch=None,                  # mark this query patch
                  show_gt: bool = True,        # GT mask panel (when the analysis has one)
-                 size: float = 3.2,           # inches per panel
+                 size: float = 4.0,           # inches per panel
+                 colorbar: bool = True,       # colour scale of a float map
                 ) -> Figure:
-    "Image + blended map (+ region outline, patch marker) and the GT mask with the region's IoU."
+    "Image + blended map (+ region outline, patch marker, colour bar) and the GT mask with the region's IoU."
+    import textwrap
     H, W = analysis.image.shape[:2]
     m = np.asarray(m)
     is_label = m.dtype.kind in "iub"
     gt = analysis.mask if show_gt else None
-    fig = Figure(figsize=(size * (1 + (gt is not None)) * max(W / H, 0.6), size + 0.45))
-    axs = fig.subplots(1, 1 + (gt is not None), squeeze=False)[0]
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (size + 0.45), wspace=0.04)
+    cb = colorbar and not is_label
+    n = 1 + (gt is not None)
+    fig = Figure(figsize=(size * n * max(W / H, 0.6) + 0.9 * cb, size + 0.75))
+    axs = fig.subplots(1, n, squeeze=False)[0]
+    fig.subplots_adjust(left=0.01, right=0.99 - (0.9 / fig.get_figwidth() if cb else 0), bottom=0.01,
+                        top=1 - 0.75 / (size + 0.75), wspace=0.04)
     axs[0].imshow(overlay_image(analysis.image, m, alpha, cmap, sqrt))
-    region = None
+    region, note = None, None if is_label else map_note(m)
     if is_label: region = m == cls + 1 if cls is not None else (m > 0) & (m != IGNORE_INDEX)
-    elif threshold is not None or mass:
-        region = binarize(upsample_map(m, (H, W)), threshold if threshold is not None else 0.5, mass)
+    elif note is None and (threshold is not None or mass):
+        region = binarize(m, threshold if threshold is not None else 0.5, mass, size=(H, W))
     for ax in axs:
         ax.set_xticks([]); ax.set_yticks([])
         if region is not None and region.any() and not region.all():
             ax.contour(region.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)
     if patch is not None: _patch_rect(analysis, patch, axs[0])
-    axs[0].set_title(title, fontsize=8)
+    if note is not None:
+        title += " · map is zero everywhere" if note == "zero" else " · map is flat (no region)"
+    axs[0].set_title("\n".join(textwrap.wrap(title, 58)), fontsize=10)
+    if cb:
+        pos = axs[0].get_position()
+        cax = fig.add_axes([pos.x1 + 0.15 / fig.get_figwidth(), pos.y0, 0.15 / fig.get_figwidth(), pos.height])
+        mm = np.clip(m.astype(np.float64), 0, None)
+        lo, hi = (float(mm.min()), float(mm.max())) if mm.size else (0.0, 0.0)
+        sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
+        bar = fig.colorbar(sm, cax=cax)
+        bar.set_ticks([0, 0.5, 1])
+        mid = lo + (hi - lo) * (0.25 if sqrt else 0.5)                 # sqrt scale: 0.5 on the bar is 0.25 of the range
+        bar.set_ticklabels([f"{lo:.3g}", f"{mid:.3g}", f"{hi:.3g}"], fontsize=8)
     if gt is not None:
         axs[1].imshow(mask_to_rgb(gt), interpolation="nearest")
         t = "ground truth"
         if cls is not None and region is not None:
             t += f" · IoU({analysis.class_names[cls]}) = {map_iou(region, gt, cls):.2f}"
-        axs[1].set_title(t, fontsize=8)
+        axs[1].set_title("\n".join(textwrap.wrap(t, 50)), fontsize=10)
     return fig
 
 def _draw_head_weights(ax, analysis, head_mask=None):

@@ -65,7 +65,7 @@ def find_demo_checkpoint(root=None, # folder to search (default: runs/demo)
 
 def demo_model(num_classes: int,       # C
                pretrained: bool = True,  # start from the shipped pretrained backbone if it exists
-               asset: str | None = None, # asset name in weaktr/assets (None: weaktr.pretrain.DEMO_ASSET)
+               asset: str | None = None, # asset name in weaktr/assets (None: weaktr.zoo.DEMO_ASSET)
                seed: int = 0,
               ) -> WeakTr:
     "The notebooks' small WeakTr: the shipped pretrained tiny backbone if present, else a random tiny ViT (64 px, patch 8)."
@@ -73,12 +73,11 @@ def demo_model(num_classes: int,       # C
     why = ""
     if pretrained:
         try:
-            from weaktr.pretrain import DEMO_ASSET, asset_card, asset_path
+            from weaktr.zoo import DEMO_ASSET, asset_path, backbone_arch
             name = asset or DEMO_ASSET
-            arch = asset_card(name)["architecture"]                      # the card says which ViT the weights fit
-            backbone, kw = arch["backbone"], dict(arch["kwargs"])
-            model = create_weaktr(backbone, num_classes, pretrained=asset_path(name), reduction=4, pool="max",
-                                  drop_path_rate=0.0, **kw)
+            kw = backbone_arch(name)                                     # registered with timm on `import weaktr`
+            model = create_weaktr(name, num_classes, img_size=kw["img_size"], pretrained=asset_path(name),
+                                  reduction=4, pool="max", drop_path_rate=0.0)
             model.description = (f"shipped pretrained backbone {name} (D={kw.get('embed_dim')}, "
                                  f"{kw.get('depth')} blocks × {kw.get('num_heads')} heads, patch {kw.get('patch_size')})")
             return model

@@ -4,8 +4,8 @@ What a GPU's training peak holds beyond weights and optimizer state is, above al
 backward. This script counts them on any device with `torch.autograd.graph.saved_tensors_hooks`: every saved tensor's
 storage, each storage once (views share it), nn.Parameters excluded; model forward + loss, train mode, random init.
 
-Models: WeakTr `attn_impl="fast"` (this checkout), `weaktr_fast_before` (the same model with the previous `fuse_heads`,
-verbatim below, which let autograd keep an fp32 copy of the attention stack), WeakTr `attn_impl="reference"` and the
+Models: WeakTr `attn_impl="fast"` (this checkout), `weaktr_fast_before` (the same model with the code before issue 14,
+`fuse_heads` and `_attn_probs` verbatim below: autograd kept the fp32 attention stack, a copy of it under autocast), WeakTr `attn_impl="reference"` and the
 plain timm ViT (fused attention, 1000-class head, cross-entropy) as the baseline; fp32 and bf16 autocast; C = 20 (VOC)
 and C = 90 (COCO) class tokens. With `--steps > 0` it also times the Phase-1 train step (AdamW, like
 bench_phase1.py) of the fast path before vs after, interleaved step by step in one process so load drifts hit both.
@@ -34,16 +34,22 @@ import torch.nn.functional as F  # noqa: E402
 import timm  # noqa: E402
 from _timing import time_steps  # noqa: E402
 
+import weaktr.backbone as wbackbone  # noqa: E402
 import weaktr.model as wmodel  # noqa: E402
 from weaktr.core import atomic_save_json, get_device  # noqa: E402
 from weaktr.model import create_weaktr, weaktr_loss  # noqa: E402
 
 MODELS = {"weaktr_fast": "WeakTr, fast attention (this checkout)",
-          "weaktr_fast_before": "WeakTr, fast attention, previous fuse_heads (fp32 stack kept for backward)",
+          "weaktr_fast_before": "WeakTr, fast attention, code before issue 14 (fp32 stack kept for backward)",
           "weaktr_reference": "WeakTr, reference attention (probs in graph)",
           "timm_vit": "plain timm ViT, fused attention, 1000-class head, CE"}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 MiB = 2 ** 20
+
+
+def legacy_attn_probs(q, k, scale):
+    "`weaktr.backbone._attn_probs` before issue 14, verbatim (scaled out of place)."
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
 
 
 def legacy_fuse_heads(attn_stack, head_weights, recompute=None):
@@ -55,12 +61,12 @@ def legacy_fuse_heads(attn_stack, head_weights, recompute=None):
 
 
 @contextlib.contextmanager
-def previous_fusion(on: bool = True):
-    "Run WeakTr with `legacy_fuse_heads` (the model module's own name is swapped, then restored)."
-    new = wmodel.fuse_heads
-    if on: wmodel.fuse_heads = legacy_fuse_heads
+def previous_code(on: bool = True):
+    "Run WeakTr as before issue 14: `legacy_fuse_heads` and `legacy_attn_probs` swapped in, then restored."
+    new = wmodel.fuse_heads, wbackbone._attn_probs
+    if on: wmodel.fuse_heads, wbackbone._attn_probs = legacy_fuse_heads, legacy_attn_probs
     try: yield
-    finally: wmodel.fuse_heads = new
+    finally: wmodel.fuse_heads, wbackbone._attn_probs = new
 
 
 def saved_tensor_bytes(fn, exclude=()) -> tuple[dict, object]:
@@ -103,7 +109,7 @@ def measure_saved(kind: str, args, classes: int, amp: str, dev) -> dict:
     dtype = AMP[amp]
 
     def fwd():
-        with previous_fusion(kind == "weaktr_fast_before"), \
+        with previous_code(kind == "weaktr_fast_before"), \
              torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return loss_fn(model(x))
     r, loss = saved_tensor_bytes(fwd, exclude=list(model.parameters()))
@@ -113,14 +119,14 @@ def measure_saved(kind: str, args, classes: int, amp: str, dev) -> dict:
 
 
 def measure_steps(args, classes: int, amp: str, dev) -> dict:
-    "Phase-1 train step of the fast path, previous vs current fuse_heads, alternating step by step on one model."
+    "Phase-1 train step of the fast path, code before issue 14 vs now, alternating step by step on one model."
     model, x, loss_fn = build("weaktr_fast", args, classes, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     dtype = AMP[amp]
 
     def step(before):
         def run():
-            with previous_fusion(before), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with previous_code(before), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(model(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,7 +166,7 @@ def table(res: dict) -> str:
                           f"{r['saved_mib'] / ref['saved_mib']:.2f}×" if ref else "–"]
             L.append(f"| {kind} | {C if kind != 'timm_vit' else '–'} | " + " | ".join(cells) + " |")
     if res.get("steps"):
-        L += ["", f"Phase-1 train step of the fast path (AdamW), previous vs current `fuse_heads`, alternating steps "
+        L += ["", f"Phase-1 train step of the fast path (AdamW), code before issue 14 vs now, alternating steps "
                   f"({a['steps']} each after {a['warmup']} warm-up), median:", "",
               "| C | amp | batch | before s/step | after s/step | before img/s | after img/s | after / before throughput |",
               "|---|---|---|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ What is measured (each sub-benchmark is its own script, run in a subprocess; a m
   phase2  bench/bench_phase2.py  Phase-2 train step (kit vs reference attention, fp32) and MS+flip evaluation img/s
                                  (batched windows vs window by window, predictions asserted equal)
   memory  bench/bench_memory.py  Phase-1 saved-for-backward bytes (saved_tensors_hooks): WeakTr fast vs the plain timm ViT and
-                                 vs WeakTr's reference path; train-step img/s of the fast path vs its previous fuse_heads
+                                 vs WeakTr's reference path; train-step img/s of the fast path vs its code before issue 14
   demo    runs/demo/summary.json end-to-end CPU demo time (`--demo` runs it first); target: 15 min
 Targets are judged as ratios within one run on one card (see BENCHMARKS.md); absolute numbers depend on the machine
 and, on a shared machine, on its load (the load average is recorded).
@@ -182,7 +182,7 @@ def rows_memory(r: dict) -> list[dict]:
                                   ratio=q["saved_mib"] / b["saved_mib"], better="lower"))
     for s in x.get("steps", []):
         st = f"{x['args']['backbone']}, batch {s['batch']}, {x['args']['img']} px, C {s['classes']}, amp {s['amp']}"
-        out.append(dict(bench="Phase-1 train step, img/s (fast path vs its previous fuse_heads)", setting=st,
+        out.append(dict(bench="Phase-1 train step, img/s (fast path vs its code before issue 14)", setting=st,
                         ours=_f(s["img_per_s"]["after"], 2), baseline=_f(s["img_per_s"]["before"], 2),
                         ratio=s["after_vs_before"], better="higher"))
     return out

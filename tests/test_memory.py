@@ -25,7 +25,7 @@ BENCH = _bench()
 def _grads(model, x, y, amp=None, previous=False):
     "One forward + backward: -> {name: grad} for every parameter that gets one."
     model.zero_grad(set_to_none=True)
-    with BENCH.previous_fusion(previous), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+    with BENCH.previous_code(previous), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         loss = weaktr_loss(model(x), y)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -51,7 +51,7 @@ def test_gradients_equal_reference_fp32(fusion):
     assert aaf and all(gf[n].abs().sum() > 0 for n in aaf)             # the head-weight gradient really flows
     for n in gf:
         torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
-    gp = _grads(fast, x, y, previous=True)                             # the previous fuse_heads, same model
+    gp = _grads(fast, x, y, previous=True)                             # the code before issue 14, same model
     for n in gf:
         torch.testing.assert_close(gf[n], gp[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
 
@@ -87,7 +87,7 @@ def _saved(kind, amp, previous=False):
         loss_fn = lambda out: weaktr_loss(out, torch.tensor([[1., 0, 1], [0, 1, 0]]))
 
     def fwd():
-        with BENCH.previous_fusion(previous), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with BENCH.previous_code(previous), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             return loss_fn(model(x))
     return BENCH.saved_tensor_bytes(fwd, exclude=list(model.parameters()))[0]["bytes"]
 

@@ -9,6 +9,7 @@ Models: WeakTr `attn_impl="fast"` (this checkout), `weaktr_fast_before` (the sam
 plain timm ViT (fused attention, 1000-class head, cross-entropy) as the baseline; fp32 and bf16 autocast; C = 20 (VOC)
 and C = 90 (COCO) class tokens. With `--steps > 0` it also times the Phase-1 train step (AdamW, like
 bench_phase1.py) of the fast path before vs after, interleaved step by step in one process so load drifts hit both.
+On CPU every measurement runs in its own subprocess (`--isolate`), so one model's allocations never inflate the next.
 
     python bench/bench_memory.py --out runs/bench/memory.json                     # batch 8, 224 px, C 20 and 90
     python bench/bench_memory.py --backbone deit_tiny_patch16_224 --batch 2 --steps 0
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import timm  # noqa: E402
-from _timing import time_steps  # noqa: E402
+from _timing import add_process_args, run_child, time_steps  # noqa: E402
 
 import weaktr.backbone as wbackbone  # noqa: E402
 import weaktr.model as wmodel  # noqa: E402
@@ -136,13 +137,18 @@ def measure_steps(args, classes: int, amp: str, dev) -> dict:
 
     for _ in range(args.warmup):
         step(True)(); step(False)()
-    times = {"before": [], "after": []}
+    times, cpu = {"before": [], "after": []}, {"before": [], "after": []}
     for i in range(args.steps):                           # ABBA order: neither variant always runs first
         for name in (("before", "after") if i % 2 == 0 else ("after", "before")):
+            c0 = time.process_time()
             times[name] += time_steps(step(name == "before"), dev, 0, 1)[0]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return dict(classes=classes, amp=amp, batch=args.batch, step_s=med, step_s_all=times,
-                img_per_s={k: args.batch / v for k, v in med.items()}, after_vs_before=med["before"] / med["after"])
+            cpu[name].append(time.process_time() - c0)    # CPU seconds of this process: what load on a shared CPU distorts least
+    med, cmed = ({k: statistics.median(v) for k, v in d.items()} for d in (times, cpu))
+    main = cmed if dev.type == "cpu" else med
+    return dict(classes=classes, amp=amp, batch=args.batch, step_s=med, step_s_all=times, cpu_s=cmed, cpu_s_all=cpu,
+                timed_by="process CPU time" if dev.type == "cpu" else "wall clock",
+                img_per_s={k: args.batch / v for k, v in main.items()}, after_vs_before=main["before"] / main["after"],
+                wall_after_vs_before=med["before"] / med["after"])
 
 
 def table(res: dict) -> str:
@@ -168,11 +174,13 @@ def table(res: dict) -> str:
     if res.get("steps"):
         L += ["", f"Phase-1 train step of the fast path (AdamW), code before issue 14 vs now, alternating steps "
                   f"({a['steps']} each after {a['warmup']} warm-up), median:", "",
-              "| C | amp | batch | before s/step | after s/step | before img/s | after img/s | after / before throughput |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| C | amp | batch | before CPU s/step | after CPU s/step | before wall s/step | after wall s/step | "
+              "before img/s | after img/s | after / before throughput |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in res["steps"]:
-            L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {s['step_s']['before']:.2f} | {s['step_s']['after']:.2f} | "
-                     f"{s['img_per_s']['before']:.2f} | {s['img_per_s']['after']:.2f} | **{s['after_vs_before']:.2f}×** |")
+            L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {s['cpu_s']['before']:.2f} | {s['cpu_s']['after']:.2f} | "
+                     f"{s['step_s']['before']:.1f} | {s['step_s']['after']:.1f} | {s['img_per_s']['before']:.2f} | "
+                     f"{s['img_per_s']['after']:.2f} | **{s['after_vs_before']:.2f}×** (wall {s['wall_after_vs_before']:.2f}×) |")
+        L += ["", f"img/s and the ratio use {res['steps'][0]['timed_by']}; wall-clock times on a shared machine mostly measure its load."]
     return "\n".join(L)
 
 
@@ -189,13 +197,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--step-amp", nargs="+", choices=list(AMP), default=["off"], help="autocast dtypes of the timed steps")
     p.add_argument("--step-classes", type=int, default=20)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_process_args(p, "measurement")
     args = p.parse_args(argv)
     args.models = [k.strip() for k in args.models.split(",") if k.strip()]
     if bad := [k for k in args.models if k not in MODELS]: p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     if args.threads: torch.set_num_threads(args.threads)
     dev = get_device(args.device)
+    if args._child:                                       # one measurement in this fresh process, JSON on stdout
+        what, C, amp = args._child.split(":")
+        r = measure_steps(args, int(C), amp, dev) if what == "steps" else measure_saved(what, args, int(C), amp, dev)
+        print(json.dumps(r)); return
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and dev.type != "cuda")
+    one = lambda spec: run_child(__file__, spec) if isolate else (
+        lambda w, C, amp: measure_steps(args, int(C), amp, dev) if w == "steps" else measure_saved(w, args, int(C), amp, dev))(*spec.split(":"))
     env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__, timm=timm.__version__,
                python=platform.python_version(), device=str(dev), cpu_threads=torch.get_num_threads(),
                load_average_start=round(os.getloadavg()[0], 2))
@@ -204,12 +218,12 @@ def main(argv=None):
     for amp in args.amp:
         for kind in args.models:
             for C in (args.classes if kind != "timm_vit" else [None]):
-                r = measure_saved(kind, args, C or 0, amp, dev)
+                r = one(f"{kind}:{C or 0}:{amp}")
                 saved.append(r)
                 print(f"{kind:20s} C={C!s:4s} {amp:4s} saved {r['saved_mib']:8.1f} MiB in {r['tensors']} storages", flush=True)
-    steps = [measure_steps(args, args.step_classes, amp, dev) for amp in args.step_amp] if args.steps > 0 else []
+    steps = [one(f"steps:{args.step_classes}:{amp}") for amp in args.step_amp] if args.steps > 0 else []
     env.update(load_average_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - t0, 1))
-    res = dict(args=vars(args), env=env, saved=saved, steps=steps)
+    res = dict(args={k: v for k, v in vars(args).items() if k != "_child"}, env=env, saved=saved, steps=steps)
     res["markdown"] = table(res)
     print(res["markdown"])
     if args.out:

@@ -110,10 +110,10 @@ def _hidden(channels, reduction, name="reduction"):
     if n < 1: raise ValueError(f"{name}={reduction} leaves no hidden units for {channels} inputs (int({channels}/{reduction}) = {n})")
     return n
 
-def _head_ffn(M, reduction):
-    "Bias-free squeeze-excitation MLP M -> int(M/r) -> M with ReLU and Sigmoid (`attn_head_ffn` / V1 `fc`)."
-    return nn.Sequential(nn.Linear(M, _hidden(M, reduction), bias=False), nn.ReLU(),
-                         nn.Linear(_hidden(M, reduction), M, bias=False), nn.Sigmoid())
+def _head_ffn(nm, reduction):
+    "Bias-free squeeze-excitation MLP nm -> int(nm/r) -> nm with ReLU and Sigmoid (`attn_head_ffn` / V1 `fc`)."
+    return nn.Sequential(nn.Linear(nm, _hidden(nm, reduction), bias=False), nn.ReLU(),
+                         nn.Linear(_hidden(nm, reduction), nm, bias=False), nn.Sigmoid())
 
 class AAF(nn.Module):
     "Adaptive Attention Fusion V3 (attention-branch features) or V2 (`source='block_out'`): summaries -> head weights."
@@ -122,7 +122,7 @@ class AAF(nn.Module):
                  depth: int,                 # L, number of blocks
                  num_heads: int,             # nh, heads per block
                  embed_dim: int,             # D; the per-head feature has D/nh channels
-                 reduction: float = 4,       # r of attn_head_ffn: M -> int(M/r) -> M (spec: 4 default, 8 documented)
+                 reduction: float = 4,       # r of attn_head_ffn: nm -> int(nm/r) -> nm (spec: 4 default, 8 documented)
                  feat_reduction: float = 8,  # attn_feat_ffn: D/nh -> int(D/nh/feat_reduction) -> 1
                  pool: str = "avg",          # token pooling of the head features: "avg" or "max"
                  source: str = "attn_branch",  # "attn_branch" (V3) or "block_out" (V2)
@@ -146,11 +146,11 @@ class AAF(nn.Module):
         feat = attn_branch if self.source == "attn_branch" else block_out
         return pool_tokens(head_features(feat, self.num_heads), self.pool)        # (B, nh, N, D/nh) -> (B, nh, D/nh)
 
-    def forward(self, summary: torch.Tensor,  # (B, M, D/nh) head-major stack of the per-block summaries
+    def forward(self, summary: torch.Tensor,  # (B, nm, D/nh) head-major stack of the per-block summaries
                ) -> torch.Tensor:
-        "Head weights: (B, M, D/nh) -> (B, M) in (0, 1)."
-        s = self.attn_feat_ffn(summary).squeeze(-1)      # (B, M, D/nh) -> (B, M)
-        return self.attn_head_ffn(s)                     # (B, M) -> (B, M)
+        "Head weights: (B, nm, D/nh) -> (B, nm) in (0, 1)."
+        s = self.attn_feat_ffn(summary).squeeze(-1)      # (B, nm, D/nh) -> (B, nm)
+        return self.attn_head_ffn(s)                     # (B, nm) -> (B, nm)
 
 # %% ../nbs/03_head_fusion.ipynb #a75363b8
 class AAFv1(nn.Module):
@@ -168,12 +168,12 @@ class AAFv1(nn.Module):
         return pool_tokens(attn, self.pool, dim=(-2, -1))[..., None]
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        "Head weights: (B, M, 1) -> (B, M)."
+        "Head weights: (B, nm, 1) -> (B, nm)."
         return self.fc(summary.squeeze(-1))
 
 # %% ../nbs/03_head_fusion.ipynb #249752b2
 class AAFRandWeight(AAF):
-    "RandWeight ablation: head weights from a fixed random query buffer (1, M) instead of image features."
+    "RandWeight ablation: head weights from a fixed random query buffer (1, nm) instead of image features."
     version = "randweight"
     def __init__(self, depth, num_heads, embed_dim, reduction=4, feat_reduction=8, pool="avg"):
         super().__init__(depth, num_heads, embed_dim, reduction, feat_reduction, pool)
@@ -184,7 +184,7 @@ class AAFRandWeight(AAF):
         return attn_branch.new_zeros(attn_branch.shape[0], self.num_heads, 0)
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        "Head weights from the fixed query: (B, M, 0) -> (B, M), identical rows."
+        "Head weights from the fixed query: (B, nm, 0) -> (B, nm), identical rows."
         return self.attn_head_ffn(self.query.expand(summary.shape[0], -1))
 
 # %% ../nbs/03_head_fusion.ipynb #38e619af

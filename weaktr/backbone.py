@@ -134,6 +134,7 @@ class WeakTrBackbone(nn.Module):
                  img_size: int | tuple = 224,    # training size: fixes the pos_embed grid
                  drop_path_rate: float = 0.1,    # stochastic depth, linear 0 -> rate over the blocks (§backbone)
                  attn_impl: str = "fast",        # "fast" or "reference", see `attention_forward`
+                 recompute_attn: bool = True,    # fast path: fuse_heads recomputes the maps in backward (less memory) or keeps the stack once (less compute)
                  **timm_kwargs):                 # passed to timm.create_model (embed_dim, depth, num_heads, patch_size, ...)
         super().__init__()
         if num_classes < 1: raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -143,6 +144,7 @@ class WeakTrBackbone(nn.Module):
         _check_vit(vit, backbone)
         D, pe = vit.embed_dim, vit.patch_embed
         self.num_classes, self.embed_dim, self.attn_impl, self.backbone_name = num_classes, D, attn_impl, backbone
+        self.recompute_attn = recompute_attn
         self.src_grid = tuple(int(g) for g in pe.grid_size)                   # (g0, g1) of the training size
         self.patch_size = int(pe.patch_size[0]) if pe.patch_size[0] == pe.patch_size[1] else tuple(pe.patch_size)
         self.depth, self.num_heads = len(vit.blocks), vit.blocks[0].attn.num_heads
@@ -171,7 +173,7 @@ class WeakTrBackbone(nn.Module):
         x = self.norm_pre(self.pos_drop(x))
         N = x.shape[1]
         attn_buf, attn_list, feats = None, [], []
-        keep_qk = [] if self.attn_impl == "fast" and torch.is_grad_enabled() else None
+        keep_qk = [] if self.attn_impl == "fast" and self.recompute_attn and torch.is_grad_enabled() else None
         for i, blk in enumerate(self.blocks):
             x, probs, a = block_forward(blk, x, self.attn_impl, keep_qk)
             if self.attn_impl == "fast":

@@ -8,7 +8,8 @@ Models: WeakTr `attn_impl="fast"` (this checkout), `weaktr_fast_before` (the sam
 `fuse_heads` and `_attn_probs` verbatim below: autograd kept the fp32 attention stack, a copy of it under autocast), WeakTr `attn_impl="reference"` and the
 plain timm ViT (fused attention, 1000-class head, cross-entropy) as the baseline; fp32 and bf16 autocast; C = 20 (VOC)
 and C = 90 (COCO) class tokens. With `--steps > 0` it also times the Phase-1 train step (AdamW, like
-bench_phase1.py) of the fast path before vs after, interleaved step by step in one process so load drifts hit both.
+bench_phase1.py) of the fast path before vs after (and after with `recompute_attn=False`), interleaved step by step in
+one process so load drifts hit all of them; on CPU the ratio uses the process's CPU time.
 On CPU every measurement runs in its own subprocess (`--isolate`), so one model's allocations never inflate the next.
 
     python bench/bench_memory.py --out runs/bench/memory.json                     # batch 8, 224 px, C 20 and 90
@@ -125,9 +126,10 @@ def measure_steps(args, classes: int, amp: str, dev) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     dtype = AMP[amp]
 
-    def step(before):
+    def step(name):                                       # before: code before issue 14; after: now; keep: recompute_attn=False
         def run():
-            with previous_code(before), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            model.recompute_attn = name != "keep"
+            with previous_code(name == "before"), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(model(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -135,20 +137,21 @@ def measure_steps(args, classes: int, amp: str, dev) -> dict:
             return loss.detach()
         return run
 
+    names = ("before", "after", "keep")
     for _ in range(args.warmup):
-        step(True)(); step(False)()
-    times, cpu = {"before": [], "after": []}, {"before": [], "after": []}
-    for i in range(args.steps):                           # ABBA order: neither variant always runs first
-        for name in (("before", "after") if i % 2 == 0 else ("after", "before")):
+        for name in names: step(name)()
+    times, cpu = ({k: [] for k in names} for _ in range(2))
+    for i in range(args.steps):                           # the order rotates: no variant always runs first
+        for name in names[i % 3:] + names[:i % 3]:
             c0 = time.process_time()
-            times[name] += time_steps(step(name == "before"), dev, 0, 1)[0]
+            times[name] += time_steps(step(name), dev, 0, 1)[0]
             cpu[name].append(time.process_time() - c0)    # CPU seconds of this process: what load on a shared CPU distorts least
     med, cmed = ({k: statistics.median(v) for k, v in d.items()} for d in (times, cpu))
     main = cmed if dev.type == "cpu" else med
     return dict(classes=classes, amp=amp, batch=args.batch, step_s=med, step_s_all=times, cpu_s=cmed, cpu_s_all=cpu,
                 timed_by="process CPU time" if dev.type == "cpu" else "wall clock",
                 img_per_s={k: args.batch / v for k, v in main.items()}, after_vs_before=main["before"] / main["after"],
-                wall_after_vs_before=med["before"] / med["after"])
+                keep_vs_before=main["before"] / main["keep"], wall_after_vs_before=med["before"] / med["after"])
 
 
 def table(res: dict) -> str:
@@ -172,14 +175,14 @@ def table(res: dict) -> str:
                           f"{r['saved_mib'] / ref['saved_mib']:.2f}×" if ref else "–"]
             L.append(f"| {kind} | {C if kind != 'timm_vit' else '–'} | " + " | ".join(cells) + " |")
     if res.get("steps"):
-        L += ["", f"Phase-1 train step of the fast path (AdamW), code before issue 14 vs now, alternating steps "
+        L += ["", f"Phase-1 train step of the fast path (AdamW): code before issue 14 (before), now (after), now with "
+                  f"recompute_attn=False (keep), alternating steps "
                   f"({a['steps']} each after {a['warmup']} warm-up), median:", "",
-              "| C | amp | batch | before CPU s/step | after CPU s/step | before wall s/step | after wall s/step | "
-              "before img/s | after img/s | after / before throughput |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| C | amp | batch | variant | CPU s/step | wall s/step | img/s | throughput vs before |", "|---|---|---|---|---|---|---|---|"]
         for s in res["steps"]:
-            L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {s['cpu_s']['before']:.2f} | {s['cpu_s']['after']:.2f} | "
-                     f"{s['step_s']['before']:.1f} | {s['step_s']['after']:.1f} | {s['img_per_s']['before']:.2f} | "
-                     f"{s['img_per_s']['after']:.2f} | **{s['after_vs_before']:.2f}×** (wall {s['wall_after_vs_before']:.2f}×) |")
+            for k in ("before", "after", "keep"):
+                L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {k} | {s['cpu_s'][k]:.2f} | {s['step_s'][k]:.1f} | "
+                         f"{s['img_per_s'][k]:.2f} | **{s['img_per_s'][k] / s['img_per_s']['before']:.2f}×** |")
         L += ["", f"img/s and the ratio use {res['steps'][0]['timed_by']}; wall-clock times on a shared machine mostly measure its load."]
     return "\n".join(L)
 

@@ -43,6 +43,7 @@ from weaktr.model import create_weaktr, weaktr_loss  # noqa: E402
 
 MODELS = {"weaktr_fast": "WeakTr, fast attention (this checkout)",
           "weaktr_fast_before": "WeakTr, fast attention, code before issue 14 (fp32 stack kept for backward)",
+          "weaktr_fast_keep": "WeakTr, fast attention, recompute_attn=False (the stack kept once, in its own dtype)",
           "weaktr_reference": "WeakTr, reference attention (probs in graph)",
           "timm_vit": "plain timm ViT, fused attention, 1000-class head, CE"}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -100,7 +101,8 @@ def build(kind: str, args, classes: int, dev):
         loss_fn = lambda out: F.cross_entropy(out.float(), target)
     else:
         impl = "reference" if kind == "weaktr_reference" else "fast"
-        model = create_weaktr(args.backbone, classes, img_size=img, drop_path_rate=0.1, attn_impl=impl)
+        keep = dict(recompute_attn=False) if kind == "weaktr_fast_keep" else {}
+        model = create_weaktr(args.backbone, classes, img_size=img, drop_path_rate=0.1, attn_impl=impl, **keep)
         target = (torch.rand(B, classes, device=dev) < 0.15).float()
         loss_fn = lambda out: weaktr_loss(out, target)
     return model.to(dev).train(), x, loss_fn
@@ -164,7 +166,7 @@ def table(res: dict) -> str:
     L = [f"Saved-for-backward bytes of one training forward (+ loss): {a['backbone']}, batch {a['batch']}, {a['img']} px "
          f"(unique storages, parameters excluded)", "", head, "|---|---|" + "---|---|---|" * len(amps)]
     for i, C in enumerate(a["classes"]):
-        for kind in ("weaktr_fast", "weaktr_fast_before", "weaktr_reference", "timm_vit"):
+        for kind in ("weaktr_fast", "weaktr_fast_keep", "weaktr_fast_before", "weaktr_reference", "timm_vit"):
             if kind not in a["models"] or (kind == "timm_vit" and i): continue    # the plain ViT has no C: one row
             cells = []
             for m in amps:

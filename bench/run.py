@@ -13,6 +13,8 @@ What is measured (each sub-benchmark is its own script, run in a subprocess; a m
   crf     bench/bench_crf.py     pseudo labels (threshold + dense CRF + PNG) img/s: N worker processes vs 1 (CPU only)
   phase2  bench/bench_phase2.py  Phase-2 train step (kit vs reference attention, fp32) and MS+flip evaluation img/s
                                  (batched windows vs window by window, predictions asserted equal)
+  memory  bench/bench_memory.py  Phase-1 saved-for-backward bytes (saved_tensors_hooks): WeakTr fast vs the plain timm ViT and
+                                 vs WeakTr's reference path; train-step img/s of the fast path vs its code before issue 14
   demo    runs/demo/summary.json end-to-end CPU demo time (`--demo` runs it first); target: 15 min
 Targets are judged as ratios within one run on one card (see BENCHMARKS.md); absolute numbers depend on the machine
 and, on a shared machine, on its load (the load average is recorded).
@@ -49,10 +51,14 @@ SETTINGS = {
                          "--warmup", "1", "--eval-images", "2"],
                "full": ["--backbone", "deit_small_patch16_224", "--img", "480", "--batches", "4", "16", "--amp", "fp16",
                         "--steps", "20", "--warmup", "3", "--eval-images", "10"]},
+    "memory": {"small": ["--batch", "8", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps", "3"],
+               "full": ["--batch", "64", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps", "10",
+                        "--warmup", "2", "--step-amp", "bf16"]},
 }
-SCRIPTS = dict(phase1="bench_phase1.py", camgen="bench_camgen.py", crf="bench_crf.py", phase2="bench_phase2.py")
-DEVICE_BENCHES = ("phase1", "camgen", "phase2")      # run on every device; crf and demo are CPU-only
-ALL = ("phase1", "camgen", "crf", "phase2", "demo")
+SCRIPTS = dict(phase1="bench_phase1.py", camgen="bench_camgen.py", crf="bench_crf.py", phase2="bench_phase2.py",
+               memory="bench_memory.py")
+DEVICE_BENCHES = ("phase1", "camgen", "phase2", "memory")      # run on every device; crf and demo are CPU-only
+ALL = ("phase1", "camgen", "crf", "phase2", "memory", "demo")
 
 
 def cpu_model() -> str:
@@ -163,6 +169,25 @@ def rows_phase2(r: dict) -> list[dict]:
     return out
 
 
+def rows_memory(r: dict) -> list[dict]:
+    x, out = r["result"], []
+    by = {(q["model"], q["classes"], q["amp"]): q for q in x["saved"]}
+    for (kind, C, amp), q in by.items():
+        if kind != "weaktr_fast": continue
+        st = f"{x['args']['backbone']}, batch {x['args']['batch']}, {x['args']['img']} px, C {C}, amp {amp}"
+        for base, what in (("timm_vit", "plain timm ViT"), ("weaktr_reference", "WeakTr reference path")):
+            b = by.get((base, None if base == "timm_vit" else C, amp))
+            if b: out.append(dict(bench=f"Phase-1 saved-for-backward MiB (WeakTr fast vs {what})", setting=st,
+                                  ours=_f(q["saved_mib"], 0), baseline=_f(b["saved_mib"], 0),
+                                  ratio=q["saved_mib"] / b["saved_mib"], better="lower"))
+    for s in x.get("steps", []):
+        st = f"{x['args']['backbone']}, batch {s['batch']}, {x['args']['img']} px, C {s['classes']}, amp {s['amp']}"
+        out.append(dict(bench="Phase-1 train step, img/s (fast path vs its code before issue 14)", setting=st,
+                        ours=_f(s["img_per_s"]["after"], 2), baseline=_f(s["img_per_s"]["before"], 2),
+                        ratio=s["after_vs_before"], better="higher"))
+    return out
+
+
 def demo_row(path: Path) -> tuple[dict, list[dict]]:
     if not path.is_file():
         return dict(status="skipped", note=f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} not found "
@@ -177,7 +202,7 @@ def demo_row(path: Path) -> tuple[dict, list[dict]]:
                       better="lower")]
 
 
-ROWS = dict(phase1=rows_phase1, camgen=rows_camgen, crf=rows_crf, phase2=rows_phase2)
+ROWS = dict(phase1=rows_phase1, camgen=rows_camgen, crf=rows_crf, phase2=rows_phase2, memory=rows_memory)
 
 
 def section(key: str, title: str, env: dict, command: str, mode: str, records: dict, rows: list[dict]) -> str:

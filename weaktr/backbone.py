@@ -15,7 +15,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block as TimmBlock
 
 # %% auto #0
-__all__ = ['interpolate_pos_embed', 'patch_tokens', 'attention_forward', 'block_forward', 'BackboneOutput', 'WeakTrBackbone']
+__all__ = ['interpolate_pos_embed', 'patch_tokens', 'attention_forward', 'block_forward', 'AttnRecompute', 'BackboneOutput',
+           'WeakTrBackbone']
 
 # %% ../nbs/02_backbone.ipynb #b5585ba5
 def interpolate_pos_embed(pos_embed: torch.Tensor,  # (1, C + g0*g1, D): class rows, then the training grid row-major
@@ -52,12 +53,13 @@ def patch_tokens(patch_embed: nn.Module,  # timm `PatchEmbed` (its `proj` conv, 
 # %% ../nbs/02_backbone.ipynb #401cb2bc
 def _attn_probs(q, k, scale):
     "softmax(q k^T * scale): (B, nh, N, d) x (B, nh, N, d) -> (B, nh, N, N)."
-    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    return (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1)      # scaled in place: one N x N temporary fewer
 
 def attention_forward(attn: nn.Module,          # timm `Attention` (qkv, q_norm, k_norm, norm, optional gate, proj)
                       x: torch.Tensor,           # (B, N, D) normalised tokens
                       impl: str = "fast",        # "fast" (fused SDPA + no-grad probabilities) or "reference"
                       need_probs: bool = True,   # also return the attention probabilities
+                      keep_qk: Optional[list] = None,  # fast path under autograd: (q, k, scale) is appended here, detached
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     "Multi-head attention that also returns softmax probabilities: (B, N, D) -> out (B, N, D), probs (B, nh, N, N)."
     if impl not in ("fast", "reference"): raise ValueError(f"attn_impl must be 'fast' or 'reference', got {impl!r}")
@@ -74,6 +76,7 @@ def attention_forward(attn: nn.Module,          # timm `Attention` (qkv, q_norm,
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.,
                                              scale=attn.scale)            # (B, nh, N, hd)
+        if keep_qk is not None: keep_qk.append((q.detach(), k.detach(), attn.scale))   # SDPA saves these q, k anyway
         if need_probs:
             with torch.no_grad(): probs = _attn_probs(q.detach(), k.detach(), attn.scale)
     out = out.transpose(1, 2).reshape(B, N, nh * hd)                       # (B, nh, N, hd) -> (B, N, nh*hd)
@@ -84,20 +87,33 @@ def attention_forward(attn: nn.Module,          # timm `Attention` (qkv, q_norm,
 def block_forward(blk: nn.Module,       # timm `Block` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2)
                   x: torch.Tensor,       # (B, N, D) tokens
                   impl: str = "fast",    # attention implementation, see `attention_forward`
+                  keep_qk: Optional[list] = None,  # see `attention_forward`
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "One pre-norm block: (B, N, D) -> block output x_k (B, N, D), probs A_k (B, nh, N, N), attention branch a_k (B, N, D)."
-    out, probs = attention_forward(blk.attn, blk.norm1(x), impl)
+    out, probs = attention_forward(blk.attn, blk.norm1(x), impl, keep_qk=keep_qk)
     a = blk.ls1(out)                                   # the attention branch, before DropPath and the residual
     x = x + blk.drop_path1(a)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, probs, a
 
 # %% ../nbs/02_backbone.ipynb #782a9147
+class AttnRecompute(NamedTuple):
+    "What the fast path keeps to recompute the attention maps: per block the detached (q, k) that SDPA saves anyway."
+    qk: list                     # L tuples (q, k, scale), q and k (B, nh, N, hd), in block order
+    amp: tuple                   # (device type, autocast enabled, autocast dtype) of the forward
+
+    def block_probs(self, layer: int) -> torch.Tensor:
+        "A_layer recomputed exactly as the forward computed it: (B, nh, N, N), no graph."
+        (q, k, scale), (dev, enabled, dtype) = self.qk[layer], self.amp
+        with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _attn_probs(q, k, scale)                               # (B, nh, N, N)
+
 class BackboneOutput(NamedTuple):
     tokens: torch.Tensor         # (B, N, D) raw output of the last block (the final norm is NOT applied)
     attn_stack: torch.Tensor     # (B, nh*L, N, N) softmax probabilities, head-major m = head*L + layer
     block_feats: list            # per block: block_fn(attn, attn_branch, block_out), or (attn_branch, block_out) if no block_fn
     grid: tuple                  # (h, w) patch grid
+    attn_recompute: Optional[AttnRecompute] = None   # fast path under autograd: the maps' recipe for `fuse_heads`' backward
 
 def _check_vit(vit, backbone):
     "Refuse timm models whose structure the WeakTr block forward does not cover."
@@ -118,6 +134,7 @@ class WeakTrBackbone(nn.Module):
                  img_size: int | tuple = 224,    # training size: fixes the pos_embed grid
                  drop_path_rate: float = 0.1,    # stochastic depth, linear 0 -> rate over the blocks (§backbone)
                  attn_impl: str = "fast",        # "fast" or "reference", see `attention_forward`
+                 recompute_attn: bool = True,    # fast path: fuse_heads recomputes the maps in backward (less memory) or keeps the stack once (less compute)
                  **timm_kwargs):                 # passed to timm.create_model (embed_dim, depth, num_heads, patch_size, ...)
         super().__init__()
         if num_classes < 1: raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -127,6 +144,7 @@ class WeakTrBackbone(nn.Module):
         _check_vit(vit, backbone)
         D, pe = vit.embed_dim, vit.patch_embed
         self.num_classes, self.embed_dim, self.attn_impl, self.backbone_name = num_classes, D, attn_impl, backbone
+        self.recompute_attn = recompute_attn
         self.src_grid = tuple(int(g) for g in pe.grid_size)                   # (g0, g1) of the training size
         self.patch_size = int(pe.patch_size[0]) if pe.patch_size[0] == pe.patch_size[1] else tuple(pe.patch_size)
         self.depth, self.num_heads = len(vit.blocks), vit.blocks[0].attn.num_heads
@@ -155,8 +173,9 @@ class WeakTrBackbone(nn.Module):
         x = self.norm_pre(self.pos_drop(x))
         N = x.shape[1]
         attn_buf, attn_list, feats = None, [], []
+        keep_qk = [] if self.attn_impl == "fast" and self.recompute_attn and torch.is_grad_enabled() else None
         for i, blk in enumerate(self.blocks):
-            x, probs, a = block_forward(blk, x, self.attn_impl)
+            x, probs, a = block_forward(blk, x, self.attn_impl, keep_qk)
             if self.attn_impl == "fast":
                 if attn_buf is None: attn_buf = probs.new_empty(B, nh, L, N, N)
                 with torch.no_grad(): attn_buf[:, :, i] = probs                # (B, nh, N, N) -> slot i of (B, nh, L, N, N)
@@ -165,4 +184,7 @@ class WeakTrBackbone(nn.Module):
             feats.append(block_fn(probs.detach(), a.detach(), x.detach()) if block_fn is not None else (a, x))
         attn = attn_buf if attn_buf is not None else torch.stack(attn_list, dim=2)   # (B, nh, L, N, N)
         attn_stack = attn.flatten(1, 2)                                              # (B, nh, L, N, N) -> (B, nh*L, N, N)
-        return BackboneOutput(x, attn_stack, feats, (h, w))
+        dev = x.device.type
+        recompute = (AttnRecompute(keep_qk, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+                     if keep_qk is not None and len(keep_qk) == L else None)      # every block went through SDPA
+        return BackboneOutput(x, attn_stack, feats, (h, w), recompute)

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .backbone import AttnRecompute
+
 # %% auto #0
 __all__ = ['FUSIONS', 'stack_heads', 'head_features', 'pool_tokens', 'fuse_heads', 'AAF', 'AAFv1', 'AAFRandWeight', 'make_fusion']
 
@@ -37,16 +39,69 @@ def pool_tokens(x: torch.Tensor,  # (B, nh, N, ...) per-head tensors over N toke
     raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
 
 # %% ../nbs/03_head_fusion.ipynb #d51d648f
-def fuse_heads(attn_stack: torch.Tensor,    # (B, M, N, N) attention probabilities, M = L*nh head-major
-               head_weights: torch.Tensor,  # (B, M) or (B, M, 1, 1) per-head weights
+def _weighted_sum(w: torch.Tensor,           # (B, nm) fp32 weights
+                  attn_stack: torch.Tensor,  # (B, nm, N, N) in any float dtype
+                  chunk: int = 8,            # maps widened to fp32 at a time (a half-precision stack is never copied whole)
+                 ) -> torch.Tensor:
+    "sum_m w_m A_m accumulated in fp32: (B, nm), (B, nm, N, N) -> (B, N, N)."
+    if attn_stack.dtype == torch.float32: return torch.einsum("bm,bmij->bij", w, attn_stack)
+    out = None
+    for s in range(0, attn_stack.shape[1], chunk):
+        part = torch.einsum("bm,bmij->bij", w[:, s:s + chunk], attn_stack[:, s:s + chunk].float())   # (B, N, N)
+        out = part if out is None else out.add_(part)
+    return out
+
+def _per_map_dot(g: torch.Tensor,      # (B, N, N) fp32, the gradient of the fused map
+                 maps: torch.Tensor,   # (B, n, N, N) attention maps in any float dtype
+                 chunk: int = 8,       # maps widened to fp32 at a time
+                ) -> torch.Tensor:
+    "sum_ij G_ij A_m,ij for each map, in fp32: (B, N, N), (B, n, N, N) -> (B, n)."
+    return torch.cat([torch.einsum("bij,bmij->bm", g, maps[:, s:s + chunk].float())
+                      for s in range(0, maps.shape[1], chunk)], dim=1)
+
+class _FuseHeads(torch.autograd.Function):
+    "Fused map with a head-weight gradient from the stack in its own dtype, or from maps recomputed out of (q, k)."
+    @staticmethod
+    def forward(ctx, w, attn_stack, recompute, *qk):    # w (B, nm) fp32; attn_stack (B, nm, N, N), no grad; qk = q0, k0, q1, ...
+        ctx.nm, ctx.n_qk = w.shape[1], len(qk)
+        if recompute is None: ctx.save_for_backward(attn_stack)           # the stack once, as the backbone made it
+        else:
+            ctx.scales, ctx.amp = [sc for _, _, sc in recompute.qk], recompute.amp
+            ctx.save_for_backward(*qk)                                     # the q, k that SDPA keeps anyway: no new storage
+        return _weighted_sum(w, attn_stack) / ctx.nm                       # (B, N, N) fp32
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):                                # g (B, N, N): dL/dfused
+        g, saved = g.float(), ctx.saved_tensors
+        if not ctx.n_qk: grad_w = _per_map_dot(g, saved[0])               # (B, nm) from the saved stack
+        else:
+            rec = AttnRecompute([(saved[2 * l], saved[2 * l + 1], sc) for l, sc in enumerate(ctx.scales)], ctx.amp)
+            per_layer = [_per_map_dot(g, rec.block_probs(l)) for l in range(len(ctx.scales))]  # L x (B, nh), a block at a time
+            grad_w = torch.stack(per_layer, dim=2).flatten(1, 2)          # (B, nh, L) -> (B, nh*L), head-major
+        return (grad_w / ctx.nm, None, None) + (None,) * ctx.n_qk
+
+def fuse_heads(attn_stack: torch.Tensor,    # (B, nm, N, N) attention probabilities, nm = L*nh head-major
+               head_weights: torch.Tensor,  # (B, nm) or (B, nm, 1, 1) per-head weights
+               recompute=None,              # optional `AttnRecompute` of the backbone: the maps are recomputed in backward
               ) -> torch.Tensor:
-    "Weighted mean over heads, not renormalised: (B, M, N, N), (B, M) -> (B, N, N)."
-    B, M = attn_stack.shape[:2]
-    if head_weights.numel() != B * M:
-        raise ValueError(f"head_weights {tuple(head_weights.shape)} does not fit attn_stack {tuple(attn_stack.shape)}: expected (B, M) = ({B}, {M})")
+    "Weighted mean over heads, not renormalised: (B, nm, N, N), (B, nm) -> (B, N, N) fp32."
+    B, nm = attn_stack.shape[:2]
+    if head_weights.numel() != B * nm:
+        raise ValueError(f"head_weights {tuple(head_weights.shape)} does not fit attn_stack {tuple(attn_stack.shape)}: expected (B, nm) = ({B}, {nm})")
     with torch.autocast(attn_stack.device.type, enabled=False):
-        w = head_weights.reshape(B, M).float()
-        return torch.einsum("bm,bmij->bij", w, attn_stack.float()) / M    # (B, M) x (B, M, N, N) -> (B, N, N)
+        w = head_weights.reshape(B, nm).float()
+        if attn_stack.requires_grad or not (torch.is_grad_enabled() and w.requires_grad):
+            return torch.einsum("bm,bmij->bij", w, attn_stack.float()) / nm if attn_stack.requires_grad \
+                else _weighted_sum(w, attn_stack) / nm                       # a graph through the maps, or no graph
+        qk = ()
+        if recompute is not None:
+            q0 = recompute.qk[0][0]
+            if len(recompute.qk) * q0.shape[1] != nm or q0.shape[0] != B or q0.shape[2] != attn_stack.shape[-1]:
+                raise ValueError(f"recompute has {len(recompute.qk)} blocks of q {tuple(q0.shape)}; it does not fit "
+                                 f"attn_stack {tuple(attn_stack.shape)} (expected L*nh = {nm} maps of {attn_stack.shape[-1]} tokens)")
+            qk = tuple(t for q, k, _ in recompute.qk for t in (q, k))
+        return _FuseHeads.apply(w, attn_stack, recompute, *qk)
 
 # %% ../nbs/03_head_fusion.ipynb #28e36714
 def _hidden(channels, reduction, name="reduction"):
@@ -55,10 +110,10 @@ def _hidden(channels, reduction, name="reduction"):
     if n < 1: raise ValueError(f"{name}={reduction} leaves no hidden units for {channels} inputs (int({channels}/{reduction}) = {n})")
     return n
 
-def _head_ffn(M, reduction):
-    "Bias-free squeeze-excitation MLP M -> int(M/r) -> M with ReLU and Sigmoid (`attn_head_ffn` / V1 `fc`)."
-    return nn.Sequential(nn.Linear(M, _hidden(M, reduction), bias=False), nn.ReLU(),
-                         nn.Linear(_hidden(M, reduction), M, bias=False), nn.Sigmoid())
+def _head_ffn(nm, reduction):
+    "Bias-free squeeze-excitation MLP nm -> int(nm/r) -> nm with ReLU and Sigmoid (`attn_head_ffn` / V1 `fc`)."
+    return nn.Sequential(nn.Linear(nm, _hidden(nm, reduction), bias=False), nn.ReLU(),
+                         nn.Linear(_hidden(nm, reduction), nm, bias=False), nn.Sigmoid())
 
 class AAF(nn.Module):
     "Adaptive Attention Fusion V3 (attention-branch features) or V2 (`source='block_out'`): summaries -> head weights."
@@ -67,7 +122,7 @@ class AAF(nn.Module):
                  depth: int,                 # L, number of blocks
                  num_heads: int,             # nh, heads per block
                  embed_dim: int,             # D; the per-head feature has D/nh channels
-                 reduction: float = 4,       # r of attn_head_ffn: M -> int(M/r) -> M (spec: 4 default, 8 documented)
+                 reduction: float = 4,       # r of attn_head_ffn: nm -> int(nm/r) -> nm (spec: 4 default, 8 documented)
                  feat_reduction: float = 8,  # attn_feat_ffn: D/nh -> int(D/nh/feat_reduction) -> 1
                  pool: str = "avg",          # token pooling of the head features: "avg" or "max"
                  source: str = "attn_branch",  # "attn_branch" (V3) or "block_out" (V2)
@@ -91,11 +146,11 @@ class AAF(nn.Module):
         feat = attn_branch if self.source == "attn_branch" else block_out
         return pool_tokens(head_features(feat, self.num_heads), self.pool)        # (B, nh, N, D/nh) -> (B, nh, D/nh)
 
-    def forward(self, summary: torch.Tensor,  # (B, M, D/nh) head-major stack of the per-block summaries
+    def forward(self, summary: torch.Tensor,  # (B, nm, D/nh) head-major stack of the per-block summaries
                ) -> torch.Tensor:
-        "Head weights: (B, M, D/nh) -> (B, M) in (0, 1)."
-        s = self.attn_feat_ffn(summary).squeeze(-1)      # (B, M, D/nh) -> (B, M)
-        return self.attn_head_ffn(s)                     # (B, M) -> (B, M)
+        "Head weights: (B, nm, D/nh) -> (B, nm) in (0, 1)."
+        s = self.attn_feat_ffn(summary).squeeze(-1)      # (B, nm, D/nh) -> (B, nm)
+        return self.attn_head_ffn(s)                     # (B, nm) -> (B, nm)
 
 # %% ../nbs/03_head_fusion.ipynb #a75363b8
 class AAFv1(nn.Module):
@@ -113,12 +168,12 @@ class AAFv1(nn.Module):
         return pool_tokens(attn, self.pool, dim=(-2, -1))[..., None]
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        "Head weights: (B, M, 1) -> (B, M)."
+        "Head weights: (B, nm, 1) -> (B, nm)."
         return self.fc(summary.squeeze(-1))
 
 # %% ../nbs/03_head_fusion.ipynb #249752b2
 class AAFRandWeight(AAF):
-    "RandWeight ablation: head weights from a fixed random query buffer (1, M) instead of image features."
+    "RandWeight ablation: head weights from a fixed random query buffer (1, nm) instead of image features."
     version = "randweight"
     def __init__(self, depth, num_heads, embed_dim, reduction=4, feat_reduction=8, pool="avg"):
         super().__init__(depth, num_heads, embed_dim, reduction, feat_reduction, pool)
@@ -129,7 +184,7 @@ class AAFRandWeight(AAF):
         return attn_branch.new_zeros(attn_branch.shape[0], self.num_heads, 0)
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        "Head weights from the fixed query: (B, M, 0) -> (B, M), identical rows."
+        "Head weights from the fixed query: (B, nm, 0) -> (B, nm), identical rows."
         return self.attn_head_ffn(self.query.expand(summary.shape[0], -1))
 
 # %% ../nbs/03_head_fusion.ipynb #38e619af

@@ -121,7 +121,7 @@ class WeakTr(WeakTrBackbone):
         cam_coarse = self.head(patches)                                    # (B, D, h, w) -> (B, C, h, w)
         coarse_logits = cam_coarse.mean((-2, -1))                          # (B, C, h, w) -> (B, C)
         head_weights = aaf(stack_heads(bo.block_feats))                    # L x (B, nh, F) -> (B, L*nh, F) -> (B, L*nh)
-        fused = fuse_heads(bo.attn_stack.detach(), head_weights)           # (B, L*nh, N, N) -> (B, N, N)
+        fused = fuse_heads(bo.attn_stack.detach(), head_weights, bo.attn_recompute)   # (B, L*nh, N, N) -> (B, N, N)
         cls_patch_attn = fused[:, :C, C:].reshape(B, C, h, w)               # (B, C, P) -> (B, C, h, w)
         patch_affinity = fused[:, C:, C:]                                  # (B, P, P)
         cams = select_cams(cls_patch_attn, F.relu(cam_coarse.detach()), attention_type)

@@ -145,9 +145,10 @@ def _device_of(model) -> torch.device:
 @torch.no_grad()
 def predict_windowed_reference(model: Segmenter,  # in eval mode
                                image,             # PIL RGB, (H, W, 3) uint8 array or (3, H, W) uint8 tensor
-                               cfg: InferCfg = InferCfg(),
+                               cfg: InferCfg | None = None, # None: InferCfg()
                               ) -> torch.Tensor:  # (K, H, W) float32 probabilities (sum 1, or 1 + mid_weight)
     "Sliding-window multi-scale/flip prediction exactly in the reference's order: one view, then one window, at a time."
+    cfg = cfg if cfg is not None else InferCfg()
     dev = _device_of(model)
     img = image_tensor(image).to(dev)
     H, W = img.shape[-2:]
@@ -170,9 +171,10 @@ def predict_windowed_reference(model: Segmenter,  # in eval mode
 @torch.no_grad()
 def predict(model: Segmenter,  # in eval mode
             image,             # PIL RGB, (H, W, 3) uint8 array or (3, H, W) uint8 tensor
-            cfg: InferCfg = InferCfg(),
+            cfg: InferCfg | None = None, # None: InferCfg()
            ) -> torch.Tensor:  # (K, H, W) float32 probabilities (sum 1, or 1 + mid_weight)
     "Sliding-window multi-scale/flip prediction with all windows of all views batched (`window_batch` per forward)."
+    cfg = cfg if cfg is not None else InferCfg()
     dev = _device_of(model)
     img = image_tensor(image).to(dev)
     H, W = img.shape[-2:]
@@ -247,7 +249,7 @@ def _scores(conf: np.ndarray) -> dict:
 
 def evaluate_model(model: Segmenter,        # in eval mode, on its device
                    ds: SegDataset,          # images (+ GT masks for scores); no transform
-                   cfg: InferCfg = InferCfg(),
+                   cfg: InferCfg | None = None, # None: InferCfg()
                    crf: CrfCfg | None = None, # dense CRF on the predictions (None = off)
                    export_dir=None,         # write <id>.png here (CRF result if crf)
                    raw_dir=None,            # with crf: write the argmax before the CRF here
@@ -260,6 +262,7 @@ def evaluate_model(model: Segmenter,        # in eval mode, on its device
                    desc: str = "eval",
                   ) -> dict:
     "Predict a dataset; returns mIoU / pixel accuracy (%) before and after the CRF, confusion matrices, timing."
+    cfg = cfg if cfg is not None else InferCfg()
     K = model.n_cls
     if ds.num_classes + 1 != K:
         raise ValueError(f"the model predicts K={K} classes but the dataset at {ds.root} has {ds.num_classes} + background "

@@ -162,7 +162,8 @@ def test_messages_are_one_readable_line(deit_s, synth, tmp_path):
         assert "is not a PyTorch checkpoint" in last_error() and ex.model is deit_s
     (tmp_path / "damaged.pt").write_bytes(b"\x80\x02" + bytes(64))
     ex.ckpt_text.value = str(tmp_path / "damaged.pt"); ex.ckpt_btn.click()
-    assert "could not be read as a WeakTr checkpoint" in last_error()
+    msg = last_error()                          # the loader's WeightFileError: names the file and what went wrong
+    assert "damaged.pt" in msg and "could not be read" in msg and ex.model is deit_s, msg
     # an unreadable upload (was: cannot identify image file <_io.BytesIO object at 0x...>)
     ex.upload.value = upload_value("photo.png", b"\x89PNG but not really")
     assert last_error() == "upload 'photo.png' is not an image file PIL can read (unknown format or not an image)"

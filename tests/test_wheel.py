@@ -52,8 +52,10 @@ def test_installed_wheel_runs_the_quick_pipeline_from_an_empty_directory(wheel, 
     # only reaches the base interpreter's, so its site-packages go on the new venv's path too (appended: the wheel wins)
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
                              text=True, check=True, timeout=120).stdout.strip()
-    import site
-    Path(purelib, "_weaktr_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # sys.path, not site.getsitepackages(): under the checkout's thin .venv (tools/thin_venv.py) the packages live in
+    # the shared venv, which the thin venv reaches through a .pth line (and a .pth line's own .pth files are not read)
+    deps = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    Path(purelib, "_weaktr_test_deps.pth").write_text("\n".join(deps) + "\n")
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], capture_output=True,
                        text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -2,7 +2,6 @@
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,14 +133,11 @@ def _papermill(out, **params):
 
 
 def test_run_notebook_smoke(synth, tmp_path):
-    t0 = time.time()
     _papermill(tmp_path / "out.ipynb", smoke=True, run_dir=str(tmp_path / "run"), data_root=str(synth))
-    took = time.time() - t0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["steps"] == 2 and s["model"]["embed_dim"] == 64 and s["images"]["train"] == 8
     nb = json.loads((tmp_path / "out.ipynb").read_text())
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
-    assert took < 60, f"smoke run took {took:.0f} s"
 
 
 def _param_and_first_cells():

@@ -34,13 +34,9 @@ def load_explorer_model(checkpoint,                     # run folder, learner .p
     "A WeakTr Phase-1 model from a checkpoint, in eval mode (shapes inferred; errors name the file and say what it is)."
     from weaktr.model import load_cam_model, resolve_checkpoint
     path, _ = resolve_checkpoint(checkpoint)                       # FileNotFoundError naming the path
-    with open(path, "rb") as f: head = f.read(4)
-    if head[:2] != b"PK" and head[:1] != b"\x80":                  # torch.save writes a zip (PK..) or a pickle (0x80 ..)
-        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle): "
-                         "give a run folder, a learner .pt or an official WeakTr Phase-1 file")
-    try:
+    try:                                    # an unreadable file raises weaktr.model.WeightFileError, naming it
         return load_cam_model(path, device=device)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, IndexError) as e:   # damaged or foreign file
+    except (RuntimeError, KeyError, IndexError) as e:              # a readable file that is not a WeakTr Phase-1 model
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise ValueError(f"{path} could not be read as a WeakTr checkpoint ({type(e).__name__}: {first[:120]})") from None
 

@@ -199,15 +199,15 @@ def load_torch_file(path,                       # a torch file (zip or legacy fo
     if mmap:
         try: return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception: pass                                          # legacy (non-zip) file, or corrupt: read plainly
+    with open(path, "rb") as f: head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":                 # torch.save writes a zip (PK..), legacy files a pickle (0x80..)
+        raise WeightFileError(f"{what} {path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); {hint}")
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    except Exception as e:
+        g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if g:
             raise WeightFileError(f"{what} {path} holds pickled Python objects ({g.group(1)}) that weights_only=True "
                                   f"refuses to load (no code was run); re-save it as a plain state dict or .safetensors") from e
-        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
-                              f"or corrupt ({_first_line(e)}); {hint}") from e
-    except Exception as e:
         raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
                               f"or corrupt ({_first_line(e)}); {hint}") from e
 

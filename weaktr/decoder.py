@@ -17,10 +17,10 @@ __all__ = ['clip_loss_map', 'ClipCfg', 'seg_loss', 'MaskTransformer']
 
 # %% ../nbs/07_decoder.ipynb #ff824e80
 def _window_means(mean_map: torch.Tensor, window: int) -> torch.Tensor:
-    "(1, 1, H, W) -> (1, 1, ceil(H/K), ceil(W/K)) means over non-overlapping KxK windows of the valid pixels."
+    "(1, 1, H, W) -> (1, 1, ceil(H/win), ceil(W/win)) means over non-overlapping win x win windows of the valid pixels."
     H, W = mean_map.shape[-2:]
     pad_h, pad_w = -H % window, -W % window
-    if pad_h == 0 and pad_w == 0:  # the reference: padding = H mod K = 0
+    if pad_h == 0 and pad_w == 0:  # the reference: padding = H mod win = 0
         return F.avg_pool2d(mean_map, window, stride=window, padding=0, count_include_pad=False)
     sums = F.avg_pool2d(F.pad(mean_map, (0, pad_w, 0, pad_h)), window, stride=window, divisor_override=1)
     counts = F.avg_pool2d(F.pad(torch.ones_like(mean_map), (0, pad_w, 0, pad_h)), window, stride=window,
@@ -29,21 +29,21 @@ def _window_means(mean_map: torch.Tensor, window: int) -> torch.Tensor:
 
 def clip_loss_map(loss_map: torch.Tensor,  # (B, H, W) per-pixel CE, 0 at ignored pixels
                   start_value: float = 1.2,  # GC is off while the mean loss is above this (method notes §gc-loss)
-                  window: int = 120,         # K, side of the square windows (`--patch-size`)
+                  window: int = 120,         # win, side of the square windows (`--patch-size`)
                  ) -> torch.Tensor:          # (B, H, W) clipped per-pixel loss; its mean is the training loss
     "The reference's gradient clipping: cap each pixel's loss at max(window mean, global mean), (B, H, W) -> (B, H, W)."
     if loss_map.ndim != 3:
         raise ValueError(f"loss_map must be (B, H, W), got shape {tuple(loss_map.shape)}")
     if int(window) < 1: raise ValueError(f"window must be a positive integer, got {window}")
     B, H, W = loss_map.shape
-    K = int(window)
+    win = int(window)
     stat = loss_map.detach()
     mu = stat.mean()                                                    # () global mean, ignored zeros included
     mean_map = stat.mean(0)[None, None]                                 # (B, H, W) -> (1, 1, H, W)
-    m = _window_means(mean_map, K)                                      # (1, 1, H, W) -> (1, 1, h', w')
+    m = _window_means(mean_map, win)                                    # (1, 1, H, W) -> (1, 1, h', w')
     tau = torch.maximum(m, mu)
-    tau = tau.repeat_interleave(K, dim=2).repeat_interleave(K, dim=3)   # (1, 1, h', w') -> (1, 1, h'K, w'K)
-    tau = tau[0, 0, :H, :W].expand(B, H, W)                             # (h'K, w'K) -> (B, H, W)
+    tau = tau.repeat_interleave(win, dim=2).repeat_interleave(win, dim=3)  # (1, 1, h', w') -> (1, 1, h'win, w'win)
+    tau = tau[0, 0, :H, :W].expand(B, H, W)                             # (h'win, w'win) -> (B, H, W)
     clipped = torch.clamp(stat - tau, max=0) + tau                      # the reference's values, bit for bit
     passes = (stat <= tau).to(loss_map.dtype)                           # (B, H, W) 1 where the gradient flows
     clipped = clipped + (loss_map - stat) * passes                      # adds exact zeros; d/d loss = passes
@@ -53,7 +53,7 @@ def clip_loss_map(loss_map: torch.Tensor,  # (B, H, W) per-pixel CE, 0 at ignore
 @dataclass
 class ClipCfg:
     start_value: float = 1.2  # GC starts once the mean pixel loss is <= this (method notes §gc-loss, `--start-value`)
-    window: int = 120         # window side K in pixels (`--patch-size`); the 480 crop must be a multiple for exact parity
+    window: int = 120         # window side win in pixels (`--patch-size`); the 480 crop must be a multiple for exact parity
     enabled: bool = True      # False = the reference's `--no-gc`
 
 def seg_loss(logits: torch.Tensor,      # (B, K, H, W) class logits

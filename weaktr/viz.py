@@ -110,8 +110,8 @@ def prepare_image(image,                      # PIL image (any mode), (H, W[, 3|
 class ImageAnalysis:
     "One image, one `model.inspect` pass: every tensor the explorer indexes into (batch axis dropped, CPU float32)."
     image: np.ndarray              # (H, W, 3) uint8 RGB, the image exactly as the model saw it
-    attn_stack: torch.Tensor       # (M, N, N) attention probabilities, M = L*nh head-major (m = head*L + layer)
-    head_weights: torch.Tensor     # (M,) AAF head weights in (0, 1)
+    attn_stack: torch.Tensor       # (nm, N, N) attention probabilities, nm = L*nh head-major (m = head*L + layer)
+    head_weights: torch.Tensor     # (nm,) AAF head weights in (0, 1)
     cam_coarse: torch.Tensor       # (C, h, w) conv-head CAM M (before ReLU)
     cls_patch_attn: torch.Tensor   # (C, h, w) S, fused class-token -> patch attention
     patch_affinity: torch.Tensor   # (P, P) fused patch -> patch attention
@@ -225,17 +225,17 @@ def head_map(analysis: ImageAnalysis,  # the computed-once result
     return analysis.attn_stack[m, cls, C:].reshape(h, w).numpy()     # (P,) -> (h, w)
 
 def head_mask_grid(analysis: ImageAnalysis, head_mask=None) -> np.ndarray:
-    "Any head mask (None, (L, nh) grid or head-major (M,)) as an (L, nh) bool grid [layer, head]."
+    "Any head mask (None, (L, nh) grid or head-major (nm,)) as an (L, nh) bool grid [layer, head]."
     L, nh = analysis.depth, analysis.num_heads
     if head_mask is None: return np.ones((L, nh), bool)
     z = np.asarray(head_mask.cpu() if isinstance(head_mask, torch.Tensor) else head_mask)
     if z.shape == (L, nh): return z.astype(bool)
     if z.shape == (L * nh,): return z.reshape(nh, L).T.astype(bool)          # (nh*L,) -> (nh, L) -> (L, nh)
-    raise ValueError(f"head_mask has shape {z.shape}: expected (L, nh) = ({L}, {nh}) or (M,) = ({L * nh},)")
+    raise ValueError(f"head_mask has shape {z.shape}: expected (L, nh) = ({L}, {nh}) or (nm,) = ({L * nh},)")
 
 def effective_weights(analysis: ImageAnalysis, head_mask=None) -> torch.Tensor:
-    "AAF weights with switched-off heads set to 0 (no renormalisation): (M,) head-major."
-    z = torch.from_numpy(head_mask_grid(analysis, head_mask).T.reshape(-1).copy())   # (L, nh) -> (nh, L) -> (M,)
+    "AAF weights with switched-off heads set to 0 (no renormalisation): (nm,) head-major."
+    z = torch.from_numpy(head_mask_grid(analysis, head_mask).T.reshape(-1).copy())   # (L, nh) -> (nh, L) -> (nm,)
     return analysis.head_weights * z
 
 def _fused(analysis: ImageAnalysis, head_mask=None, need_affinity: bool = False, uniform: bool = False) -> dict:
@@ -249,20 +249,20 @@ def _fused(analysis: ImageAnalysis, head_mask=None, need_affinity: bool = False,
         r = analysis._cache[key] = {}
     if z.all() and not uniform:                                     # all heads on: the model's own tensors
         r.setdefault("S", analysis.cls_patch_attn); r.setdefault("A_pp", analysis.patch_affinity)
-    C, M, (h, w) = analysis.num_classes, analysis.num_maps, analysis.grid
-    wz = effective_weights(analysis, z)                             # (M,)
+    C, nm, (h, w) = analysis.num_classes, analysis.num_maps, analysis.grid
+    wz = effective_weights(analysis, z)                             # (nm,)
     if uniform: wz = (wz > 0).float() * analysis.head_weights.mean()  # every head the mean weight: AAF switched off
     if "S" not in r:
-        r["S"] = (torch.einsum("m,mcp->cp", wz, analysis.attn_stack[:, :C, C:]) / M).reshape(C, h, w)  # (M, C, P) -> (C, h, w)
+        r["S"] = (torch.einsum("m,mcp->cp", wz, analysis.attn_stack[:, :C, C:]) / nm).reshape(C, h, w)  # (nm, C, P) -> (C, h, w)
     if need_affinity and "A_pp" not in r:
-        r["A_pp"] = torch.einsum("m,mij->ij", wz, analysis.attn_stack[:, C:, C:]) / M               # (M, P, P) -> (P, P)
+        r["A_pp"] = torch.einsum("m,mij->ij", wz, analysis.attn_stack[:, C:, C:]) / nm              # (nm, P, P) -> (P, P)
     return r
 
 FUSED_KINDS = ("cross", "cams", "refined")
 
 def fused_map(analysis: ImageAnalysis,  # the computed-once result
               cls: int,                 # class c
-              head_mask=None,           # (L, nh) bool [layer, head] (or (M,) head-major); None = all heads on
+              head_mask=None,           # (L, nh) bool [layer, head] (or (nm,) head-major); None = all heads on
               kind: str = "cams",       # "cross" S_c, "cams" S_c * ReLU(M_c), "refined" A_pp @ cams_c
               uniform: bool = False,    # every head weighted by the mean AAF weight (the fusion without AAF)
              ) -> np.ndarray:

@@ -64,7 +64,9 @@ def test_create_weaktr_by_name(weights):
     with torch.no_grad():
         out = m.eval()(torch.randn(1, 3, arch["img_size"], arch["img_size"]))
     assert all(o.shape == (1, 5) for o in out)
-    assert create_weaktr(DEMO_ASSET, 2).src_grid == (224 // arch["patch_size"],) * 2   # no img_size: 224
+    m0 = create_weaktr(DEMO_ASSET, 2)                                    # no img_size: the asset's own size
+    assert (m0.img_size, m0.config["img_size"], m0.src_grid) == (arch["img_size"], arch["img_size"], (g, g))
+    assert create_weaktr(DEMO_ASSET, 2, img_size=2 * arch["img_size"]).src_grid == (2 * g, 2 * g)  # explicit wins
 
 
 def test_create_segmenter_by_name(weights):

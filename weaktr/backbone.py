@@ -131,7 +131,7 @@ class WeakTrBackbone(nn.Module):
     def __init__(self,
                  backbone: str,                  # timm model name, e.g. "deit_small_patch16_224"
                  num_classes: int,               # C, the number of class tokens (foreground classes)
-                 img_size: int | tuple = 224,    # training size: fixes the pos_embed grid
+                 img_size: int | tuple | None = None,  # training size (fixes the pos_embed grid); None: the backbone's
                  drop_path_rate: float = 0.1,    # stochastic depth, linear 0 -> rate over the blocks (§backbone)
                  attn_impl: str = "fast",        # "fast" or "reference", see `attention_forward`
                  recompute_attn: bool = True,    # fast path: fuse_heads recomputes the maps in backward (less memory) or keeps the stack once (less compute)
@@ -139,13 +139,15 @@ class WeakTrBackbone(nn.Module):
         super().__init__()
         if num_classes < 1: raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if attn_impl not in ("fast", "reference"): raise ValueError(f"attn_impl must be 'fast' or 'reference', got {attn_impl!r}")
-        vit = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=img_size,
-                                drop_path_rate=drop_path_rate, **timm_kwargs)
+        if img_size is not None: timm_kwargs = dict(timm_kwargs, img_size=img_size)
+        vit = timm.create_model(backbone, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **timm_kwargs)
         _check_vit(vit, backbone)
         D, pe = vit.embed_dim, vit.patch_embed
         self.num_classes, self.embed_dim, self.attn_impl, self.backbone_name = num_classes, D, attn_impl, backbone
         self.recompute_attn = recompute_attn
         self.src_grid = tuple(int(g) for g in pe.grid_size)                   # (g0, g1) of the training size
+        H0, W0 = (int(s) for s in pe.img_size)
+        self.img_size = H0 if H0 == W0 else (H0, W0)                         # the training size actually built
         self.patch_size = int(pe.patch_size[0]) if pe.patch_size[0] == pe.patch_size[1] else tuple(pe.patch_size)
         self.depth, self.num_heads = len(vit.blocks), vit.blocks[0].attn.num_heads
         # parameters first, then modules: the reference's state-dict order (method notes §ckpt-phase1)

@@ -93,7 +93,7 @@ class WeakTr(WeakTrBackbone):
                  reduction: float = 4,         # AAF head-MLP reduction r (spec default 4; V3 docs use 8)
                  pool: str = "avg",            # AAF pooling, "avg" or "max" (V3 docs use max)
                  feat_reduction: float = 8,    # AAF per-head feature MLP reduction
-                 img_size: int | tuple = 224,  # training size (fixes the pos_embed grid)
+                 img_size: int | tuple | None = None,  # training size (fixes the pos_embed grid); None: the backbone's
                  drop_path_rate: float = 0.1,  # stochastic depth (method notes §backbone)
                  attn_impl: str = "fast",      # "fast" (fused SDPA) or "reference" (explicit attention)
                  **timm_kwargs):               # passed to timm.create_model
@@ -103,7 +103,7 @@ class WeakTr(WeakTrBackbone):
         self.adaptive_attention_fusion = make_fusion(fusion, self.depth, self.num_heads, self.embed_dim,
                                                      reduction=reduction, feat_reduction=feat_reduction, pool=pool)
         self.config = dict(backbone=backbone, num_classes=num_classes, fusion=fusion, reduction=reduction, pool=pool,
-                           feat_reduction=feat_reduction, img_size=img_size, drop_path_rate=drop_path_rate,
+                           feat_reduction=feat_reduction, img_size=self.img_size, drop_path_rate=drop_path_rate,
                            attn_impl=attn_impl, **timm_kwargs)
 
     @property
@@ -165,7 +165,7 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
                   reduction: float = 4,         # AAF head-MLP reduction
                   pool: str = "avg",            # AAF pooling, "avg" or "max"
                   feat_reduction: float = 8,    # AAF per-head feature MLP reduction
-                  img_size: int | tuple = 224,  # training size
+                  img_size: int | tuple | None = None,  # training size; None: the backbone's (224, a zoo asset's own)
                   drop_path_rate: float = 0.1,  # stochastic depth
                   attn_impl: str = "fast",      # "fast" or "reference"
                   pretrained: str | Path | None = None,  # local ImageNet ViT weights to start from (see `load_pretrained`)
@@ -384,16 +384,16 @@ def weaktr_config_from_state_dict(sd: dict) -> dict:
                img_size=g * ph, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
                qkv_bias="blocks.0.attn.qkv.bias" in sd)
     if fusion == "v1":
-        hidden, M = sd[_AAF + "fc.0.weight"].shape
-        nh = M // depth
+        hidden, nm = sd[_AAF + "fc.0.weight"].shape
+        nh = nm // depth
     else:
-        hidden, M = sd[_AAF + "attn_head_ffn.0.weight"].shape
+        hidden, nm = sd[_AAF + "attn_head_ffn.0.weight"].shape
         f_hidden, hd = sd[_AAF + "attn_feat_ffn.0.weight"].shape
         nh = D // hd
         cfg["feat_reduction"] = _ratio(hd, f_hidden)
-    if nh * depth != M:
-        raise ValueError(f"AAF mixes {M} heads but depth {depth} x heads {nh} = {nh * depth}: inconsistent checkpoint")
-    cfg.update(num_heads=nh, reduction=_ratio(M, hidden))
+    if nh * depth != nm:
+        raise ValueError(f"AAF mixes {nm} heads but depth {depth} x heads {nh} = {nh * depth}: inconsistent checkpoint")
+    cfg.update(num_heads=nh, reduction=_ratio(nm, hidden))
     return cfg
 
 def create_weaktr_from_checkpoint(path: str | Path,                   # official Phase-1 checkpoint

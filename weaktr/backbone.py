@@ -4,7 +4,6 @@
 
 # %% ../nbs/02_backbone.ipynb #db917200
 from __future__ import annotations
-import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -59,7 +58,8 @@ def attention_forward(attn: nn.Module,          # timm `Attention` (qkv, q_norm,
                       x: torch.Tensor,           # (B, N, D) normalised tokens
                       impl: str = "fast",        # "fast" (fused SDPA + no-grad probabilities) or "reference"
                       need_probs: bool = True,   # also return the attention probabilities
-                      keep_qk: Optional[list] = None,  # fast path under autograd: (q, k, scale) is appended here, detached
+                      # fast path under autograd: (q, k, scale) is appended here, detached
+                      keep_qk: Optional[list] = None,
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     "Multi-head attention that also returns softmax probabilities: (B, N, D) -> out (B, N, D), probs (B, nh, N, N)."
     if impl not in ("fast", "reference"): raise ValueError(f"attn_impl must be 'fast' or 'reference', got {impl!r}")
@@ -72,7 +72,7 @@ def attention_forward(attn: nn.Module,          # timm `Attention` (qkv, q_norm,
     probs = None
     if impl == "reference" or not (torch.is_grad_enabled() and q.requires_grad):
         probs = _attn_probs(q, k, attn.scale)                             # (B, nh, N, N)
-        out = attn.attn_drop(probs) @ v                                   # (B, nh, N, N) x (B, nh, N, hd) -> (B, nh, N, hd)
+        out = attn.attn_drop(probs) @ v                               # (B, nh, N, N) x (B, nh, N, hd) -> (B, nh, N, hd)
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.,
                                              scale=attn.scale)            # (B, nh, N, hd)
@@ -89,7 +89,8 @@ def block_forward(blk: nn.Module,       # timm `Block` (norm1, attn, ls1, drop_p
                   impl: str = "fast",    # attention implementation, see `attention_forward`
                   keep_qk: Optional[list] = None,  # see `attention_forward`
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "One pre-norm block: (B, N, D) -> block output x_k (B, N, D), probs A_k (B, nh, N, N), attention branch a_k (B, N, D)."
+    """One pre-norm block: (B, N, D) -> block output x_k (B, N, D), probs A_k (B, nh, N, N), attention branch a_k (B, N,
+    D)."""
     out, probs = attention_forward(blk.attn, blk.norm1(x), impl, keep_qk=keep_qk)
     a = blk.ls1(out)                                   # the attention branch, before DropPath and the residual
     x = x + blk.drop_path1(a)
@@ -111,20 +112,24 @@ class AttnRecompute(NamedTuple):
 class BackboneOutput(NamedTuple):
     tokens: torch.Tensor         # (B, N, D) raw output of the last block (the final norm is NOT applied)
     attn_stack: torch.Tensor     # (B, nh*L, N, N) softmax probabilities, head-major m = head*L + layer
-    block_feats: list            # per block: block_fn(attn, attn_branch, block_out), or (attn_branch, block_out) if no block_fn
+    block_feats: list    # per block: block_fn(attn, attn_branch, block_out), or (attn_branch, block_out) if no block_fn
     grid: tuple                  # (h, w) patch grid
-    attn_recompute: Optional[AttnRecompute] = None   # fast path under autograd: the maps' recipe for `fuse_heads`' backward
+    # fast path under autograd: the maps' recipe for `fuse_heads`' backward
+    attn_recompute: Optional[AttnRecompute] = None
 
 def _check_vit(vit, backbone):
     "Refuse timm models whose structure the WeakTr block forward does not cover."
     for name in ("patch_embed", "blocks", "norm"):
-        if not hasattr(vit, name): raise ValueError(f"timm model {backbone!r} has no `{name}`; WeakTr needs a plain ViT")
+        if not hasattr(vit, name):
+            raise ValueError(f"timm model {backbone!r} has no `{name}`; WeakTr needs a plain ViT")
     if getattr(vit, "reg_token", None) is not None:
-        raise ValueError(f"timm model {backbone!r} has register tokens; WeakTr's token layout is [C class tokens; patches] only")
+        raise ValueError(f"timm model {backbone!r} has register tokens; WeakTr's token layout is [C class tokens; "
+                         "patches] only")
     for i, blk in enumerate(vit.blocks):
         if not isinstance(blk, TimmBlock) or not hasattr(blk.attn, "qkv"):
-            raise ValueError(f"timm model {backbone!r}: block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                             "WeakTr supports timm's standard `Block` with fused-qkv `Attention`")
+            raise ValueError(f"timm model {backbone!r}: block {i} is {type(blk).__name__} with "
+                             f"{type(blk.attn).__name__}; WeakTr supports timm's standard `Block` with fused-qkv "
+                             "`Attention`")
 
 class WeakTrBackbone(nn.Module):
     "A timm ViT with C class tokens, reference pos-embed resizing and per-block attention capture."
@@ -134,11 +139,14 @@ class WeakTrBackbone(nn.Module):
                  img_size: int | tuple | None = None,  # training size (fixes the pos_embed grid); None: the backbone's
                  drop_path_rate: float = 0.1,    # stochastic depth, linear 0 -> rate over the blocks (§backbone)
                  attn_impl: str = "fast",        # "fast" or "reference", see `attention_forward`
-                 recompute_attn: bool = True,    # fast path: fuse_heads recomputes the maps in backward (less memory) or keeps the stack once (less compute)
-                 **timm_kwargs):                 # passed to timm.create_model (embed_dim, depth, num_heads, patch_size, ...)
+                 # fast path: fuse_heads recomputes the maps in backward (less memory) or keeps the stack once (less
+                 # compute)
+                 recompute_attn: bool = True,
+                 **timm_kwargs):            # passed to timm.create_model (embed_dim, depth, num_heads, patch_size, ...)
         super().__init__()
         if num_classes < 1: raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if attn_impl not in ("fast", "reference"): raise ValueError(f"attn_impl must be 'fast' or 'reference', got {attn_impl!r}")
+        if attn_impl not in ("fast", "reference"):
+            raise ValueError(f"attn_impl must be 'fast' or 'reference', got {attn_impl!r}")
         if img_size is not None: timm_kwargs = dict(timm_kwargs, img_size=img_size)
         vit = timm.create_model(backbone, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **timm_kwargs)
         _check_vit(vit, backbone)
@@ -153,9 +161,10 @@ class WeakTrBackbone(nn.Module):
         # parameters first, then modules: the reference's state-dict order (method notes §ckpt-phase1)
         self.cls_token = nn.Parameter(torch.zeros(1, num_classes, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_classes + self.src_grid[0] * self.src_grid[1], D))
-        trunc_normal_(self.cls_token, std=.02); trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        trunc_normal_(self.pos_embed, std=.02)
         self.patch_embed, self.pos_drop, self.norm_pre = pe, vit.pos_drop, vit.norm_pre
-        self.blocks, self.norm = vit.blocks, vit.norm                        # `norm` is kept but never applied (§backbone)
+        self.blocks, self.norm = vit.blocks, vit.norm                     # `norm` is kept but never applied (§backbone)
 
     def grid(self, H: int, W: int) -> tuple[int, int]:
         "Patch grid (h, w) for an H x W input (the conv floors)."
@@ -164,7 +173,8 @@ class WeakTrBackbone(nn.Module):
 
     def forward_features(self,
                          x: torch.Tensor,                      # (B, 3, H, W) images
-                         block_fn: Optional[Callable] = None,  # f(attn, attn_branch, block_out) -> small tensor, per block
+                         # f(attn, attn_branch, block_out) -> small tensor, per block
+                         block_fn: Optional[Callable] = None,
                         ) -> BackboneOutput:
         "Run the ViT: (B, 3, H, W) -> raw tokens (B, N, D), head-major attn_stack (B, nh*L, N, N), per-block features."
         B, _, H, W = x.shape
@@ -180,12 +190,12 @@ class WeakTrBackbone(nn.Module):
             x, probs, a = block_forward(blk, x, self.attn_impl, keep_qk)
             if self.attn_impl == "fast":
                 if attn_buf is None: attn_buf = probs.new_empty(B, nh, L, N, N)
-                with torch.no_grad(): attn_buf[:, :, i] = probs                # (B, nh, N, N) -> slot i of (B, nh, L, N, N)
+                with torch.no_grad(): attn_buf[:, :, i] = probs            # (B, nh, N, N) -> slot i of (B, nh, L, N, N)
             else:
                 attn_list.append(probs)
             feats.append(block_fn(probs.detach(), a.detach(), x.detach()) if block_fn is not None else (a, x))
         attn = attn_buf if attn_buf is not None else torch.stack(attn_list, dim=2)   # (B, nh, L, N, N)
-        attn_stack = attn.flatten(1, 2)                                              # (B, nh, L, N, N) -> (B, nh*L, N, N)
+        attn_stack = attn.flatten(1, 2)                                            # (B, nh, L, N, N) -> (B, nh*L, N, N)
         dev = x.device.type
         recompute = (AttnRecompute(keep_qk, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
                      if keep_qk is not None and len(keep_qk) == L else None)      # every block went through SDPA

@@ -37,20 +37,25 @@ def seed_everything(seed: int = 504, # the reference's seed (method notes §phas
                    ) -> torch.Generator:
     "Seed Python, NumPy and torch (all devices); return a seeded `torch.Generator` for DataLoader shuffling."
     os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    g = torch.Generator(); g.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
     return g
 
 def seed_worker(worker_id: int):
     "DataLoader `worker_init_fn`: re-seed NumPy and `random` from torch's per-worker seed."
     s = torch.initial_seed() % 2**32
-    np.random.seed(s); random.seed(s)
+    np.random.seed(s)
+    random.seed(s)
 
 # %% ../nbs/00_core.ipynb #18c6ec12
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     "Yield a temporary path beside `path`; on success rename it over `path`, on error remove it."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -94,7 +99,8 @@ def file_sha256(path,                       # any file
 
 def fingerprint(obj) -> str:
     "Hex sha256 of a JSON-able object (canonical: sorted keys, no whitespace)."
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                     default=_json_default).encode()).hexdigest()
 
 class ResumeMismatch(ValueError):
     "A stage's existing outputs were made from other inputs or settings than the new run's."
@@ -109,8 +115,10 @@ def resume_check(record_path,              # the stage's resume record (meta.jso
                  overwrite: bool = False,  # True: restart instead of refusing
                  what: str = "outputs",    # how the error calls them ("CAM files", "pseudo labels")
                 ) -> list:
-    "[] to resume (or start fresh); the stale outputs to delete if the record changed and `overwrite`; else ResumeMismatch. Writes nothing."
-    record_path = Path(record_path); outputs = list(outputs)
+    """[] to resume (or start fresh); the stale outputs to delete if the record changed and `overwrite`; else
+    ResumeMismatch. Writes nothing."""
+    record_path = Path(record_path)
+    outputs = list(outputs)
     if not outputs: return []
     old = json.loads(record_path.read_text()) if record_path.is_file() else None
     new = json.loads(json.dumps(record, default=_json_default))
@@ -122,8 +130,9 @@ def resume_check(record_path,              # the stage's resume record (meta.jso
         diff = [f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
                 for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
         why = "were made from other inputs or settings:\n  " + "\n  ".join(diff)
-    raise ResumeMismatch(f"{record_path.parent} holds {len(outputs)} {what} that {why}\nNothing was changed. Use another run "
-                         f"folder, or pass overwrite=True to restart (the old {what} are deleted once the new inputs are validated)")
+    raise ResumeMismatch(f"{record_path.parent} holds {len(outputs)} {what} that {why}\nNothing was changed. Use "
+                         f"another run folder, or pass overwrite=True to restart (the old {what} are deleted once the "
+                         "new inputs are validated)")
 
 def resume_commit(record_path,             # the stage's resume record
                   record: dict,            # the new run's record
@@ -161,7 +170,8 @@ def _check_type(name, value, tp, owner):
     if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
     if tp is Path and isinstance(value, str): return Path(value)
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise TypeError(f"{owner}.{name}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{owner}.{name}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
+                        f"({type(value).__name__})")
     return value
 
 def cfg_from_flat(cls, params: dict, strict: bool = True):
@@ -228,7 +238,8 @@ def shared_data(name: str) -> Path:
     "Path of one shared dataset (`voc-mini`, `coco-mini`, `parity`); FileNotFoundError naming the path if absent."
     p = shared_data_dir() / name
     if not p.exists():
-        raise FileNotFoundError(f"shared data {name!r} not found at {p} (set WEAKTR_SHARED_DATA to the folder that holds it)")
+        raise FileNotFoundError(f"shared data {name!r} not found at {p} (set WEAKTR_SHARED_DATA to the folder that "
+                                "holds it)")
     return p
 
 class CheckoutWarning(UserWarning):
@@ -249,9 +260,9 @@ def checkout_mismatch(cwd=None,            # default: the working directory
     except OSError: return None                                            # the working directory was deleted
     mine = Path(REPO_ROOT if repo_root is None else repo_root).resolve()
     if here is None or here == mine: return None
-    return (f"weaktr is imported from {mine / 'weaktr'}, but the working directory is in the checkout {here}: "
-            f"this runs the other checkout's code. Start Python or Jupyter from {here / '.venv'} (made by `./kit setup`) "
-            f"or set PYTHONPATH={here}")
+    return (f"weaktr is imported from {mine / 'weaktr'}, but the working directory is in the checkout {here}: this "
+            f"runs the other checkout's code. Start Python or Jupyter from {here / '.venv'} (made by `./kit setup`) or "
+            f"set PYTHONPATH={here}")
 
 if "__file__" in globals() and (_msg := checkout_mismatch()): warnings.warn(_msg, CheckoutWarning, stacklevel=2)
 
@@ -262,8 +273,9 @@ class LoadReport:
     path: str
     missing: list[str] = dataclasses.field(default_factory=list)     # model keys not in the file (kept at their init)
     unexpected: list[str] = dataclasses.field(default_factory=list)  # file keys the model does not have (ignored)
-    dropped: list[str] = dataclasses.field(default_factory=list)     # file keys dropped on purpose (classifier heads, dist token, ...)
-    notes: list[str] = dataclasses.field(default_factory=list)       # adaptations (token replication, pos-embed resize, ...)
+    # file keys dropped on purpose (classifier heads, dist token, ...)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # adaptations (token replication, pos-embed resize, ...)
     def __str__(self):
         return "\n".join([f"loaded {self.path}"] + [f"{n} ({len(v)}): {v}" for n, v in
                          [("missing", self.missing), ("unexpected", self.unexpected), ("dropped", self.dropped)]]

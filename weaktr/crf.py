@@ -64,7 +64,8 @@ def crf_from_labels(image_u8,       # (H, W, 3) uint8 RGB image
                     cfg: CrfCfg = CRF_VOC_LABELS,
                    ) -> np.ndarray: # (H, W) int64 in [0, n_labels)
     "Dense CRF with a hard-label unary: (H, W, 3) uint8 + (H, W) labels -> (H, W) int64 labels."
-    img = _check_image(image_u8); _check_cfg(cfg)
+    img = _check_image(image_u8)
+    _check_cfg(cfg)
     if isinstance(labels, torch.Tensor): labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
@@ -86,13 +87,15 @@ def crf_from_probs(image_u8,             # (H, W, 3) uint8 RGB image
                    cfg: CrfCfg = CRF_VOC_PROBS,
                   ) -> np.ndarray:       # (H, W) int64 indices into the K channels
     "Dense CRF with a -log(clip(p, 1e-5, 1)) unary: (H, W, 3) uint8 + (K, H, W) probs -> (H, W) int64."
-    img = _check_image(image_u8); _check_cfg(cfg)
+    img = _check_image(image_u8)
+    _check_cfg(cfg)
     if isinstance(probs, torch.Tensor): probs = probs.detach().float().cpu().numpy()
     probs = np.asarray(probs)
     if probs.dtype.kind != "f":
         raise TypeError(f"probs: expected a float array, got dtype {probs.dtype}")
     if probs.ndim != 3 or probs.shape[1:] != img.shape[:2]:
-        raise ValueError(f"probs has shape {probs.shape}; expected (K, H, W) with (H, W) = {img.shape[:2]} from image_u8")
+        raise ValueError(f"probs has shape {probs.shape}; expected (K, H, W) with (H, W) = {img.shape[:2]} from "
+                         "image_u8")
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("probs: expected finite, non-negative probabilities (apply softmax to logits first)")
     K = probs.shape[0]

@@ -34,7 +34,8 @@ COCO_CLASSES = (  # index = category_id - 1 (method notes §coco); the 10 never-
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
     "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove",
     "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon",
     "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
     "cake", "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet",
@@ -51,8 +52,11 @@ def coco_lut(src: str = "coco80", # id space of the raw values: "coco80" (1..80)
     "(256,) int16 table raw mask value -> value in `dst` (0 and 255 kept); -1 marks values invalid in `src`."
     for name, s in (("src", src), ("dst", dst)):
         if s not in ("coco80", "coco90"): raise ValueError(f"{name}={s!r}: expected 'coco80' or 'coco90'")
-    lut = np.full(256, -1, np.int16); lut[0] = 0; lut[IGNORE_INDEX] = IGNORE_INDEX
-    ids80 = np.arange(1, 81); ids90 = np.array(COCO80_IDS)
+    lut = np.full(256, -1, np.int16)
+    lut[0] = 0
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    ids80 = np.arange(1, 81)
+    ids90 = np.array(COCO80_IDS)
     raw = ids80 if src == "coco80" else ids90
     lut[raw] = ids80 if dst == "coco80" else ids90
     return lut
@@ -94,17 +98,19 @@ def fit_size(size: tuple[int, int], # (W, H)
 
 def check_image_size(path, # the file (for the message)
                      size: tuple[int, int], # (W, H) as stored
-                     max_pixels: int | None = MAX_PIXELS, # refuse more pixels than this (after max_side); None: no limit
+                     # refuse more pixels than this (after max_side); None: no limit
+                     max_pixels: int | None = MAX_PIXELS,
                      max_side: int | None = None, # the downscale that will be applied at load
                     ) -> tuple[int, int]:
     "The (W, H) the image will have after `max_side`; DataError naming `path` if that exceeds `max_pixels`."
     W, H = fit_size(size, max_side)
     if max_pixels and W * H > max_pixels:
-        raise DataError(f"image {path} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} MP"
-                        f"{f', {W}x{H} after max_side={max_side}' if (W, H) != tuple(size) else ''}), over the size guard "
-                        f"max_pixels={max_pixels} ({max_pixels / 1e6:.1f} MP; CAM generation needs memory that grows with "
-                        f"the square of the pixel count). Downscale at load with max_side (e.g. data_kw={{'max_side': 2048}} "
-                        f"or open_dataset(..., max_side=2048)), raise max_pixels if your hardware allows, or resize the file")
+        raise DataError(f"image {path} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} "
+                        f"MP{f', {W}x{H} after max_side={max_side}' if (W, H) != tuple(size) else ''}), over the size "
+                        f"guard max_pixels={max_pixels} ({max_pixels / 1e6:.1f} MP; CAM generation needs memory that "
+                        "grows with the square of the pixel count). Downscale at load with max_side (e.g. "
+                        "data_kw={'max_side': 2048} or open_dataset(..., max_side=2048)), raise max_pixels if your "
+                        "hardware allows, or resize the file")
     return (W, H)
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -115,10 +121,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 def read_image(path, # image file (.jpg/.jpeg/.png, any PIL mode, 8 or 16 bit)
-               max_pixels: int | None = MAX_PIXELS, # size guard: refuse larger images (checked from the header); None: off
+               # size guard: refuse larger images (checked from the header); None: off
+               max_pixels: int | None = MAX_PIXELS,
                max_side: int | None = None, # downscale (bilinear, aspect kept) so the longer side is at most this
               ) -> Image.Image:
-    "Decode an image fully and return it as 8-bit PIL RGB; clear error naming `path` if missing, truncated, corrupt or too large."
+    """Decode an image fully and return it as 8-bit PIL RGB; clear error naming `path` if missing, truncated, corrupt or
+    too large."""
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"image not found: {path}")
     try:
@@ -159,7 +167,8 @@ def read_mask(path, # label PNG: palette ("P") or grey ("L") index image, or an 
     if not path.is_file(): raise FileNotFoundError(f"mask not found: {path}")
     try:
         with Image.open(path) as im:
-            im.load(); mode = im.mode
+            im.load()
+            mode = im.mode
             if mode in ("P", "L"): arr = np.array(im)
             elif mode == "1": arr = np.array(im, np.uint8)
             elif mode in ("RGB", "RGBA"): arr = _rgb_to_index(np.array(im.convert("RGB")), path)
@@ -187,7 +196,9 @@ def write_mask(path, # destination .png
             raise ValueError(f"write_mask({path}): values must lie in 0..255, got {mask.min()}..{mask.max()}")
         mask = mask.astype(np.uint8)
     im = Image.fromarray(mask, "L")
-    if palette: im = im.convert("P"); im.putpalette(voc_palette().ravel().tolist())
+    if palette:
+        im = im.convert("P")
+        im.putpalette(voc_palette().ravel().tolist())
     with atomic_path(path) as tmp: im.save(tmp, format="PNG")
     return Path(path)
 
@@ -204,7 +215,8 @@ def read_id_list(path, # list file, one id per line
         t = tok[0]
         if "/" in t or Path(t).suffix.lower() in IMAGE_EXTS: t = Path(t).stem
         if t in seen: raise DataError(f"image list {path} lists {t!r} twice (lines {seen[t]} and {n})")
-        seen[t] = n; ids.append(t)
+        seen[t] = n
+        ids.append(t)
     if not ids: raise DataError(f"image list {path} is empty")
     return ids
 
@@ -260,8 +272,10 @@ def read_label_csv(path, # CSV with header `image,labels`; labels = class names 
         ii, il = header.index("image"), header.index("labels")
         for n, row in enumerate(rows, 2):
             if not any(c.strip() for c in row): continue
-            if len(row) <= max(ii, il): raise DataError(f"label CSV {path}, line {n}: expected {len(header)} columns, got {row}")
-            image = row[ii].strip(); key = _strip_ext(Path(image).name) if image else ""
+            if len(row) <= max(ii, il):
+                raise DataError(f"label CSV {path}, line {n}: expected {len(header)} columns, got {row}")
+            image = row[ii].strip()
+            key = _strip_ext(Path(image).name) if image else ""
             if not key: raise DataError(f"label CSV {path}, line {n}: empty 'image' field")
             names = [s.strip() for s in row[il].split(";") if s.strip()]
             if not names: raise DataError(f"label CSV {path}, line {n} (image {image!r}): empty 'labels' field; every "
@@ -285,16 +299,18 @@ def convert_cls_labels_npy(npy_path, # the reference's pickled `cls_labels.npy` 
                            json_out, # where to write the safe JSON format (id -> 1-based class ids)
                            allow_pickle: bool = False, # must be True: you accept that the file is unpickled
                           ) -> Path:
-    "Explicit opt-in (`allow_pickle=True`, warns): unpickle the reference's label dict once and write it as `cls_labels.json`."
+    """Explicit opt-in (`allow_pickle=True`, warns): unpickle the reference's label dict once and write it as
+    `cls_labels.json`."""
     npy_path = Path(npy_path)
     if not allow_pickle:
-        raise DataError(f"convert_cls_labels_npy({str(npy_path)!r}): the .npy label file is a pickle and {PICKLE_RISK}. "
-                        "Pass allow_pickle=True to convert it anyway")
+        raise DataError(f"convert_cls_labels_npy({str(npy_path)!r}): the .npy label file is a pickle and "
+                        f"{PICKLE_RISK}. Pass allow_pickle=True to convert it anyway")
     if not npy_path.is_file(): raise FileNotFoundError(f"label file not found: {npy_path}")
     warnings.warn(f"UNPICKLING {npy_path} (allow_pickle=True): {PICKLE_RISK}", PickleWarning, stacklevel=2)
     obj = np.load(npy_path, allow_pickle=True)  # the one place the kit reads a pickle, on explicit request
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == (): obj = obj.item()
-    if not isinstance(obj, dict): raise DataError(f"{npy_path}: expected a pickled dict id -> multi-hot vector, got {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise DataError(f"{npy_path}: expected a pickled dict id -> multi-hot vector, got {type(obj).__name__}")
     out, C = {}, None
     for k, v in obj.items():
         vec = np.asarray(v, np.float32).ravel()
@@ -308,11 +324,14 @@ def convert_cls_labels_npy(npy_path, # the reference's pickled `cls_labels.npy` 
 def identity_lut(num_classes: int, # C foreground classes: valid values 0..C and 255
                 ) -> np.ndarray:
     "(256,) int16 table that keeps 0..C and 255 and marks every other value invalid (-1)."
-    lut = np.full(256, -1, np.int16); lut[:num_classes + 1] = np.arange(num_classes + 1); lut[IGNORE_INDEX] = IGNORE_INDEX
+    lut = np.full(256, -1, np.int16)
+    lut[:num_classes + 1] = np.arange(num_classes + 1)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
 
 class SegDataset(Dataset):
-    "Images + optional masks + image-level labels: `ds[i]` -> dict(id, image PIL RGB, mask (H, W) uint8 | None, labels (C,) float32)."
+    """Images + optional masks + image-level labels: `ds[i]` -> dict(id, image PIL RGB, mask (H, W) uint8 | None, labels
+    (C,) float32)."""
     def __init__(self,
                  root,                              # dataset root (for messages)
                  ids: Sequence[str],                # sample ids, in order
@@ -320,11 +339,12 @@ class SegDataset(Dataset):
                  image_files: dict,                 # id -> image path
                  mask_files: dict | None = None,    # id -> mask path (ids without one get mask=None)
                  labels: dict | None = None,        # id -> 0-based class indices; None: derive from the mask
-                 mask_lut: np.ndarray | None = None, # (256,) raw mask value -> class value, -1 invalid; None: identity_lut(C)
+                 # (256,) raw mask value -> class value, -1 invalid; None: identity_lut(C)
+                 mask_lut: np.ndarray | None = None,
                  transform: Callable | None = None, # applied to the sample dict last
                  mask_hint: str = "",               # appended to invalid-mask-value errors
                  max_pixels: int | None = MAX_PIXELS, # size guard of every image read (after max_side); None: off
-                 max_side: int | None = None,       # downscale images (bilinear) and masks (nearest) to this longer side
+                 max_side: int | None = None,      # downscale images (bilinear) and masks (nearest) to this longer side
                 ):
         self.root, self.ids, self.class_names = Path(root), list(ids), tuple(class_names)
         if not self.ids: raise DataError(f"dataset at {self.root} has an empty id list")
@@ -333,7 +353,8 @@ class SegDataset(Dataset):
         self.transform, self.mask_hint = transform, mask_hint
         self.limit_size(max_pixels, max_side)
         if labels is None and not mask_files:
-            raise DataError(f"dataset at {self.root}: labels must come from a label file or from masks, and there are no masks")
+            raise DataError(f"dataset at {self.root}: labels must come from a label file or from masks, and there are "
+                            "no masks")
         missing = [i for i in self.ids if i not in self.image_files]
         if missing: raise FileNotFoundError(f"{len(missing)} ids have no image; first: {missing[:5]}")
 
@@ -370,7 +391,8 @@ class SegDataset(Dataset):
         return W, H
 
     def read_mask(self, id: str) -> np.ndarray | None:
-        "The mask of `id` in this dataset's class space, (H, W) uint8 (checked against its image's size, then `max_side`), or None."
+        """The mask of `id` in this dataset's class space, (H, W) uint8 (checked against its image's size, then
+        `max_side`), or None."""
         path = self.mask_path(id)
         if path is None: return None
         raw = read_mask(path)
@@ -387,20 +409,25 @@ class SegDataset(Dataset):
 
     def check_sizes(self, ids: Sequence[str] | None = None, # default: every id
                    ) -> int:
-        "Header-only check before a long run: every image within the size guard, every mask the size of its image; -> images checked."
-        ids = self.ids if ids is None else list(ids); bad = []
+        """Header-only check before a long run: every image within the size guard, every mask the size of its image; ->
+        images checked."""
+        ids = self.ids if ids is None else list(ids)
+        bad = []
         for id in ids:
-            size = self.image_size(id)                     # raises the size guard's error, naming the file
+            self.image_size(id)                            # raises the size guard's error, naming the file
             mp = self.mask_path(id)
             if mp is not None:
-                W, H = image_size(self.image_path(id)); mW, mH = image_size(mp)
-                if (mW, mH) != (W, H): bad.append(f"mask {mp} is {mW}x{mH} (WxH) but image {self.image_path(id)} is {W}x{H}")
+                W, H = image_size(self.image_path(id))
+                mW, mH = image_size(mp)
+                if (mW, mH) != (W, H):
+                    bad.append(f"mask {mp} is {mW}x{mH} (WxH) but image {self.image_path(id)} is {W}x{H}")
         if bad: raise DataError(f"{len(bad)} of the {len(ids)} masks in {self.root} differ in size from their image; "
                                 f"first: " + "; ".join(bad[:3]))
         return len(ids)
 
     def _vector(self, idx) -> torch.Tensor:
-        y = torch.zeros(self.num_classes, dtype=torch.float32); y[list(idx)] = 1.0
+        y = torch.zeros(self.num_classes, dtype=torch.float32)
+        y[list(idx)] = 1.0
         return y
 
     def labels_of(self, id: str, mask: np.ndarray | None = None) -> torch.Tensor:
@@ -433,10 +460,12 @@ class SegDataset(Dataset):
 # %% ../nbs/01_data.ipynb #c4eb3a74
 def _index_dir(folder, exts) -> dict[str, Path]:
     "stem -> path for files in `folder` with a suffix in `exts` (earlier suffixes win)."
-    rank = {e: i for i, e in enumerate(exts)}; out, best = {}, {}
+    rank = {e: i for i, e in enumerate(exts)}
+    out, best = {}, {}
     with os.scandir(folder) as it:
         for e in it:
-            stem, ext = os.path.splitext(e.name); r = rank.get(ext.lower())
+            stem, ext = os.path.splitext(e.name)
+            r = rank.get(ext.lower())
             if r is None or (stem in best and best[stem] <= r): continue
             out[stem], best[stem] = Path(e.path), r
     return out
@@ -453,9 +482,9 @@ def _labels_from_source(source, root, ids, class_names, lut, default_json="cls_l
     path = Path(root) / default_json if source == "json" else Path(source)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        raise DataError(f"label file {path} is a pickled .npy; the loaders never unpickle ({PICKLE_RISK}). If you trust "
-                        f"it, convert it once with convert_cls_labels_npy({str(path)!r}, 'cls_labels.json', allow_pickle=True) "
-                        f"and pass the JSON file")
+        raise DataError(f"label file {path} is a pickled .npy; the loaders never unpickle ({PICKLE_RISK}). If you "
+                        f"trust it, convert it once with convert_cls_labels_npy({str(path)!r}, 'cls_labels.json', "
+                        "allow_pickle=True) and pass the JSON file")
     if suffix == ".json": raw = read_label_json(path)
     elif suffix == ".csv":
         rows = read_label_csv(path, class_names)
@@ -478,7 +507,8 @@ def voc_layout_dataset(root, split, *, image_dir, mask_dir, class_names, labels,
     "A `SegDataset` from a folder in the VOC layout (list file, image and mask folders) with any class names."
     root = need_dir(root, "dataset root")
     if ids is None:
-        list_path = resolve_split(root, split, list_dir); ids = read_id_list(list_path)
+        list_path = resolve_split(root, split, list_dir)
+        ids = read_id_list(list_path)
     else: list_path = f"{root} (given ids)"
     if image_files is None:
         img_dir = need_dir(root / image_dir, "image folder")
@@ -513,7 +543,8 @@ def voc_dataset(root, # VOC2012 folder (holds JPEGImages/, ImageSets/, masks)
                 require_masks: bool = True, # False: ids without a mask get mask=None
                ) -> SegDataset:
     "PASCAL VOC 2012 (+SBD aug) in the standard layout, 20 foreground classes."
-    return voc_layout_dataset(root, split, image_dir=image_dir, mask_dir=mask_dir, class_names=VOC_CLASSES, labels=labels,
+    return voc_layout_dataset(root, split, image_dir=image_dir, mask_dir=mask_dir, class_names=VOC_CLASSES,
+                              labels=labels,
                   transform=transform, require_masks=require_masks)
 
 # %% ../nbs/01_data.ipynb #7081f967
@@ -522,7 +553,8 @@ def coco_dataset(root, # COCO folder, VOC-like layout or the reference's (images
                  class_space: str = "coco90", # "coco90": C = 90, index = category_id - 1; "coco80": contiguous
                  mask_space: str = "coco90",  # id space of the masks/JSON labels on disk
                  labels: str = "masks", # "masks", "json" (root/cls_labels.json) or a .json/.csv path
-                 mask_dir: str | None = None, image_dir: str | None = None, list_dir: str | None = None, # override the layout
+                 # override the layout
+                 mask_dir: str | None = None, image_dir: str | None = None, list_dir: str | None = None,
                  transform: Callable | None = None,
                  require_masks: bool = True,
                 ) -> SegDataset:
@@ -570,23 +602,28 @@ def folder_dataset(images_dir, # folder of .jpg/.png images
     "Own images: a folder + label CSV (+ optional masks)."
     images_dir = need_dir(images_dir, "image folder")
     if names is None:
-        found = sorted({n for _, ns in read_label_csv(csv_path).values() for n in ns}) if Path(csv_path).is_file() else []
+        found = sorted({n for _, ns in read_label_csv(csv_path).values()
+                        for n in ns}) if Path(csv_path).is_file() else []
         raise DataError(f"folder dataset {images_dir}: class names are required (names=[...] or a names.txt file, one "
                         f"name per line; open_dataset('folder') reads <data_root>/names.txt), so that a misspelt label "
                         f"fails instead of becoming a new class. The CSV {csv_path} uses: {found}")
     class_names = _read_names(names)
     rows = read_label_csv(csv_path, class_names)
-    index = _index_dir(images_dir, IMAGE_EXTS); files = {}
+    index = _index_dir(images_dir, IMAGE_EXTS)
+    files = {}
     for id, (image, _) in rows.items():
         p = _inside(images_dir, image, csv_path)
         files[id] = p if Path(image).suffix and p.is_file() else index.get(id)
-        if files[id] is None: raise FileNotFoundError(f"label CSV {csv_path}: image {image!r} not found in {images_dir}")
+        if files[id] is None:
+            raise FileNotFoundError(f"label CSV {csv_path}: image {image!r} not found in {images_dir}")
     labels = {k: sorted({class_names.index(n) for n in ns}) for k, (_, ns) in rows.items()}
     masks = None
     if masks_dir is not None:
-        mdir = need_dir(masks_dir, "mask folder"); mindex = _index_dir(mdir, (".png",))
+        mdir = need_dir(masks_dir, "mask folder")
+        mindex = _index_dir(mdir, (".png",))
         missing = [i for i in rows if i not in mindex]
-        if missing and require_masks: raise FileNotFoundError(f"{len(missing)} images in {csv_path} have no mask in {mdir}; first: {missing[:5]}")
+        if missing and require_masks:
+            raise FileNotFoundError(f"{len(missing)} images in {csv_path} have no mask in {mdir}; first: {missing[:5]}")
         masks = {i: mindex[i] for i in rows if i in mindex}
     return SegDataset(images_dir, list(rows), class_names, files, masks, labels, None, transform)
 
@@ -606,7 +643,8 @@ def open_dataset(data: str, # one of DATASETS
                  split: str = "train", # split name (list file under ImageSets/Segmentation) or a list file path
                  transform: Callable | None = None,
                  max_pixels: int | None = MAX_PIXELS, # size guard of every image read (after max_side); None: off
-                 max_side: int | None = None, # downscale images (and masks) at load to this longer side; None: as stored
+                 # downscale images (and masks) at load to this longer side; None: as stored
+                 max_side: int | None = None,
                  **kw, # passed on to the builder (e.g. mask_dir=, labels=, mask_space=; names= for "folder")
                 ) -> SegDataset:
     "Open a dataset named by `data` and `data_root`, as configs and run notebooks name them."
@@ -623,15 +661,17 @@ def _open(data, data_root, split, transform, **kw) -> SegDataset:
         raise ValueError(f"data={data!r} needs data_root (the dataset folder); got an empty string")
     if data == "voc": return voc_dataset(data_root, split, transform=transform, **kw)
     if data in ("coco", "coco80"):
-        return coco_dataset(data_root, split, class_space="coco90" if data == "coco" else "coco80", transform=transform, **kw)
+        return coco_dataset(data_root, split, class_space="coco90" if data == "coco" else "coco80", transform=transform,
+                            **kw)
     root = need_dir(data_root, "folder dataset root")
     names = kw.pop("names", None)
     if names is None:
         names = root / "names.txt"
         if not names.is_file():
-            raise FileNotFoundError(f"folder dataset {root}: {names} not found; write the class names there, one per line "
-                                    "(the class order is the file's order), or pass names=[...]")
-    return folder_dataset(root / "images", root / "labels.csv", masks_dir=(root / "masks") if (root / "masks").is_dir() else None,
+            raise FileNotFoundError(f"folder dataset {root}: {names} not found; write the class names there, one per "
+                                    "line (the class order is the file's order), or pass names=[...]")
+    return folder_dataset(root / "images", root / "labels.csv",
+                          masks_dir=(root / "masks") if (root / "masks").is_dir() else None,
                           names=names, transform=transform, **kw)
 
 # %% ../nbs/01_data.ipynb #902277dd
@@ -642,13 +682,16 @@ def plot_samples(ds: SegDataset, # dataset to draw from
                 ):
     "Figure of image / mask pairs with their label names; returns a matplotlib Figure."
     import matplotlib.pyplot as plt
-    idxs = list(idxs); nrows = math.ceil(len(idxs) / ncols)
+    idxs = list(idxs)
+    nrows = math.ceil(len(idxs) / ncols)
     fig, axes = plt.subplots(nrows, 2 * ncols, figsize=(2 * ncols * scale, nrows * scale * 1.15), squeeze=False)
     for ax in axes.ravel(): ax.axis("off")
     for k, i in enumerate(idxs):
-        s = ds[i]; r, c = divmod(k, ncols)
+        s = ds[i]
+        r, c = divmod(k, ncols)
         names = [ds.class_names[j] for j in s["labels"].nonzero().flatten().tolist()]
-        axes[r, 2 * c].imshow(s["image"]); axes[r, 2 * c].set_title("\n".join(names) or "(none)", fontsize=7)
+        axes[r, 2 * c].imshow(s["image"])
+        axes[r, 2 * c].set_title("\n".join(names) or "(none)", fontsize=7)
         if s["mask"] is not None: axes[r, 2 * c + 1].imshow(mask_to_rgb(s["mask"]), interpolation="nearest")
         axes[r, 2 * c + 1].set_title(s["id"], fontsize=7)
     fig.tight_layout()

@@ -53,7 +53,7 @@ def clip_loss_map(loss_map: torch.Tensor,  # (B, H, W) per-pixel CE, 0 at ignore
 @dataclass
 class ClipCfg:
     start_value: float = 1.2  # GC starts once the mean pixel loss is <= this (method notes §gc-loss, `--start-value`)
-    window: int = 120         # window side win in pixels (`--patch-size`); the 480 crop must be a multiple for exact parity
+    window: int = 120     # window side win in pixels (`--patch-size`); the 480 crop must be a multiple for exact parity
     enabled: bool = True      # False = the reference's `--no-gc`
 
 def seg_loss(logits: torch.Tensor,      # (B, K, H, W) class logits
@@ -62,7 +62,8 @@ def seg_loss(logits: torch.Tensor,      # (B, K, H, W) class logits
              ignore_index: int = 255,
             ) -> tuple[torch.Tensor, torch.Tensor]: # scalar loss, (B, H, W) un-clipped per-pixel CE
     "Phase-2 loss: per-pixel CE (ignored = 0), optionally gradient-clipped, mean over all B*H*W pixels."
-    if logits.ndim != 4 or target.ndim != 3 or logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+    if (logits.ndim != 4 or target.ndim != 3 or logits.shape[0] != target.shape[0]
+            or logits.shape[2:] != target.shape[1:]):
         raise ValueError(f"logits must be (B, K, H, W) and target (B, H, W) with the same B, H, W; "
                          f"got {tuple(logits.shape)} and {tuple(target.shape)}")
     if target.dtype.is_floating_point:
@@ -85,7 +86,8 @@ def _init_weights(m: nn.Module):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None: nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 class MaskTransformer(nn.Module):
     "Segmenter's mask-transformer decoder: (B, P, D_enc) patch tokens -> (B, K, h, w) class masks."
@@ -102,7 +104,8 @@ class MaskTransformer(nn.Module):
         super().__init__()
         if n_layers < 1: raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if d_model % n_heads: raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        if int(d_model * (d_ff / d_model)) != d_ff: raise ValueError(f"d_ff={d_ff} cannot be expressed as an MLP ratio of {d_model}")
+        if int(d_model * (d_ff / d_model)) != d_ff:
+            raise ValueError(f"d_ff={d_ff} cannot be expressed as an MLP ratio of {d_model}")
         self.n_cls, self.d_model, self.n_layers = n_cls, d_model, n_layers
         dpr = torch.linspace(0, drop_path_rate, n_layers).tolist()
         self.blocks = nn.ModuleList([

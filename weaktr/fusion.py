@@ -41,7 +41,7 @@ def pool_tokens(x: torch.Tensor,  # (B, nh, N, ...) per-head tensors over N toke
 # %% ../nbs/03_head_fusion.ipynb #d51d648f
 def _weighted_sum(w: torch.Tensor,           # (B, nm) fp32 weights
                   attn_stack: torch.Tensor,  # (B, nm, N, N) in any float dtype
-                  chunk: int = 8,            # maps widened to fp32 at a time (a half-precision stack is never copied whole)
+                  chunk: int = 8,        # maps widened to fp32 at a time (a half-precision stack is never copied whole)
                  ) -> torch.Tensor:
     "sum_m w_m A_m accumulated in fp32: (B, nm), (B, nm, N, N) -> (B, N, N)."
     if attn_stack.dtype == torch.float32: return torch.einsum("bm,bmij->bij", w, attn_stack)
@@ -62,12 +62,13 @@ def _per_map_dot(g: torch.Tensor,      # (B, N, N) fp32, the gradient of the fus
 class _FuseHeads(torch.autograd.Function):
     "Fused map with a head-weight gradient from the stack in its own dtype, or from maps recomputed out of (q, k)."
     @staticmethod
-    def forward(ctx, w, attn_stack, recompute, *qk):    # w (B, nm) fp32; attn_stack (B, nm, N, N), no grad; qk = q0, k0, q1, ...
+    # w (B, nm) fp32; attn_stack (B, nm, N, N), no grad; qk = q0, k0, q1, ...
+    def forward(ctx, w, attn_stack, recompute, *qk):
         ctx.nm, ctx.n_qk = w.shape[1], len(qk)
         if recompute is None: ctx.save_for_backward(attn_stack)           # the stack once, as the backbone made it
         else:
             ctx.scales, ctx.amp = [sc for _, _, sc in recompute.qk], recompute.amp
-            ctx.save_for_backward(*qk)                                     # the q, k that SDPA keeps anyway: no new storage
+            ctx.save_for_backward(*qk)                                 # the q, k that SDPA keeps anyway: no new storage
         return _weighted_sum(w, attn_stack) / ctx.nm                       # (B, N, N) fp32
 
     @staticmethod
@@ -77,18 +78,20 @@ class _FuseHeads(torch.autograd.Function):
         if not ctx.n_qk: grad_w = _per_map_dot(g, saved[0])               # (B, nm) from the saved stack
         else:
             rec = AttnRecompute([(saved[2 * l], saved[2 * l + 1], sc) for l, sc in enumerate(ctx.scales)], ctx.amp)
-            per_layer = [_per_map_dot(g, rec.block_probs(l)) for l in range(len(ctx.scales))]  # L x (B, nh), a block at a time
+            # L x (B, nh), a block at a time
+            per_layer = [_per_map_dot(g, rec.block_probs(l)) for l in range(len(ctx.scales))]
             grad_w = torch.stack(per_layer, dim=2).flatten(1, 2)          # (B, nh, L) -> (B, nh*L), head-major
         return (grad_w / ctx.nm, None, None) + (None,) * ctx.n_qk
 
 def fuse_heads(attn_stack: torch.Tensor,    # (B, nm, N, N) attention probabilities, nm = L*nh head-major
                head_weights: torch.Tensor,  # (B, nm) or (B, nm, 1, 1) per-head weights
-               recompute=None,              # optional `AttnRecompute` of the backbone: the maps are recomputed in backward
+               recompute=None,           # optional `AttnRecompute` of the backbone: the maps are recomputed in backward
               ) -> torch.Tensor:
     "Weighted mean over heads, not renormalised: (B, nm, N, N), (B, nm) -> (B, N, N) fp32."
     B, nm = attn_stack.shape[:2]
     if head_weights.numel() != B * nm:
-        raise ValueError(f"head_weights {tuple(head_weights.shape)} does not fit attn_stack {tuple(attn_stack.shape)}: expected (B, nm) = ({B}, {nm})")
+        raise ValueError(f"head_weights {tuple(head_weights.shape)} does not fit attn_stack {tuple(attn_stack.shape)}: "
+                         f"expected (B, nm) = ({B}, {nm})")
     with torch.autocast(attn_stack.device.type, enabled=False):
         w = head_weights.reshape(B, nm).float()
         if attn_stack.requires_grad or not (torch.is_grad_enabled() and w.requires_grad):
@@ -99,7 +102,8 @@ def fuse_heads(attn_stack: torch.Tensor,    # (B, nm, N, N) attention probabilit
             q0 = recompute.qk[0][0]
             if len(recompute.qk) * q0.shape[1] != nm or q0.shape[0] != B or q0.shape[2] != attn_stack.shape[-1]:
                 raise ValueError(f"recompute has {len(recompute.qk)} blocks of q {tuple(q0.shape)}; it does not fit "
-                                 f"attn_stack {tuple(attn_stack.shape)} (expected L*nh = {nm} maps of {attn_stack.shape[-1]} tokens)")
+                                 f"attn_stack {tuple(attn_stack.shape)} (expected L*nh = {nm} maps of "
+                                 f"{attn_stack.shape[-1]} tokens)")
             qk = tuple(t for q, k, _ in recompute.qk for t in (q, k))
         return _FuseHeads.apply(w, attn_stack, recompute, *qk)
 
@@ -107,7 +111,9 @@ def fuse_heads(attn_stack: torch.Tensor,    # (B, nm, N, N) attention probabilit
 def _hidden(channels, reduction, name="reduction"):
     "The reference's `int(channels / reduction)`, with a clear error when it is < 1."
     n = int(channels / reduction)
-    if n < 1: raise ValueError(f"{name}={reduction} leaves no hidden units for {channels} inputs (int({channels}/{reduction}) = {n})")
+    if n < 1:
+        raise ValueError(f"{name}={reduction} leaves no hidden units for {channels} inputs "
+                         f"(int({channels}/{reduction}) = {n})")
     return n
 
 def _head_ffn(nm, reduction):
@@ -129,9 +135,11 @@ class AAF(nn.Module):
                 ):
         super().__init__()
         if pool not in ("avg", "max"): raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-        if source not in ("attn_branch", "block_out"): raise ValueError(f"source must be 'attn_branch' or 'block_out', got {source!r}")
+        if source not in ("attn_branch", "block_out"):
+            raise ValueError(f"source must be 'attn_branch' or 'block_out', got {source!r}")
         if embed_dim % num_heads: raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        self.depth, self.num_heads, self.num_maps, self.pool, self.source = depth, num_heads, depth * num_heads, pool, source
+        self.depth, self.num_heads, self.num_maps = depth, num_heads, depth * num_heads
+        self.pool, self.source = pool, source
         hd = embed_dim // num_heads
         self.attn_head_ffn = _head_ffn(self.num_maps, reduction)
         self.attn_feat_ffn = nn.Sequential(nn.Linear(hd, _hidden(hd, feat_reduction, "feat_reduction")),
@@ -196,6 +204,7 @@ def make_fusion(fusion: str,  # "v3" (default, HEAD), "v2", "v1" (seed README) o
     "Build the AAF variant named by `fusion`."
     if fusion not in FUSIONS: raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
     kw = dict(source="block_out") if fusion == "v2" else {}
-    m = FUSIONS[fusion](depth, num_heads, embed_dim, reduction=reduction, feat_reduction=feat_reduction, pool=pool, **kw)
+    m = FUSIONS[fusion](depth, num_heads, embed_dim, reduction=reduction, feat_reduction=feat_reduction, pool=pool,
+                        **kw)
     m.version = fusion
     return m

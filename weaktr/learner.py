@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_learner.ipynb #efe6b4f8
 from __future__ import annotations
-import dataclasses, json, math, os, random, time, warnings
+import json, math, os, random, time, warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,42 +38,47 @@ _CHOICES = dict(optimizer=("adamw", "sgd"), schedule=("cosine", "poly", "constan
 class TrainCfg:
     "One training run (either phase). Defaults: reference Phase-1 VOC at HEAD (method notes §phase1-optim)."
     epochs: int = 60                    # §phase1-optim: 60 (timm's 10 cooldown epochs are never run)
-    batch_size: int = 64                # GLOBAL batch of one micro-step over all ranks (reference Phase 1: 64 per GPU × world_size)
-    lr: float = 6e-4                    # lr as written on the reference command line (HEAD docs VOC); see lr_scale_by_batch
-    lr_scale_by_batch: bool = True      # effective lr = lr × batch_size × grad_accum / 512 (DeiT rule, §phase1-optim, pitfall 6)
+    batch_size: int = 64    # GLOBAL batch of one micro-step over all ranks (reference Phase 1: 64 per GPU × world_size)
+    lr: float = 6e-4                # lr as written on the reference command line (HEAD docs VOC); see lr_scale_by_batch
+    # effective lr = lr × batch_size × grad_accum / 512 (DeiT rule, §phase1-optim, pitfall 6)
+    lr_scale_by_batch: bool = True
     weight_decay: float = 0.03          # HEAD docs (code default 0.05)
-    decay_all: bool = True              # True: decay every parameter (HEAD); False: not 1-D params, biases, pos_embed, cls tokens
-    lr_scales: dict | None = None       # {name prefix: lr multiplier}, longest prefix wins, e.g. {"encoder.": 0.1} (§phase2-optim)
+    decay_all: bool = True    # True: decay every parameter (HEAD); False: not 1-D params, biases, pos_embed, cls tokens
+    # {name prefix: lr multiplier}, longest prefix wins, e.g. {"encoder.": 0.1} (§phase2-optim)
+    lr_scales: dict | None = None
     optimizer: str = "adamw"            # "adamw" | "sgd"
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (§phase1-optim)
     eps: float = 1e-8                   # AdamW eps (§phase1-optim)
     momentum: float = 0.9               # SGD momentum (§phase2-optim)
     nesterov: bool = True               # timm's "sgd" is Nesterov SGD (§phase2-optim)
     schedule: str = "cosine"            # "cosine" (timm CosineLRScheduler) | "poly" | "constant"
-    sched_unit: str = "epoch"           # evaluate the schedule once per "epoch" (reference cosine) or per "step" (reference poly)
+    # evaluate the schedule once per "epoch" (reference cosine) or per "step" (reference poly)
+    sched_unit: str = "epoch"
     warmup_epochs: int = 5              # linear warmup length, in epochs (§phase1-optim: 5; Phase 2: 0)
     warmup_lr: float = 1e-6             # lr at t = 0 of the warmup (§phase1-optim)
     min_lr: float = 1e-5                # floor of cosine and poly (§phase1-optim, §phase2-optim)
     poly_power: float = 0.9             # poly exponent (§phase2-optim)
-    reference_lag: bool = True          # epoch e trains at sched(e - 1 unit), as the reference's scheduler does (§phase1-optim)
+    reference_lag: bool = True  # epoch e trains at sched(e - 1 unit), as the reference's scheduler does (§phase1-optim)
     amp: str = "fp16"                   # "fp16" (autocast + GradScaler, the reference Phase 1) | "bf16" | "off"
     clip_grad: float | None = None      # max grad norm, None = no clipping (both phases)
     grad_accum: int = 1                 # micro-steps per optimizer update
     seed: int = 504                     # §phase1-optim; rank r seeds with seed + r
-    device: str = "auto"                # "auto" | "cpu" | "cuda" | ...; under DDP on CUDA each rank uses cuda:LOCAL_RANK
+    device: str = "auto"               # "auto" | "cpu" | "cuda" | ...; under DDP on CUDA each rank uses cuda:LOCAL_RANK
     num_workers: int = 10               # DataLoader workers per rank (§phase1-data)
     shuffle: bool = True                # shuffle the training set (seeded, seed + epoch)
-    drop_last: bool = True              # Phase 1 drops the last partial batch (§phase1-data), Phase 2 keeps it (§phase2-data)
+    drop_last: bool = True        # Phase 1 drops the last partial batch (§phase1-data), Phase 2 keeps it (§phase2-data)
     log_every: int = 50                 # optimizer updates between step lines in metrics.jsonl
     ckpt_every: int = 1                 # epochs between last.pt writes (the final epoch is always saved)
     eval_every: int = 1                 # epochs between eval_fn calls (the final epoch is always evaluated)
-    select_metric: str | None = "cam_miou"  # eval metric that selects best.pt (Phase 1 reference: CAM mIoU, §phase1-select); None: no best.pt
+    # eval metric that selects best.pt (Phase 1 reference: CAM mIoU, §phase1-select); None: no best.pt
+    select_metric: str | None = "cam_miou"
     select_mode: str = "max"            # "max" | "min"
-    max_steps: int | None = None        # stop after this many optimizer updates (smoke runs); schedules still span `epochs`
+    max_steps: int | None = None    # stop after this many optimizer updates (smoke runs); schedules still span `epochs`
     ddp_find_unused: bool = True        # DDP find_unused_parameters: both models hold parameters that get no gradient
     progress: bool = True               # tqdm bars (rank 0)
     plot: bool = True                   # write run_dir/metrics.png at every checkpoint
-    diverge_factor: float = 1000.0      # divergence guard: stop when |loss| > this × the median |loss| of the run's first 20 batches (0 = off)
+    # divergence guard: stop when |loss| > this × the median |loss| of the run's first 20 batches (0 = off)
+    diverge_factor: float = 1000.0
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -84,13 +89,15 @@ class TrainCfg:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainCfg.max_steps: expected None or >= 1, got {self.max_steps}")
         check_range("TrainCfg", "lr", self.lr, 0, None, lo_incl=False)
-        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs"): check_range("TrainCfg", name, getattr(self, name), 0)
+        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs"):
+            check_range("TrainCfg", name, getattr(self, name), 0)
         check_range("TrainCfg", "eps", self.eps, 0, None, lo_incl=False)
         check_range("TrainCfg", "poly_power", self.poly_power, 0, None, lo_incl=False)
         check_range("TrainCfg", "momentum", self.momentum, 0, 1, hi_incl=False)
         for i, b in enumerate(self.betas): check_range("TrainCfg", f"betas[{i}]", b, 0, 1, hi_incl=False)
         if self.clip_grad is not None: check_range("TrainCfg", "clip_grad", self.clip_grad, 0, None, lo_incl=False)
-        if self.diverge_factor != 0: check_range("TrainCfg", "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
+        if self.diverge_factor != 0:
+            check_range("TrainCfg", "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
 
 def check_range(owner: str, # the config class, for the message
                 name: str,  # the field
@@ -113,7 +120,8 @@ def effective_lr(cfg: TrainCfg) -> float:
 
 # %% ../nbs/09_learner.ipynb #abb0343d
 PHASE1_VOC = dict(epochs=60, batch_size=64, lr=6e-4, lr_scale_by_batch=True, weight_decay=0.03, decay_all=True,
-                  optimizer="adamw", schedule="cosine", sched_unit="epoch", warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
+                  optimizer="adamw", schedule="cosine", sched_unit="epoch", warmup_epochs=5, warmup_lr=1e-6,
+                  min_lr=1e-5,
                   reference_lag=True, amp="fp16", clip_grad=None, seed=504, num_workers=10, drop_last=True,
                   eval_every=1, select_metric="cam_miou", select_mode="max")
 PHASE1_VOC_V1 = {**PHASE1_VOC, "lr": 4e-4, "weight_decay": 0.05, "decay_all": False}
@@ -156,13 +164,15 @@ def lr_at(cfg: TrainCfg,               # the run's config
           steps_per_epoch: int = 1,    # optimizer updates per epoch
           base_lr: float | None = None, # default: effective_lr(cfg)
          ) -> float:
-    "Base lr (before group scales) of update `it` in epoch `epoch`, with the reference's one-unit lag if `cfg.reference_lag`."
+    """Base lr (before group scales) of update `it` in epoch `epoch`, with the reference's one-unit lag if
+    `cfg.reference_lag`."""
     base = effective_lr(cfg) if base_lr is None else base_lr
     per_epoch = cfg.sched_unit == "epoch"
     t = float(epoch) if per_epoch else epoch + it / steps_per_epoch
     if cfg.reference_lag: t = max(t - (1.0 if per_epoch else 1.0 / steps_per_epoch), 0.0)
     if cfg.schedule == "cosine": return cosine_lr(t, base, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr)
-    if cfg.schedule == "poly": return poly_lr(t, base, cfg.epochs, cfg.poly_power, cfg.min_lr, cfg.warmup_epochs, cfg.warmup_lr)
+    if cfg.schedule == "poly":
+        return poly_lr(t, base, cfg.epochs, cfg.poly_power, cfg.min_lr, cfg.warmup_epochs, cfg.warmup_lr)
     return base
 
 # %% ../nbs/09_learner.ipynb #43bb3b65
@@ -177,7 +187,8 @@ def plot_lr_schedule(cfg: TrainCfg,           # the run's config
     scales = scales or {"× 1": 1.0, **{f"{k} × {v:g}": v for k, v in (cfg.lr_scales or {}).items()}}
     n = max(1, min(steps_per_epoch, 10_000 // cfg.epochs + 1))   # enough points to draw, independent of the real length
     x = np.array([e + i / n for e in range(cfg.epochs) for i in range(n)])
-    base = np.array([lr_at(cfg, e, round(i * steps_per_epoch / n), steps_per_epoch) for e in range(cfg.epochs) for i in range(n)])
+    base = np.array([lr_at(cfg, e, round(i * steps_per_epoch / n), steps_per_epoch) for e in range(cfg.epochs)
+                     for i in range(n)])
     for label, s in scales.items(): ax.step(x, base * s, where="post", label=label)
     ax.set(xlabel="epoch", ylabel="lr", yscale="log",
            title=f"{cfg.schedule} per {cfg.sched_unit}{', reference lag' if cfg.reference_lag else ''}")
@@ -190,7 +201,8 @@ NO_DECAY = ("bias", "pos_embed", "cls_token", "cls_emb", "dist_token")
 def param_groups(model: nn.Module,                 # the (unwrapped) model
                  scales: dict | None = None,       # {name prefix: lr scale}, longest prefix wins; others × 1
                  weight_decay: float = 0.0,        # decay of the decayed groups
-                 no_decay: tuple[str, ...] | None = NO_DECAY, # last name components without decay (1-D params too); None: decay all
+                 # last name components without decay (1-D params too); None: decay all
+                 no_decay: tuple[str, ...] | None = NO_DECAY,
                 ) -> list[dict]:
     "Optimizer param groups with `lr_scale`, `weight_decay` and a readable `group_name`; frozen params are skipped."
     scales = dict(scales or {})
@@ -232,7 +244,8 @@ def rng_state(generator: torch.Generator | None = None, # the DataLoader's gener
                 numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
                            has_gauss=int(has_gauss), cached_gaussian=float(cached)),
                 torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+                else [],
                 loader=generator.get_state() if generator is not None else None)
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None):
@@ -240,11 +253,14 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None):
     version, py, gauss = state["python"]
     random.setstate((version, tuple(py), gauss))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         if len(state["cuda"]) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(state["cuda"])
-        else: warnings.warn(f"checkpoint has {len(state['cuda'])} CUDA RNG states, this machine {torch.cuda.device_count()} GPUs: not restored")
+        else:
+            warnings.warn(f"checkpoint has {len(state['cuda'])} CUDA RNG states, this machine "
+                          f"{torch.cuda.device_count()} GPUs: not restored")
     if generator is not None and state["loader"] is not None: generator.set_state(state["loader"])
 
 # %% ../nbs/09_learner.ipynb #568f9a5a
@@ -276,7 +292,8 @@ def init_distributed(device: str = "auto",     # the config's device: CUDA → n
     return DistInfo(rank, world_size, local_rank)
 
 def cleanup_distributed(barrier_timeout_s: float = 60): # how long to wait for the other ranks first
-    "Wait for every rank (so no rank tears gloo/NCCL down while another still talks to it), then destroy the process group."
+    """Wait for every rank (so no rank tears gloo/NCCL down while another still talks to it), then destroy the process
+    group."""
     if not (dist.is_available() and dist.is_initialized()): return
     try:
         if dist.get_backend() == "gloo": dist.monitored_barrier(timeout=timedelta(seconds=barrier_timeout_s))
@@ -298,20 +315,24 @@ _TIME_KEYS = ("time", "epoch_time_s", "eval_time_s")
 
 def read_metrics(run_dir) -> list[dict]:
     "The records of `run_dir/metrics.jsonl` (or of that file), [] if there is none."
-    p = Path(run_dir); p = p / "metrics.jsonl" if p.is_dir() else p
+    p = Path(run_dir)
+    p = p / "metrics.jsonl" if p.is_dir() else p
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 def plot_metrics(run_dir, # a run folder (or its metrics.jsonl)
                 ) -> Figure:
     "Training losses per logged step and per epoch, lr, and eval metrics per epoch."
     recs = read_metrics(run_dir)
-    steps = [r for r in recs if r.get("kind") == "step"]; epochs = [r for r in recs if r.get("kind") == "epoch"]
+    steps = [r for r in recs if r.get("kind") == "step"]
+    epochs = [r for r in recs if r.get("kind") == "epoch"]
     skip = {"kind", "epoch", "step", "lr", "grad_norm", *_TIME_KEYS}
-    fig = Figure(figsize=(14, 3.6)); a_loss, a_lr, a_eval = fig.subplots(1, 3)
+    fig = Figure(figsize=(14, 3.6))
+    a_loss, a_lr, a_eval = fig.subplots(1, 3)
     for k in sorted({k for r in steps for k in r} - skip):
         a_loss.plot([r["step"] for r in steps if k in r], [r[k] for r in steps if k in r], lw=1, label=k)
     for k in sorted({k for r in epochs for k in r if k.startswith("train_")}):
-        a_loss.plot([r["step"] for r in epochs if k in r], [r[k] for r in epochs if k in r], "o-", ms=3, label=f"{k} (epoch)")
+        a_loss.plot([r["step"] for r in epochs if k in r], [r[k] for r in epochs if k in r], "o-", ms=3,
+                    label=f"{k} (epoch)")
     a_loss.set(xlabel="update", title="training loss")
     a_lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1)
     a_lr.plot([r["step"] for r in epochs], [r["lr"] for r in epochs], "o", ms=3)
@@ -319,7 +340,8 @@ def plot_metrics(run_dir, # a run folder (or its metrics.jsonl)
     evk = sorted({k for r in epochs for k, v in r.items() if isinstance(v, (int, float)) and v is not None} - skip
                  - {k for r in epochs for k in r if k.startswith("train_")})
     for k in evk:
-        a_eval.plot([r["epoch"] + 1 for r in epochs if r.get(k) is not None], [r[k] for r in epochs if r.get(k) is not None],
+        a_eval.plot([r["epoch"] + 1 for r in epochs if r.get(k) is not None],
+                    [r[k] for r in epochs if r.get(k) is not None],
                     "o-", ms=3, label=k)
     a_eval.set(xlabel="epochs done", title="eval metrics")
     for a in (a_loss, a_eval):
@@ -346,14 +368,18 @@ class Learner:
     "One training loop for both phases: AMP, gradient accumulation, DDP, atomic checkpoints and bitwise resume."
     def __init__(self,
                  model: nn.Module,               # any module; moved to the config's device
-                 loss_fn: Callable,              # loss_fn(model, batch) -> (scalar loss, dict of scalar logs, same keys on all ranks)
+                 # loss_fn(model, batch) -> (scalar loss, dict of scalar logs, same keys on all ranks)
+                 loss_fn: Callable,
                  train_data,                     # a Dataset (the Learner builds the loader) or a ready DataLoader
                  cfg: TrainCfg | dict | None = None, # TrainCfg, or a flat dict such as {**PHASE2_VOC, "epochs": 2}
                  run_dir: str | os.PathLike = "runs/debug", # last.pt, best.pt, metrics.jsonl, metrics.png, config.json
-                 eval_fn: Callable | None = None, # eval_fn(model, epoch) -> dict of metrics (rank 0, eval mode, no_grad)
-                 callbacks: dict | None = None,  # {event: fn or [fn, ...]}, fn(learner); events: on_fit_begin/batch_end/epoch_end/fit_end
+                 # eval_fn(model, epoch) -> dict of metrics (rank 0, eval mode, no_grad)
+                 eval_fn: Callable | None = None,
+                 # {event: fn or [fn, ...]}, fn(learner); events: on_fit_begin/batch_end/epoch_end/fit_end
+                 callbacks: dict | None = None,
                  collate_fn: Callable | None = None, # collate for a Dataset `train_data`
-                 config_name: str = "config.json", # file in run_dir for the TrainCfg ("" = don't write; stages use "train_config.json")
+                 # file in run_dir for the TrainCfg ("" = don't write; stages use "train_config.json")
+                 config_name: str = "config.json",
                 ):
         cfg = TrainCfg() if cfg is None else cfg
         self.cfg = cfg_from_flat(TrainCfg, cfg) if isinstance(cfg, dict) else cfg
@@ -361,7 +387,9 @@ class Learner:
         self.dist = init_distributed(cfg.device)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         dev = get_device(cfg.device)
-        if dev.type == "cuda" and dev.index is None: dev = torch.device("cuda", self.dist.local_rank if self.dist.is_distributed else torch.cuda.current_device())
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", self.dist.local_rank if self.dist.is_distributed
+                               else torch.cuda.current_device())
         self.device = dev
         self._comm_device = dev if dev.type == "cuda" else torch.device("cpu")
         self.model = model.to(dev)
@@ -373,8 +401,11 @@ class Learner:
         self.generator = torch.Generator()
         self.loader = self._make_loader(train_data, collate_fn)
         try: n = len(self.loader)
-        except TypeError as e: raise TypeError("the training DataLoader must have a length (an iterable-style dataset has none)") from e
-        if n == 0: raise ValueError(f"the training loader yields no batch (dataset of {len(self.loader.dataset)}, batch {self.loader.batch_size}, drop_last)")
+        except TypeError as e:
+            raise TypeError("the training DataLoader must have a length (an iterable-style dataset has none)") from e
+        if n == 0:
+            raise ValueError(f"the training loader yields no batch (dataset of {len(self.loader.dataset)}, batch "
+                             f"{self.loader.batch_size}, drop_last)")
         self.steps_per_epoch = math.ceil(n / cfg.grad_accum)
         self.base_lr = effective_lr(cfg)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -386,19 +417,24 @@ class Learner:
         self.epoch, self.step = 0, 0          # epochs completed, optimizer updates done
         self._ref_losses, self._saved_epoch = [], None   # divergence guard's reference losses; epochs done in last.pt
         self.batch_idx, self.loss, self.logs, self.lr, self.grad_norm = 0, None, {}, self.base_lr, None
-        self.metrics, self.best, self.history = {}, dict(name=cfg.select_metric, mode=cfg.select_mode, value=None, epoch=None), []
+        self.metrics, self.best, self.history = {}, dict(name=cfg.select_metric, mode=cfg.select_mode, value=None,
+                                                         epoch=None), []
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _make_loader(self, data, collate_fn) -> DataLoader:
         cfg = self.cfg
         if isinstance(data, DataLoader):
             if self.dist.is_distributed and not isinstance(data.sampler, DistributedSampler):
-                raise ValueError("under DDP a ready DataLoader needs a DistributedSampler; pass the Dataset and let the Learner build it")
-            self.generator = data.generator   # its state is checkpointed too (None: the sampler draws from torch's global RNG)
+                raise ValueError("under DDP a ready DataLoader needs a DistributedSampler; pass the Dataset and let "
+                                 "the Learner build it")
+            # its state is checkpointed too (None: the sampler draws from torch's global RNG)
+            self.generator = data.generator
             return data
         if cfg.batch_size % self.world_size:
-            raise ValueError(f"TrainCfg.batch_size={cfg.batch_size} is the global batch; it must divide by world_size={self.world_size}")
-        sampler = DistributedSampler(data, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.shuffle, seed=cfg.seed)
+            raise ValueError(f"TrainCfg.batch_size={cfg.batch_size} is the global batch; it must divide by "
+                             f"world_size={self.world_size}")
+        sampler = DistributedSampler(data, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.shuffle,
+                                     seed=cfg.seed)
         return DataLoader(data, batch_size=cfg.batch_size // self.world_size, sampler=sampler, drop_last=cfg.drop_last,
                           num_workers=cfg.num_workers, collate_fn=collate_fn, pin_memory=self.device.type == "cuda",
                           worker_init_fn=seed_worker, generator=self.generator, persistent_workers=False)
@@ -435,16 +471,19 @@ class Learner:
         "Which checkpoint a stop leaves in place, for the messages."
         last = self.run_dir / "last.pt"
         if self._saved_epoch is None or not last.exists(): return "no checkpoint was written yet"
-        return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"     # epoch = epochs done, as in last.pt
+        # epoch = epochs done, as in last.pt
+        return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"
 
     def _any_rank(self, flag: bool) -> bool:
         "True on every rank if `flag` is True on any."
         if not self.dist.is_distributed: return flag
-        t = torch.tensor([float(flag)], device=self._comm_device); dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([float(flag)], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item() > 0
 
     def _check_loss(self, loss_v: float, epoch: int, i: int, n: int):
-        "Stop before backward on a non-finite loss, or on a divergent one: |loss| > diverge_factor × median |loss| of the first batches."
+        """Stop before backward on a non-finite loss, or on a divergent one: |loss| > diverge_factor × median |loss| of
+        the first batches."""
         f, refs = self.cfg.diverge_factor, self._ref_losses
         ref = float(np.median(refs)) if refs else None
         finite = math.isfinite(loss_v)
@@ -454,19 +493,20 @@ class Learner:
             return
         where = f"at epoch {epoch}, step {self.step} (batch {i + 1} of {n})"
         if not finite or not diverged:
-            raise FloatingPointError(f"loss is not finite {where}: loss = {loss_v} on rank {self.rank} (a non-finite loss "
-                                     f"on any rank stops all); stopped before backward, {self._kept()}")
+            raise FloatingPointError(f"loss is not finite {where}: loss = {loss_v} on rank {self.rank} (a non-finite "
+                                     f"loss on any rank stops all); stopped before backward, {self._kept()}")
         raise FloatingPointError(f"training diverged {where}: loss = {loss_v:.4g} on rank {self.rank} exceeds "
-                                 f"TrainCfg.diverge_factor={f:g} x the run's reference loss {ref:.4g} (median of its first "
-                                 f"{len(refs)} batches); stopped before backward, {self._kept()}. Lower lr or set clip_grad "
-                                 "(or raise diverge_factor, 0 = off, if such a loss is expected)")
+                                 f"TrainCfg.diverge_factor={f:g} x the run's reference loss {ref:.4g} (median of its "
+                                 f"first {len(refs)} batches); stopped before backward, {self._kept()}. Lower lr or "
+                                 "set clip_grad (or raise diverge_factor, 0 = off, if such a loss is expected)")
 
     def _check_params(self, epoch: int):
         "Never save non-finite weights: FloatingPointError naming the epoch and the kept checkpoint."
         bad = [k for k, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
         if self._any_rank(bool(bad)):
-            raise FloatingPointError(f"parameters are not finite after epoch {epoch} (e.g. {bad[:3]} on rank {self.rank}): "
-                                     f"the diverged state is not saved, {self._kept()}. Lower lr or set clip_grad")
+            raise FloatingPointError(f"parameters are not finite after epoch {epoch} (e.g. {bad[:3]} on rank "
+                                     f"{self.rank}): the diverged state is not saved, {self._kept()}. Lower lr or set "
+                                     "clip_grad")
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _gather_rng(self) -> list:
@@ -480,7 +520,8 @@ class Learner:
         "The full training state (every rank must call it: RNG states are gathered); loads with `weights_only=True`."
         return dict(format="weaktr.learner/1", model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict(),
-                    scheduler=dict(schedule=self.cfg.schedule, base_lr=self.base_lr, steps_per_epoch=self.steps_per_epoch,
+                    scheduler=dict(schedule=self.cfg.schedule, base_lr=self.base_lr,
+                                   steps_per_epoch=self.steps_per_epoch,
                                    epoch=self.epoch, step=self.step),
                     epoch=self.epoch, step=self.step, rng=self._gather_rng(), world_size=self.world_size,
                     config=cfg_to_dict(self.cfg), best=dict(self.best), metrics=dict(self.metrics),
@@ -502,21 +543,27 @@ class Learner:
         if not path.exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck.get("format") != "weaktr.learner/1":
-            raise ValueError(f"{path} is not a Learner checkpoint (format {ck.get('format')!r}; best.pt holds weights only)")
+            raise ValueError(f"{path} is not a Learner checkpoint (format {ck.get('format')!r}; best.pt holds weights "
+                             "only)")
         diff = sorted(k for k, v in cfg_to_dict(self.cfg).items() if ck["config"].get(k) != v)
-        if diff: warnings.warn(f"resuming {path} with a changed config: " + ", ".join(f"{k}: {ck['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff))
+        if diff:
+            warnings.warn(f"resuming {path} with a changed config: "
+                          + ", ".join(f"{k}: {ck['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff))
         if ck["scheduler"]["steps_per_epoch"] != self.steps_per_epoch:
-            warnings.warn(f"{path} was written with {ck['scheduler']['steps_per_epoch']} updates per epoch, the loader now gives {self.steps_per_epoch}")
+            warnings.warn(f"{path} was written with {ck['scheduler']['steps_per_epoch']} updates per epoch, the loader "
+                          f"now gives {self.steps_per_epoch}")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.scaler.is_enabled() and ck["scaler"]: self.scaler.load_state_dict(ck["scaler"])
-        elif self.scaler.is_enabled() != bool(ck["scaler"]): warnings.warn("amp changed between fp16 and not: GradScaler state not restored")
+        elif self.scaler.is_enabled() != bool(ck["scaler"]):
+            warnings.warn("amp changed between fp16 and not: GradScaler state not restored")
         self.epoch, self.step = ck["epoch"], ck["step"]
         self._ref_losses, self._saved_epoch = list(ck.get("guard", {}).get("ref_losses", [])), ck["epoch"]
         self.best, self.metrics = dict(ck["best"]), dict(ck["metrics"])
         if len(ck["rng"]) == self.world_size: set_rng_state(ck["rng"][self.rank], self.generator)
         else:
-            warnings.warn(f"{path} holds RNG states of {len(ck['rng'])} ranks, this job has {self.world_size}: reseeding (not bitwise)")
+            warnings.warn(f"{path} holds RNG states of {len(ck['rng'])} ranks, this job has {self.world_size}: "
+                          "reseeding (not bitwise)")
             self._seed(offset=1000 * self.epoch)
 
     def _seed(self, offset: int = 0):
@@ -525,7 +572,8 @@ class Learner:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self,
-            resume: bool | str | os.PathLike = False, # True: run_dir/last.pt (must exist); "auto": if it exists; a path: that file
+            # True: run_dir/last.pt (must exist); "auto": if it exists; a path: that file
+            resume: bool | str | os.PathLike = False,
            ) -> Learner:
         "Train until `cfg.epochs` (or `cfg.max_steps`); see the anatomy above."
         cfg, mfile = self.cfg, self.run_dir / "metrics.jsonl"
@@ -541,7 +589,8 @@ class Learner:
         else:
             self._seed()
             if self.is_main:
-                if (self.run_dir / "last.pt").exists(): warnings.warn(f"starting fresh in {self.run_dir}: last.pt / best.pt will be overwritten")
+                if (self.run_dir / "last.pt").exists():
+                    warnings.warn(f"starting fresh in {self.run_dir}: last.pt / best.pt will be overwritten")
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text("", mfile)
         if self.is_main and self.config_name: atomic_save_json(cfg_to_dict(cfg), self.run_dir / self.config_name)
@@ -551,7 +600,8 @@ class Learner:
             t0 = time.time()
             train = self._train_epoch(epoch)
             self._check_params(epoch)                  # a diverged state is never evaluated nor saved
-            rec = dict(kind="epoch", epoch=epoch, step=self.step, lr=self.lr, **{f"train_{k}": v for k, v in train.items()},
+            rec = dict(kind="epoch", epoch=epoch, step=self.step, lr=self.lr,
+                       **{f"train_{k}": v for k, v in train.items()},
                        epoch_time_s=round(time.time() - t0, 3))
             last_epoch = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and self.step >= cfg.max_steps)
             improved = False
@@ -561,11 +611,13 @@ class Learner:
                 if err is not None: self._save_unevaluated(epoch, rec, err)    # keeps the trained epoch, then raises
                 clash = sorted(set(ev) & (set(rec) | _RESERVED))
                 if clash: raise ValueError(f"eval_fn returned reserved metric name(s) {clash}")
-                rec.update(ev); rec["eval_time_s"] = round(time.time() - t1, 3)
+                rec.update(ev)
+                rec["eval_time_s"] = round(time.time() - t1, 3)
                 improved = self._update_best(ev, epoch)
             rec["time"] = time.time()
             self.metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
-            self.history.append(rec); self._log(rec)
+            self.history.append(rec)
+            self._log(rec)
             if self.is_main and cfg.progress:
                 tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items()
                                                           if isinstance(v, float) and k not in ("time",)))
@@ -578,7 +630,8 @@ class Learner:
     def _train_epoch(self, epoch: int) -> dict:
         cfg, model, loader = self.cfg, self.train_model, self.loader
         if hasattr(loader.sampler, "set_epoch"): loader.sampler.set_epoch(epoch)
-        if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"): loader.batch_sampler.set_epoch(epoch)
+        if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"):
+            loader.batch_sampler.set_epoch(epoch)
         model.train()
         n, acc, spe = len(loader), cfg.grad_accum, self.steps_per_epoch
         ep_sums, ep_n, win_sums, win_n = defaultdict(float), 0, defaultdict(float), 0
@@ -589,7 +642,8 @@ class Learner:
                 u = i // acc                                   # update index within the epoch
                 group = min(acc, n - u * acc)                  # micro-steps in this update (the last one may be short)
                 updates = (i + 1) % acc == 0 or i + 1 == n
-                self.lr = lr_at(cfg, epoch, u, spe, self.base_lr); set_lr(self.optimizer, self.lr)
+                self.lr = lr_at(cfg, epoch, u, spe, self.base_lr)
+                set_lr(self.optimizer, self.lr)
                 batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
                 sync = model.no_sync() if (self.dist.is_distributed and not updates) else nullcontext()
                 with sync:
@@ -601,19 +655,23 @@ class Learner:
                     if cfg.clip_grad is not None:
                         self.scaler.unscale_(self.optimizer)
                         self.grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
-                    self.scaler.step(self.optimizer); self.scaler.update()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                 self.batch_idx, self.loss, self.logs = i, loss_v, {k: _plain(v) for k, v in logs.items()}
                 for d in (ep_sums, win_sums):
                     d["loss"] += loss_v
                     for k, v in self.logs.items(): d[k] += v
-                ep_n += 1; win_n += 1
+                ep_n += 1
+                win_n += 1
                 if updates and self.step % cfg.log_every == 0:
-                    rec = dict(kind="step", epoch=epoch, step=self.step, lr=self.lr, **self._reduce_means(win_sums, win_n))
+                    rec = dict(kind="step", epoch=epoch, step=self.step, lr=self.lr,
+                               **self._reduce_means(win_sums, win_n))
                     if self.grad_norm is not None: rec["grad_norm"] = self.grad_norm
                     rec["time"] = time.time()
-                    self._log(rec); win_sums, win_n = defaultdict(float), 0
+                    self._log(rec)
+                    win_sums, win_n = defaultdict(float), 0
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{self.lr:.3g}")
                 self._trigger("on_batch_end")
                 if updates and cfg.max_steps is not None and self.step >= cfg.max_steps: break
@@ -627,34 +685,40 @@ class Learner:
         if self.is_main:
             self.model.eval()
             try:
-                with torch.no_grad(): metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
+                with torch.no_grad():
+                    metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
             except Exception as e: err = e
             finally: self.model.train()
         if self.dist.is_distributed:
             box = [metrics, None if err is None else f"{type(err).__name__}: {err}"]
-            dist.broadcast_object_list(box, src=0); metrics = box[0]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
             if box[1] is not None and err is None: err = RuntimeError(f"eval_fn failed on rank 0: {box[1]}")
         return metrics, err
 
     def _save_unevaluated(self, epoch: int, rec: dict, err: BaseException):
-        "eval_fn raised after epoch `epoch` trained: log and save that epoch (not evaluated), then raise naming the checkpoint."
+        """eval_fn raised after epoch `epoch` trained: log and save that epoch (not evaluated), then raise naming the
+        checkpoint."""
         rec.update(eval_error=f"{type(err).__name__}: {err}"[:500], time=time.time())
         self.metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
-        self.history.append(rec); self._log(rec)
+        self.history.append(rec)
+        self._log(rec)
         self.epoch = epoch + 1
         self._save(False)
-        raise RuntimeError(f"eval_fn failed after epoch {epoch} ({type(err).__name__}: {err}); the trained epoch is kept: "
-                           f"{self.run_dir / 'last.pt'} holds {self.epoch} epochs done (epoch {epoch} not evaluated). "
-                           "Fix the cause and resume to continue from there") from err
+        raise RuntimeError(f"eval_fn failed after epoch {epoch} ({type(err).__name__}: {err}); the trained epoch is "
+                           f"kept: {self.run_dir / 'last.pt'} holds {self.epoch} epochs done (epoch {epoch} not "
+                           "evaluated). Fix the cause and resume to continue from there") from err
 
     def _update_best(self, ev: dict, epoch: int) -> bool:
         name = self.cfg.select_metric
         if name is None: return False
-        if name not in ev: raise KeyError(f"TrainCfg.select_metric={name!r} is not among the eval_fn metrics {sorted(ev)}")
+        if name not in ev:
+            raise KeyError(f"TrainCfg.select_metric={name!r} is not among the eval_fn metrics {sorted(ev)}")
         v, b = ev[name], self.best["value"]
         if v is None or (isinstance(v, float) and math.isnan(v)): return False
         if b is None or (v > b if self.cfg.select_mode == "max" else v < b):
-            self.best.update(value=v, epoch=epoch); return True
+            self.best.update(value=v, epoch=epoch)
+            return True
         return False
 
 # %% ../nbs/09_learner.ipynb #0669492b

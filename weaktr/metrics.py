@@ -115,7 +115,8 @@ def threshold_range(start: float, # first threshold
                    ) -> list[float]:
     "The background thresholds start, start + step, ... < stop (rounded to 1e-6): every threshold sweep of the kit."
     if not step > 0 or not stop > start:
-        raise ValueError(f"threshold range: need start < stop and step > 0, got start={start}, stop={stop}, step={step}")
+        raise ValueError(f"threshold range: need start < stop and step > 0, got start={start}, stop={stop}, "
+                         f"step={step}")
     return [round(start + k * step, 6) for k in range(math.ceil((stop - start) / step - 1e-9))]
 
 CAM_EVAL_THRESHOLDS = tuple(threshold_range(0.40, 0.60, 0.01))  # 0.40 .. 0.59 (method notes §phase1-select)
@@ -129,8 +130,10 @@ def threshold_confusions(maps,                # (K, H, W) normalised CAMs of the
                         ) -> np.ndarray:
     "Confusion matrices (rows = GT) of the argmax-over-[t, maps] label map for every t: -> (T, C+1, C+1) int64."
     thr = torch.as_tensor(np.asarray(thresholds, np.float32))
-    if thr.ndim != 1 or (thr.diff() <= 0).any(): raise ValueError(f"thresholds must be strictly ascending, got {list(thresholds)}")
-    maps = torch.as_tensor(maps); device = maps.device
+    if thr.ndim != 1 or (thr.diff() <= 0).any():
+        raise ValueError(f"thresholds must be strictly ascending, got {list(thresholds)}")
+    maps = torch.as_tensor(maps)
+    device = maps.device
     gt = torch.as_tensor(np.asarray(gt) if not isinstance(gt, torch.Tensor) else gt, device=device).long().reshape(-1)
     K, T, NC = len(maps), len(thr), int(num_classes)
     if maps.ndim != 3 or maps.shape[-2] * maps.shape[-1] != gt.numel():
@@ -141,12 +144,15 @@ def threshold_confusions(maps,                # (K, H, W) normalised CAMs of the
         pred = key[a]                                                         # (P,) foreground id of each pixel
         j = torch.searchsorted(thr.to(device), m.contiguous(), right=False)   # (P,) number of t_i < m
     else:
-        pred = torch.zeros_like(gt); j = torch.zeros_like(gt)
+        pred = torch.zeros_like(gt)
+        j = torch.zeros_like(gt)
     keep = gt != ignore_index
     gt, pred, j = gt[keep], pred[keep], j[keep]
-    if gt.numel() and (gt.min() < 0 or gt.max() >= NC): raise ValueError(f"gt has values outside [0, {NC}) (255 = ignore)")
+    if gt.numel() and (gt.min() < 0 or gt.max() >= NC):
+        raise ValueError(f"gt has values outside [0, {NC}) (255 = ignore)")
     if pred.numel() and pred.max() >= NC: raise ValueError(f"class ids exceed num_classes={NC}")
-    hist = torch.bincount((gt * NC + pred) * (T + 1) + j, minlength=NC * NC * (T + 1)).reshape(NC, NC, T + 1).cpu()  # (g, a, j)
+    # (g, a, j)
+    hist = torch.bincount((gt * NC + pred) * (T + 1) + j, minlength=NC * NC * (T + 1)).reshape(NC, NC, T + 1).cpu()
     fg = hist.flip(-1).cumsum(-1).flip(-1)[..., 1:]                          # (g, a, T): sum over j > i
     total = hist.sum(-1, keepdim=True)                                        # (g, a, 1)
     conf = fg.permute(2, 0, 1).clone()                                        # (T, g, a)

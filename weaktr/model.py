@@ -5,7 +5,7 @@
 # %% ../nbs/04_model.ipynb #324dca07
 from __future__ import annotations
 import json, math, pickle, re, warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -32,7 +32,8 @@ def refine_cam(cams: torch.Tensor,            # (B, C, h, w) class activation ma
     "Propagate CAMs along the patch affinity, F_c = A_pp @ cams_c: (B, C, h, w), (B, P, P) -> (B, C, h, w)."
     B, C, h, w = cams.shape
     if patch_affinity.shape != (B, h * w, h * w):
-        raise ValueError(f"patch_affinity {tuple(patch_affinity.shape)} does not fit cams {tuple(cams.shape)}: expected (B, P, P) = ({B}, {h*w}, {h*w})")
+        raise ValueError(f"patch_affinity {tuple(patch_affinity.shape)} does not fit cams {tuple(cams.shape)}: "
+                         f"expected (B, P, P) = ({B}, {h*w}, {h*w})")
     fine = torch.einsum("bij,bcj->bci", patch_affinity, cams.flatten(2))   # (B, P, P) x (B, C, P) -> (B, C, P)
     return fine.reshape(B, C, h, w)                                       # (B, C, P) -> (B, C, h, w)
 
@@ -154,12 +155,13 @@ class WeakTr(WeakTrBackbone):
         r = self._run(x)
         return WeakTrInspection(
             attn_stack=r["bo"].attn_stack.detach(), head_weights=r["head_weights"], cam_coarse=r["cam_coarse"],
-            cls_patch_attn=r["cls_patch_attn"], patch_affinity=r["patch_affinity"], cams=r["cams"], cam_fine=r["cam_fine"],
+            cls_patch_attn=r["cls_patch_attn"], patch_affinity=r["patch_affinity"], cams=r["cams"],
+            cam_fine=r["cam_fine"],
             logits=WeakTrOutput(r["cls_logits"], r["coarse_logits"], r["fine_logits"]), grid=r["bo"].grid,
             depth=self.depth, num_heads=self.num_heads)
 
 # %% ../nbs/04_model.ipynb #d0aa1fbe
-def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,small,base}_patch16_224, vit_*_patch16/8_*, ...
+def create_weaktr(backbone: str,             # timm ViT name: deit_{tiny,small,base}_patch16_224, vit_*_patch16/8_*, ...
                   num_classes: int,             # C foreground classes
                   fusion: str = "v3",           # "v3" (default), "v2", "v1", "randweight"
                   reduction: float = 4,         # AAF head-MLP reduction
@@ -168,8 +170,10 @@ def create_weaktr(backbone: str,                # timm ViT name: deit_{tiny,smal
                   img_size: int | tuple | None = None,  # training size; None: the backbone's (224, a zoo asset's own)
                   drop_path_rate: float = 0.1,  # stochastic depth
                   attn_impl: str = "fast",      # "fast" or "reference"
-                  pretrained: str | Path | None = None,  # local ImageNet ViT weights to start from (see `load_pretrained`)
-                  pos_resize: str = "reference", # a pretrained file's other grid: "reference" (main.py --finetune) | "timm"
+                  # local ImageNet ViT weights to start from (see `load_pretrained`)
+                  pretrained: str | Path | None = None,
+                  # a pretrained file's other grid: "reference" (main.py --finetune) | "timm"
+                  pos_resize: str = "reference",
                   **timm_kwargs) -> WeakTr:
     "Build a WeakTr Phase-1 model (random init, or ImageNet weights from a local file)."
     model = WeakTr(backbone, num_classes, fusion=fusion, reduction=reduction, pool=pool, feat_reduction=feat_reduction,
@@ -198,18 +202,20 @@ def load_torch_file(path,                       # a torch file (zip or legacy fo
     if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
     if mmap:
         try: return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception: pass                                          # legacy (non-zip) file, or corrupt: read plainly
+        except Exception: pass                                         # legacy (non-zip) file, or corrupt: read plainly
     with open(path, "rb") as f: head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":                 # torch.save writes a zip (PK..), legacy files a pickle (0x80..)
-        raise WeightFileError(f"{what} {path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); {hint}")
+    if head != b"PK" and head[:1] != b"\x80":           # torch.save writes a zip (PK..), legacy files a pickle (0x80..)
+        raise WeightFileError(f"{what} {path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); "
+                              f"{hint}")
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if g:
             raise WeightFileError(f"{what} {path} holds pickled Python objects ({g.group(1)}) that weights_only=True "
-                                  f"refuses to load (no code was run); re-save it as a plain state dict or .safetensors") from e
-        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: truncated "
-                              f"or corrupt ({_first_line(e)}); {hint}") from e
+                                  "refuses to load (no code was run); re-save it as a plain state dict or "
+                                  ".safetensors") from e
+        raise WeightFileError(f"{what} {path} ({path.stat().st_size} bytes) could not be read as a torch file: "
+                              f"truncated or corrupt ({_first_line(e)}); {hint}") from e
 
 def read_state_dict(path, what="checkpoint",
                     hint: str = "re-create or re-download the file", # shown when the file cannot be read
@@ -228,7 +234,9 @@ def read_state_dict(path, what="checkpoint",
         sd = obj
         if isinstance(obj, dict):
             for key in ("model", "state_dict", "model_state_dict", "model_ema"):
-                if isinstance(obj.get(key), dict): sd = obj[key]; break
+                if isinstance(obj.get(key), dict):
+                    sd = obj[key]
+                    break
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{what} {path}: expected a state dict of tensors (directly or under 'model'), "
                          f"got {type(sd).__name__} with keys {list(sd)[:8] if isinstance(sd, dict) else '-'}")
@@ -271,19 +279,24 @@ def resize_pos_grid(grid_rows: torch.Tensor,    # (1, g0*g1, D) position rows of
 def load_pretrained(model: WeakTr,            # a freshly built WeakTr
                     path: str | Path,          # local ImageNet ViT weights: DeiT .pth, timm state dict, or .safetensors
                     strict: bool = True,       # raise (not warn) if anything besides head/AAF stays missing
-                    pos_resize: str = "reference", # foreign grid: "reference" (main.py --finetune) | "timm" (antialiased)
+                    # foreign grid: "reference" (main.py --finetune) | "timm" (antialiased)
+                    pos_resize: str = "reference",
                    ) -> LoadReport:
     "Load ImageNet ViT weights into WeakTr: replicate the class token and its position row C times, drop the head."
-    if pos_resize not in POS_RESIZE: raise ValueError(f"load_pretrained: pos_resize must be one of {POS_RESIZE}, got {pos_resize!r}")
+    if pos_resize not in POS_RESIZE:
+        raise ValueError(f"load_pretrained: pos_resize must be one of {POS_RESIZE}, got {pos_resize!r}")
     sd = read_state_dict(path, "pretrained weights", hint="download the ImageNet weights again")
     C, D = model.num_classes, model.embed_dim
     rep = LoadReport(str(path))
     num_prefix = 1 + int("dist_token" in sd)
     for k in list(sd):
-        if k.startswith(("head.", "head_dist.")) or k == "dist_token": rep.dropped.append(k); del sd[k]
+        if k.startswith(("head.", "head_dist.")) or k == "dist_token":
+            rep.dropped.append(k)
+            del sd[k]
     if "cls_token" in sd:
         if tuple(sd["cls_token"].shape) != (1, 1, D):
-            raise ValueError(f"{path}: cls_token has shape {tuple(sd['cls_token'].shape)}, expected (1, 1, {D}) for this model")
+            raise ValueError(f"{path}: cls_token has shape {tuple(sd['cls_token'].shape)}, expected (1, 1, {D}) for "
+                             "this model")
         sd["cls_token"] = sd["cls_token"].expand(1, C, D).clone()
         rep.notes.append(f"cls_token (1, 1, {D}) repeated to (1, {C}, {D})")
     if "pos_embed" in sd:
@@ -292,11 +305,14 @@ def load_pretrained(model: WeakTr,            # a freshly built WeakTr
             raise ValueError(f"{path}: pos_embed has shape {tuple(pe.shape)}, expected (1, 1 + g*g, {D})")
         n_grid = pe.shape[1] - num_prefix
         if math.isqrt(n_grid) ** 2 != n_grid:
-            if math.isqrt(pe.shape[1]) ** 2 == pe.shape[1]: num_prefix, n_grid = 0, pe.shape[1]   # no class position row
-            else: raise ValueError(f"{path}: pos_embed has {pe.shape[1]} rows: not {num_prefix} prefix rows + a square grid")
+            if math.isqrt(pe.shape[1]) ** 2 == pe.shape[1]: num_prefix, n_grid = 0, pe.shape[1]  # no class position row
+            else:
+                raise ValueError(f"{path}: pos_embed has {pe.shape[1]} rows: not {num_prefix} prefix rows + a square "
+                                 "grid")
         g = math.isqrt(n_grid)
         cls_pos = pe[:, :1] if num_prefix else pe.new_zeros(1, 1, D)
-        grid_rows = resize_pos_grid(pe[:, num_prefix:], (g, g), model.src_grid, pos_resize)  # (1, g*g, D) -> (1, h0*w0, D)
+        # (1, g*g, D) -> (1, h0*w0, D)
+        grid_rows = resize_pos_grid(pe[:, num_prefix:], (g, g), model.src_grid, pos_resize)
         sd["pos_embed"] = torch.cat([cls_pos.expand(1, C, D), grid_rows], dim=1)   # (1, C + h0*w0, D)
         rep.notes.append(f"pos_embed: class row repeated {C}x" + ("" if num_prefix else " (file has none: zeros)")
                          + f", grid {g}x{g} -> {model.src_grid[0]}x{model.src_grid[1]}"
@@ -352,12 +368,14 @@ def load_official_state_dict(model: WeakTr,   # a WeakTr built for this checkpoi
     rep.missing = [k for k in model_sd if k not in sd]
     rep.unexpected = [k for k in sd if k not in model_sd]
     if rep.missing or rep.unexpected:
-        raise ValueError(f"{source}: does not fit this model: missing {rep.missing[:8]}, unexpected {rep.unexpected[:8]}")
+        raise ValueError(f"{source}: does not fit this model: missing {rep.missing[:8]}, unexpected "
+                         f"{rep.unexpected[:8]}")
     model.load_state_dict(sd, strict=True)
     return rep
 
 def load_official_checkpoint(model: WeakTr,    # a WeakTr built for this checkpoint (see create_weaktr_from_checkpoint)
-                             path: str | Path, # official Phase-1 file: {"model": state_dict, "epoch": ...} or a bare state dict
+                             # official Phase-1 file: {"model": state_dict, "epoch": ...} or a bare state dict
+                             path: str | Path,
                             ) -> LoadReport:
     "Strictly load an official WeakTr Phase-1 checkpoint (torch.load weights_only=True)."
     return load_official_state_dict(model, read_state_dict(path, "WeakTr checkpoint"), str(path))
@@ -398,7 +416,7 @@ def weaktr_config_from_state_dict(sd: dict) -> dict:
 
 def create_weaktr_from_checkpoint(path: str | Path,                   # official Phase-1 checkpoint
                                   backbone: str = "deit_small_patch16_224",  # timm name for the block type
-                                  fusion: str | None = None,           # override the detected variant ("v2" is not detectable)
+                                  fusion: str | None = None,    # override the detected variant ("v2" is not detectable)
                                   pool: str = "avg",                   # AAF pooling: not stored in the weights
                                   attn_impl: str = "fast",
                                   drop_path_rate: float = 0.1,
@@ -408,7 +426,8 @@ def create_weaktr_from_checkpoint(path: str | Path,                   # official
     cfg = weaktr_config_from_state_dict(sd)
     if fusion is not None: cfg["fusion"] = fusion
     C = cfg.pop("num_classes")
-    model = create_weaktr(backbone, C, pool=pool, attn_impl=attn_impl, drop_path_rate=drop_path_rate, **{**cfg, **timm_kwargs})
+    model = create_weaktr(backbone, C, pool=pool, attn_impl=attn_impl, drop_path_rate=drop_path_rate,
+                          **{**cfg, **timm_kwargs})
     model.load_report = load_official_state_dict(model, sd, str(path))
     return model
 

@@ -5,7 +5,6 @@
 # %% ../nbs/08_segmenter.ipynb #73af975c
 from __future__ import annotations
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -48,7 +47,8 @@ class Segmenter(nn.Module):
     def __init__(self, encoder: VisionTransformer, decoder: MaskTransformer, n_cls: int):
         super().__init__()
         if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None:
-            raise TypeError(f"encoder must be a timm VisionTransformer with a class token, got {type(encoder).__name__}")
+            raise TypeError("encoder must be a timm VisionTransformer with a class token, got "
+                            f"{type(encoder).__name__}")
         ps = tuple(encoder.patch_embed.patch_size)
         if ps[0] != ps[1]: raise ValueError(f"only square patches are supported, got patch_size={ps}")
         if decoder.n_cls != n_cls: raise ValueError(f"decoder has n_cls={decoder.n_cls} but n_cls={n_cls}")
@@ -86,7 +86,8 @@ class Segmenter(nn.Module):
         return x[:, enc.num_prefix_tokens:], (h, w)                     # (B, n_prefix + P, D) -> (B, P, D)
 
     def _to_pixels(self, masks, padded, size):
-        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)  # (B, K, h, w) -> (B, K, Hp, Wp)
+        # (B, K, h, w) -> (B, K, Hp, Wp)
+        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         return masks[:, :, :size[0], :size[1]]                          # crop the padding: -> (B, K, H, W)
 
     def _run(self, im, return_mid):
@@ -113,7 +114,8 @@ def combine_two(mid_probs: torch.Tensor,   # (..., K, H, W) softmax of the mid o
                ) -> torch.Tensor:          # weight * mid + final, NOT renormalised (method notes §final-eval)
     "The reference's two-output evaluation map: weight * P_mid + P_final (sums to 1 + weight per pixel)."
     if mid_probs.shape != final_probs.shape:
-        raise ValueError(f"mid_probs {tuple(mid_probs.shape)} and final_probs {tuple(final_probs.shape)} must have the same shape")
+        raise ValueError(f"mid_probs {tuple(mid_probs.shape)} and final_probs {tuple(final_probs.shape)} must have the "
+                         "same shape")
     return weight * mid_probs + final_probs
 
 # %% ../nbs/08_segmenter.ipynb #9f58d01f
@@ -126,18 +128,22 @@ def create_segmenter(backbone: str = "deit_small_patch16_224", # any timm Vision
                      dropout: float = 0.1,           # decoder dropout (attention, projection, MLP)
                      drop_path_rate: float = 0.1,    # encoder stochastic depth, linear 0 -> rate
                      decoder_drop_path_rate: float = 0.0, # the reference decoder has none
-                     norm_eps: float | None = 1e-5,  # encoder LayerNorm eps (Segmenter: PyTorch default); None keeps timm's
+                     # encoder LayerNorm eps (Segmenter: PyTorch default); None keeps timm's
+                     norm_eps: float | None = 1e-5,
                      **timm_kwargs,                  # passed to timm.create_model (embed_dim, depth, num_heads, ...)
                     ) -> Segmenter:
     "Build a Segmenter (timm ViT encoder, 1000-class head kept, + MaskTransformer) with random weights."
     if timm_kwargs.pop("pretrained", False):
-        raise ValueError("pretrained=True is not supported: load local weights with load_segmenter_encoder(model, path)")
+        raise ValueError("pretrained=True is not supported: load local weights with load_segmenter_encoder(model, "
+                         "path)")
     kw = dict(img_size=img_size, num_classes=1000, drop_path_rate=drop_path_rate) | timm_kwargs
     try: encoder = timm.create_model(backbone, pretrained=False, **kw)
     except TypeError as e:
-        raise TypeError(f"timm.create_model({backbone!r}, {kw}) failed ({e}); a timm VisionTransformer name is required") from e
+        raise TypeError(f"timm.create_model({backbone!r}, {kw}) failed ({e}); a timm VisionTransformer name is "
+                        "required") from e
     if not isinstance(encoder, VisionTransformer):
-        raise TypeError(f"backbone {backbone!r} builds a {type(encoder).__name__}; a timm VisionTransformer is required")
+        raise TypeError(f"backbone {backbone!r} builds a {type(encoder).__name__}; a timm VisionTransformer is "
+                        "required")
     if norm_eps is not None:
         for m in encoder.modules():
             if isinstance(m, nn.LayerNorm): m.eps = norm_eps
@@ -171,7 +177,8 @@ def _snap_norm(mean, std, tol: float = 1e-3) -> str:
     return ",".join(f"{v:g}" for v in mean) + "/" + ",".join(f"{v:g}" for v in std)
 
 def backbone_norm(backbone: str) -> str:
-    "The input normalisation the weights of a timm backbone name were trained with ('imagenet' | 'vit' | 'clip' | explicit)."
+    """The input normalisation the weights of a timm backbone name were trained with ('imagenet' | 'vit' | 'clip' |
+    explicit)."""
     try: pc = timm.models.get_pretrained_cfg(backbone)
     except Exception: pc = None                                         # e.g. an unknown tag
     if pc is None or getattr(pc, "mean", None) is None or getattr(pc, "std", None) is None: return "imagenet"
@@ -187,7 +194,8 @@ def resolve_norm(norm: str,      # "auto" | "imagenet" | "vit" | "clip" | "m0,m1
 
 # %% ../nbs/08_segmenter.ipynb #a438a6d8
 def _shape_errors(src: dict, dst: dict, keys) -> list[str]:
-    return [f"{k}: file {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}" for k in keys if src[k].shape != dst[k].shape]
+    return [f"{k}: file {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}" for k in keys
+            if src[k].shape != dst[k].shape]
 
 def load_official_segmenter(model: Segmenter, path) -> LoadReport:
     "Load a Phase-2 checkpoint (dict with `model`, `n_cls`) strictly into `model`; clear errors on any mismatch."
@@ -200,19 +208,22 @@ def load_official_segmenter(model: Segmenter, path) -> LoadReport:
     sd, own = ckpt["model"], model.state_dict()
     if "n_cls" in ckpt and int(ckpt["n_cls"]) != model.n_cls:
         raise ValueError(f"{path}: checkpoint n_cls={int(ckpt['n_cls'])} but the model has n_cls={model.n_cls} "
-                         f"(decoder.cls_emb: file {tuple(sd['decoder.cls_emb'].shape) if 'decoder.cls_emb' in sd else '?'} "
-                         f"vs model {tuple(own['decoder.cls_emb'].shape)}); build it with num_classes={int(ckpt['n_cls'])}")
+                         "(decoder.cls_emb: file "
+                         f"{tuple(sd['decoder.cls_emb'].shape) if 'decoder.cls_emb' in sd else '?'} vs model "
+                         f"{tuple(own['decoder.cls_emb'].shape)}); build it with num_classes={int(ckpt['n_cls'])}")
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = _shape_errors(sd, own, sorted(set(sd) & set(own)))
     if missing or unexpected or bad:
         msg = [f"{path} does not match the model:"]
         if bad: msg.append("shape mismatch: " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else ""))
-        if any(b.startswith("encoder.pos_embed") for b in bad): msg.append("(encoder.pos_embed: build the model with the checkpoint's img_size)")
+        if any(b.startswith("encoder.pos_embed") for b in bad):
+            msg.append("(encoder.pos_embed: build the model with the checkpoint's img_size)")
         if missing: msg.append(f"missing keys ({len(missing)}): {missing[:6]}")
         if unexpected: msg.append(f"unexpected keys ({len(unexpected)}): {unexpected[:6]}")
         raise ValueError("\n".join(msg))
     model.load_state_dict(sd, strict=True)
-    return LoadReport(str(path), notes=[f"{k}={ckpt[k]}" for k in ("epoch", "n_cls", "miou") if k in ckpt and not torch.is_tensor(ckpt[k])])
+    return LoadReport(str(path), notes=[f"{k}={ckpt[k]}" for k in ("epoch", "n_cls", "miou") if k in ckpt
+                                        and not torch.is_tensor(ckpt[k])])
 
 # %% ../nbs/08_segmenter.ipynb #a747fa8d
 def _is_square(n: int) -> bool: return n > 0 and math.isqrt(n) ** 2 == n
@@ -228,7 +239,8 @@ def load_segmenter_encoder(model: Segmenter,  # the Segmenter whose encoder is f
     own = enc.state_dict()
     rep = LoadReport(str(path))
     cls_keys = [k for k in src if k.endswith("cls_token")]
-    if not cls_keys: raise ValueError(f"{path}: no 'cls_token' key; is this a ViT state dict? first keys: {list(src)[:5]}")
+    if not cls_keys:
+        raise ValueError(f"{path}: no 'cls_token' key; is this a ViT state dict? first keys: {list(src)[:5]}")
     prefix = min(cls_keys, key=len)[: -len("cls_token")]
     rep.unexpected += [k for k in src if not k.startswith(prefix)]
     sd = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
@@ -238,7 +250,8 @@ def load_segmenter_encoder(model: Segmenter,  # the Segmenter whose encoder is f
     n_extra = sum(sd[k].shape[1] for k in ("dist_token", "reg_token") if k in sd)
     n_pos_prefix_src = n_cls_src + n_extra
     if n_cls_src > 1:
-        rep.notes.append(f"Phase-1 checkpoint: CLS token = mean of its {n_cls_src} class tokens (and of their position rows)")
+        rep.notes.append(f"Phase-1 checkpoint: CLS token = mean of its {n_cls_src} class tokens (and of their position "
+                         "rows)")
         sd["cls_token"] = sd["cls_token"].mean(1, keepdim=True)         # (1, C, D) -> (1, 1, D)
     if "pos_embed" in sd:
         pe = sd["pos_embed"]                                            # (1, [prefix rows +] grid rows, D)
@@ -250,27 +263,35 @@ def load_segmenter_encoder(model: Segmenter,  # the Segmenter whose encoder is f
         grid_rows = pe[:, n_pos_prefix_src:] if has_prefix_rows else pe
         rows = []                                                       # the prefix rows the model wants
         if not enc.no_embed_class:
-            if not has_prefix_rows: raise ValueError(f"{path}: pos_embed has no prefix rows but the model needs a CLS row")
+            if not has_prefix_rows:
+                raise ValueError(f"{path}: pos_embed has no prefix rows but the model needs a CLS row")
             rows.append(pe[:, :n_cls_src].mean(1, keepdim=True))        # (1, C, D) -> (1, 1, D) the CLS row
             if enc.reg_token is not None:
-                if "reg_token" not in sd: raise ValueError(f"{path}: the model has register tokens but the file has none")
+                if "reg_token" not in sd:
+                    raise ValueError(f"{path}: the model has register tokens but the file has none")
                 rows.append(pe[:, n_pos_prefix_src - sd["reg_token"].shape[1]: n_pos_prefix_src])
         g0 = math.isqrt(grid_rows.shape[1])
         new_grid = tuple(enc.patch_embed.grid_size)
         if (g0, g0) != new_grid: rep.notes.append(f"pos_embed grid {g0}x{g0} -> {new_grid[0]}x{new_grid[1]} (bilinear)")
         n_prefix = sum(r.shape[1] for r in rows)
-        sd["pos_embed"] = resize_pos_embed(torch.cat(rows + [grid_rows], dim=1), (g0, g0), new_grid, num_prefix=n_prefix)
+        sd["pos_embed"] = resize_pos_embed(torch.cat(rows + [grid_rows], dim=1), (g0, g0), new_grid,
+                                           num_prefix=n_prefix)
     for k in ("dist_token", "head_dist.weight", "head_dist.bias"):
-        if k in sd: sd.pop(k); rep.dropped.append(prefix + k)
+        if k in sd:
+            sd.pop(k)
+            rep.dropped.append(prefix + k)
     # --- heads that do not fit (WeakTr's conv head, a 21k-class head) stay at init
     for k in [k for k in sd if k.startswith("head.") and k in own and sd[k].shape != own[k].shape]:
-        sd.pop(k); rep.dropped.append(prefix + k); rep.notes.append(f"{k} {tuple(src[prefix + k].shape)} does not fit the model's head, left at init")
+        sd.pop(k)
+        rep.dropped.append(prefix + k)
+        rep.notes.append(f"{k} {tuple(src[prefix + k].shape)} does not fit the model's head, left at init")
     rep.unexpected += [prefix + k for k in sd if k not in own]
     bad = _shape_errors(sd, own, [k for k in sd if k in own])
     if bad: raise ValueError(f"{path}: shape mismatch with the encoder: " + "; ".join(bad[:6]))
     missing = sorted(k for k in own if k not in sd)
     if strict and any(not k.startswith("head.") for k in missing):
-        raise ValueError(f"{path}: encoder keys missing from the file: {[k for k in missing if not k.startswith('head.')][:8]}")
+        raise ValueError(f"{path}: encoder keys missing from the file: "
+                         f"{[k for k in missing if not k.startswith('head.')][:8]}")
     enc.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     rep.missing = ["encoder." + k for k in missing]
     return rep

@@ -30,7 +30,8 @@ def tiny_weaktr(num_classes: int,      # C
                ) -> WeakTr:
     "A tiny random WeakTr (D=64, 2 blocks, 2 heads, 64 px) with contrasted CAMs, for smoke runs and tests."
     torch.manual_seed(seed)
-    model = create_weaktr("deit_tiny_patch16_224", num_classes, reduction=2, img_size=64, embed_dim=64, depth=2, num_heads=2)
+    model = create_weaktr("deit_tiny_patch16_224", num_classes, reduction=2, img_size=64, embed_dim=64, depth=2,
+                          num_heads=2)
     return sharpen_attention(model, sharpen).eval() if sharpen != 1 else model.eval()
 
 # %% ../nbs/04a_testing.ipynb #35f3799d
@@ -41,33 +42,40 @@ def simulated_cams(mask: np.ndarray,          # (H, W) ground truth 0..C (255 = 
                    leak: float = 0.3,          # how much of each class map spreads over the whole image
                    seed: int = 0,
                   ) -> tuple[np.ndarray, np.ndarray]:
-    "NOT a model: blurred, noisy GT class masks, min-max normalised, for tests and benchmarks -> (maps (K, H, W), class_ids)."
+    """NOT a model: blurred, noisy GT class masks, min-max normalised, for tests and benchmarks -> (maps (K, H, W),
+    class_ids)."""
     from scipy.ndimage import gaussian_filter
     rng = np.random.default_rng(seed)
     ids = np.array([c - 1 for c in np.unique(mask) if 0 < c <= num_classes], np.int64)
     maps = []
     for c in ids:
         f = gaussian_filter((mask == c + 1).astype(np.float32), sigma)
-        f = f + leak * gaussian_filter(f, 4 * sigma) + noise * gaussian_filter(rng.random(mask.shape).astype(np.float32), sigma)
+        noise_map = gaussian_filter(rng.random(mask.shape).astype(np.float32), sigma)
+        f = f + leak * gaussian_filter(f, 4 * sigma) + noise * noise_map
         maps.append((f - f.min()) / (f.max() - f.min() + 1e-8))
     return (np.stack(maps).astype(np.float32) if maps else np.zeros((0, *mask.shape), np.float32)), ids
 
 # %% ../nbs/04a_testing.ipynb #3dac90ce
 def toy_notebook(path) -> Path:
-    "Write a minimal papermill run notebook (parameters run_dir, x, mode; refuses x < 0; writes summary.json) for tests."
+    """Write a minimal papermill run notebook (parameters run_dir, x, mode; refuses x < 0; writes summary.json) for
+    tests."""
     import nbformat
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_markdown_cell("# Toy run: writes summary.json"),
-                nbformat.v4.new_code_cell('run_dir: str = "runs/toy"  # output folder\nx: float = 1.0  # must be >= 0\nmode: str = "a"  # "a" or "b"',
+                nbformat.v4.new_code_cell('run_dir: str = "runs/toy"  # output folder\nx: float = 1.0  # must be >= '
+                                          '0\nmode: str = "a"  # "a" or "b"',
                                           metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell('import json, pathlib\nif x < 0: raise ValueError(f"x must be >= 0, got {x}")\n'
-                                          'if mode not in ("a", "b"): raise ValueError(f"mode: expected \'a\' or \'b\', got {mode!r}")'),
-                nbformat.v4.new_code_cell('out = pathlib.Path(run_dir); out.mkdir(parents=True, exist_ok=True)\n'
-                                          'with open(out / "calls.txt", "a") as f: f.write("ran\\n")\n'
-                                          'summary = dict(score=x * (2 if mode == "b" else 1), detail=dict(x2=x * x), finished=True)\n'
-                                          '(out / "summary.json").write_text(json.dumps(summary))')]
+                nbformat.v4.new_code_cell('import json, pathlib\nif x < 0: raise ValueError(f"x must '
+                                          'be >= 0, got {x}")\n'
+                                          'if mode not in ("a", "b"): raise ValueError(f"mode: expected \'a\' or '
+                                          '\'b\', got {mode!r}")'),
+                nbformat.v4.new_code_cell('out = pathlib.Path(run_dir); out.mkdir(parents=True, exist_ok=True)\nwith '
+                                          'open(out / "calls.txt", "a") as f: f.write("ran\\n")\nsummary = '
+                                          'dict(score=x * (2 if mode == "b" else 1), detail=dict(x2=x * x), '
+                                          'finished=True)\n(out / "summary.json").write_text(json.dumps(summary))')]
     for i, c in enumerate(nb.cells): c["id"] = f"cell{i}"
-    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(p))
     return p

@@ -32,7 +32,8 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 def posterize_zero_bits_black(transform): # a timm transform (torchvision Compose), e.g. from timm.data.create_transform
-    "Make the RandAugment posterize ops of `transform` accept 0 bits (the reference's behaviour); returns the transform."
+    """Make the RandAugment posterize ops of `transform` accept 0 bits (the reference's behaviour); returns the
+    transform."""
     for t in getattr(transform, "transforms", [transform]):
         for op in getattr(t, "ops", []):
             if op.name.startswith("Posterize"): op.aug_fn = _posterize
@@ -61,7 +62,8 @@ def phase1_eval_transform(img_size: int = 224, # output side
                          ):
     "timm eval transform (resize 256 / centre crop 224, scaled to img_size): PIL RGB -> (3, img_size, img_size)."
     from timm.data import create_transform
-    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=mean,
+                            std=std)
 
 class on_image:
     "Lift an image transform to a sample-dict transform: `sample['image'] = tf(sample['image'])` (picklable)."
@@ -88,8 +90,10 @@ def ms_flip_views(image: Image.Image, # PIL RGB image, size (W, H)
     if not scales or scales[0] != 1.0:
         raise ValueError(f"ms_flip_views: the first scale must be 1.0 (the output size comes from it), got {scales}")
     if any(s <= 0 for s in scales): raise ValueError(f"ms_flip_views: scales must be positive, got {scales}")
-    if not isinstance(image, Image.Image): raise TypeError(f"ms_flip_views: expected a PIL image, got {type(image).__name__}")
-    image = image.convert("RGB"); W, H = image.size
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"ms_flip_views: expected a PIL image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    W, H = image.size
     m, sd = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     views = []
     for s in scales:
@@ -113,15 +117,18 @@ def rescale_size(W: int, H: int, # input size
 
 def cat_max_ratio_crop_box(mask: torch.Tensor, # (H, W) class map
                            crop_size: tuple[int, int], # (h, w)
-                           cat_max_ratio: float = 0.75, # largest class must cover less than this of the non-ignore pixels
+                           # largest class must cover less than this of the non-ignore pixels
+                           cat_max_ratio: float = 0.75,
                            ignore_index: int = IGNORE_INDEX,
                            max_tries: int = 10, # redraws
                            generator: torch.Generator | None = None,
                           ) -> tuple[int, int, int, int]:
     "mmseg RandomCrop box with the cat_max_ratio rule -> (top, left, height, width)."
-    H, W = mask.shape[-2:]; ch, cw = min(crop_size[0], H), min(crop_size[1], W)
+    H, W = mask.shape[-2:]
+    ch, cw = min(crop_size[0], H), min(crop_size[1], W)
     def draw():
-        t = int(torch.randint(0, H - ch + 1, (1,), generator=generator)); l = int(torch.randint(0, W - cw + 1, (1,), generator=generator))
+        t = int(torch.randint(0, H - ch + 1, (1,), generator=generator))
+        l = int(torch.randint(0, W - cw + 1, (1,), generator=generator))
         return t, l
     top, left = draw()
     if cat_max_ratio < 1.0:
@@ -134,7 +141,9 @@ def cat_max_ratio_crop_box(mask: torch.Tensor, # (H, W) class map
 
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     "(…, 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 1)."
-    r, g, b = rgb.unbind(-3); maxc, minc = rgb.amax(-3), rgb.amin(-3); delta = maxc - minc
+    r, g, b = rgb.unbind(-3)
+    maxc, minc = rgb.amax(-3), rgb.amin(-3)
+    delta = maxc - minc
     s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
     dc = delta.clamp_min(1e-12)
     rc, gc, bc = (maxc - r) / dc, (maxc - g) / dc, (maxc - b) / dc
@@ -144,7 +153,11 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     "(…, 3, H, W) HSV (hue in [0, 1)) -> RGB in [0, 1]."
-    h, s, v = hsv.unbind(-3); h6 = (h % 1.0) * 6; i = h6.floor(); f = h6 - i; i = i.long() % 6
+    h, s, v = hsv.unbind(-3)
+    h6 = (h % 1.0) * 6
+    i = h6.floor()
+    f = h6 - i
+    i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     pick = lambda *c: torch.stack(c, 0).gather(0, i.unsqueeze(0)).squeeze(0)
     return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], -3)
@@ -157,9 +170,11 @@ def _size_of(flat_inputs):
 class RatioResize(v2.Transform):
     "mmseg Resize with ratio_range: short side ≈ base_size·r, r ~ U(ratio_range), keep aspect ratio."
     def __init__(self, base_size: int = 520, ratio_range=(0.5, 2.0), max_ratio: int = 8):
-        super().__init__(); self.base_size, self.ratio_range, self.max_ratio = base_size, tuple(ratio_range), max_ratio
+        super().__init__()
+        self.base_size, self.ratio_range, self.max_ratio = base_size, tuple(ratio_range), max_ratio
     def make_params(self, flat_inputs):
-        H, W = _size_of(flat_inputs); lo, hi = self.ratio_range
+        H, W = _size_of(flat_inputs)
+        lo, hi = self.ratio_range
         r = lo + (hi - lo) * float(torch.rand(()))
         Wn, Hn = rescale_size(W, H, (int(self.base_size * self.max_ratio * r), int(self.base_size * r)))
         return dict(size=[Hn, Wn])
@@ -175,7 +190,9 @@ class CatMaxRatioCrop(v2.Transform):
         self.cat_max_ratio, self.ignore_index, self.max_tries = cat_max_ratio, ignore_index, max_tries
     def make_params(self, flat_inputs):
         masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
-        if masks: box = cat_max_ratio_crop_box(masks[0], self.crop_size, self.cat_max_ratio, self.ignore_index, self.max_tries)
+        if masks:
+            box = cat_max_ratio_crop_box(masks[0], self.crop_size, self.cat_max_ratio, self.ignore_index,
+                                         self.max_tries)
         else:
             H, W = _size_of(flat_inputs)
             box = cat_max_ratio_crop_box(torch.zeros(H, W), self.crop_size, 1.0)
@@ -184,7 +201,8 @@ class CatMaxRatioCrop(v2.Transform):
 
 class PhotoMetricDistortion(v2.Transform):
     "mmseg PhotoMetricDistortion on a uint8 image (mask untouched): brightness, contrast, saturation, hue, each p=0.5."
-    def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18):
+    def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
+                 hue_delta: int = 18):
         super().__init__()
         self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
         self.saturation_range, self.hue_delta = saturation_range, hue_delta
@@ -197,22 +215,27 @@ class PhotoMetricDistortion(v2.Transform):
                     hue=int(torch.randint(-self.hue_delta, self.hue_delta + 1, ())) if coin() else None)
     def transform(self, inpt, params):
         if not isinstance(inpt, tv_tensors.Image): return inpt
-        if inpt.dtype != torch.uint8: raise TypeError("PhotoMetricDistortion expects a uint8 image (apply it before ToDtype)")
+        if inpt.dtype != torch.uint8:
+            raise TypeError("PhotoMetricDistortion expects a uint8 image (apply it before ToDtype)")
         x = inpt.as_subclass(torch.Tensor).float()
         if params["brightness"] is not None: x = (x + params["brightness"]).clamp(0, 255).floor()
-        if params["contrast_first"] and params["contrast"] is not None: x = (x * params["contrast"]).clamp(0, 255).floor()
+        if params["contrast_first"] and params["contrast"] is not None:
+            x = (x * params["contrast"]).clamp(0, 255).floor()
         if params["saturation"] is not None or params["hue"] is not None:
             hsv = rgb_to_hsv(x / 255)
-            if params["saturation"] is not None: hsv[..., 1, :, :] = (hsv[..., 1, :, :] * params["saturation"]).clamp(0, 1)
+            if params["saturation"] is not None:
+                hsv[..., 1, :, :] = (hsv[..., 1, :, :] * params["saturation"]).clamp(0, 1)
             if params["hue"] is not None: hsv[..., 0, :, :] = (hsv[..., 0, :, :] + params["hue"] / 180) % 1.0
             x = (hsv_to_rgb(hsv) * 255).round().clamp(0, 255)
-        if not params["contrast_first"] and params["contrast"] is not None: x = (x * params["contrast"]).clamp(0, 255).floor()
+        if not params["contrast_first"] and params["contrast"] is not None:
+            x = (x * params["contrast"]).clamp(0, 255).floor()
         return tv_tensors.wrap(x.to(torch.uint8), like=inpt)
 
 class PadTo(v2.Transform):
     "Pad bottom/right to `size`: images with `fill` (0, after normalisation), masks with `mask_fill` (255)."
     def __init__(self, size: int | tuple[int, int] = 480, fill: float = 0.0, mask_fill: int = IGNORE_INDEX):
-        super().__init__(); self.size = (size, size) if isinstance(size, int) else tuple(size)
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.fill, self.mask_fill = fill, mask_fill
     def make_params(self, flat_inputs):
         H, W = _size_of(flat_inputs)
@@ -223,7 +246,8 @@ class PadTo(v2.Transform):
         return TF.pad(inpt, params["padding"], fill=fill)
 
 class JointTransform:
-    "Apply a v2 pipeline to a sample's image (PIL/uint8) and mask together; image -> float (3, H, W), mask -> int64 (H, W)."
+    """Apply a v2 pipeline to a sample's image (PIL/uint8) and mask together; image -> float (3, H, W), mask -> int64
+    (H, W)."""
     def __init__(self, pipeline: Callable, mask_through: bool = True, need_mask: bool = True):
         self.pipeline, self.mask_through, self.need_mask = pipeline, mask_through, need_mask
     def __call__(self, sample: dict) -> dict:
@@ -231,7 +255,8 @@ class JointTransform:
         H, W = (img.height, img.width) if isinstance(img, Image.Image) else tuple(img.shape[-2:])
         img = tv_tensors.Image(TF.pil_to_tensor(img) if isinstance(img, Image.Image) else img)
         if mask is None and self.need_mask:
-            raise DataError(f"sample {sample.get('id')!r}: this transform needs a mask (Phase-2 training reads pseudo-label masks), got None")
+            raise DataError(f"sample {sample.get('id')!r}: this transform needs a mask (Phase-2 training reads "
+                            "pseudo-label masks), got None")
         out = dict(sample, orig_size=(H, W))
         if mask is not None:
             m = tv_tensors.Mask(torch.as_tensor(np.ascontiguousarray(mask)))

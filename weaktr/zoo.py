@@ -107,4 +107,4 @@ def register_assets() -> list[str]:
     "Register every shipped asset with timm (run on `import weaktr`)."
     return [register_asset(n) for n in shipped_assets()]
 
-register_assets();
+register_assets()

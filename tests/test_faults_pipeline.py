@@ -1,5 +1,5 @@
 """Fault injection for the stage runner, the pipeline and the grid (issue 16 items 1, 5, 14, 18, 19, 20; issue 11's
-stage registry, one `parse_value` and declared mIoU units). Each test failed on the code before the fix. Fast: toy
+stage registry, one `parse_value` and mIoU stored as a fraction). Each test failed on the code before the fix. Fast: toy
 notebooks (a few seconds of kernel start-up each) and no training."""
 import ast
 import json
@@ -23,7 +23,8 @@ def test_papermill_inspection_sees_every_parameter(nb):
     import papermill as pm
     declared = [n.target.id for n in ast.parse(_parameters_source(nb)).body if isinstance(n, ast.AnnAssign)]
     seen = pm.inspect_notebook(str(nb))
-    assert declared and [k for k in declared if k not in seen] == [], f"{nb.name}: papermill does not see these parameters"
+    assert declared and [k for k in declared
+                         if k not in seen] == [], f"{nb.name}: papermill does not see these parameters"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -48,11 +49,13 @@ def _resuming_notebook(path: Path) -> Path:
     nb.cells = [nbformat.v4.new_code_cell('run_dir: str = "runs/toy"  # output folder\nx: float = 1.0  # must be >= 0\n'
                                           'mode: str = "a"  # "a" or "b"\nprogress: bool = True  # result-neutral',
                                           metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell('import json, pathlib\nif x < 0: raise ValueError(f"x must be >= 0, got {x}")'),
-                nbformat.v4.new_code_cell('out = pathlib.Path(run_dir); out.mkdir(parents=True, exist_ok=True)\n'
-                                          'res = out / "result.txt"\ncomputed = not res.exists()\n'
-                                          'if computed: res.write_text(str(x * 2))\n'
-                                          '(out / "summary.json").write_text(json.dumps(dict(computed=computed, value=float(res.read_text()))))')]
+                nbformat.v4.new_code_cell('import json, pathlib\nif x < 0: raise ValueError(f"x must be >= 0, got '
+                                          '{x}")'),
+                nbformat.v4.new_code_cell('out = pathlib.Path(run_dir); out.mkdir(parents=True, exist_ok=True)\nres = '
+                                          'out / "result.txt"\ncomputed = not res.exists()\nif computed: '
+                                          'res.write_text(str(x * 2))\n(out / '
+                                          '"summary.json").write_text(json.dumps(dict(computed=computed, '
+                                          'value=float(res.read_text()))))')]
     for i, c in enumerate(nb.cells): c["id"] = f"cell{i}"
     nbformat.write(nb, str(path))
     return path
@@ -112,7 +115,7 @@ def test_force_recomputes(toy_stage):
     (run_dir / "01_toy" / "result.txt").write_text("999")          # a stale output the stage would resume from
     r = _run(st, run_dir, fp, force=True)
     assert r["status"] == "ran" and r["summary"] == {"computed": True, "value": 4.0}
-    assert not (run_dir / "01_toy.previous").exists()              # the set-aside result is deleted once the new one finished
+    assert not (run_dir / "01_toy.previous").exists()        # the set-aside result is deleted once the new one finished
 
 
 def test_killed_run_then_old_parameters_restores_previous(toy_stage):
@@ -137,7 +140,7 @@ def test_neutral_parameters_keep_the_fingerprint(toy_stage):
     assert fp("pseudo_labels", workers=1) == fp("pseudo_labels", workers=4)
     assert fp("gen_cams", num_workers=0) == fp("gen_cams", num_workers=2)
     assert fp("train_cam", progress=True, log_every=1) == fp("train_cam", progress=False, log_every=50)
-    assert fp("train_cam", num_workers=0) != fp("train_cam", num_workers=2)      # augmentation streams differ per worker
+    assert fp("train_cam", num_workers=0) != fp("train_cam", num_workers=2)     # augmentation streams differ per worker
     assert fp("evaluate", crf=True) != fp("evaluate", crf=False)
 
 
@@ -187,7 +190,8 @@ def test_one_registry_and_one_runner():
     import inspect
     import weaktr.grid as grid
     import weaktr.pipeline as pipeline
-    assert list(grid.STAGES) == list(pipeline.MAIN_STAGES) and all(grid.STAGES[n] is grid.REGISTRY[n] for n in grid.STAGES)
+    assert list(grid.STAGES) == list(pipeline.MAIN_STAGES)
+    assert all(grid.STAGES[n] is grid.REGISTRY[n] for n in grid.STAGES)
     for name in ("run_stage",):
         assert "execute_notebook" not in inspect.getsource(getattr(pipeline, name))
     assert "execute_notebook" not in inspect.getsource(grid.run_point)
@@ -206,13 +210,20 @@ def test_kernel_runs_without_the_tcp_warning(tmp_path, capfd):
     assert "without encryption" not in out + err, err[-2000:]
 
 
-def test_phase2_miou_is_read_by_its_declared_unit(tmp_path):
-    "Issue 11: pipeline._frac guessed: a Phase-2 mIoU of 0.5 % was reported as 50 %."
+def test_miou_is_stored_as_a_fraction(tmp_path):
+    """Issue 11: evaluation stored percent, other stages fractions, and pipeline._frac guessed which (a Phase-2 mIoU of
+    0.5 % was reported as 50 %). Now every stored mIoU is a fraction; a percent-era evaluation is not reused."""
+    import numpy as np
+    from weaktr.evaluate import _scores
+    from weaktr.grid import REGISTRY
     from weaktr.pipeline import Stage, collect_metrics
+    s = _scores(np.array([[3, 1], [0, 4]]))                             # IoU 3/4 and 4/5, accuracy 7/8
+    assert (s["miou"], s["pixel_acc"], s["per_class_iou"]) == (0.775, 0.875, [0.75, 0.8])
     (tmp_path / "05_evaluate").mkdir()
-    (tmp_path / "05_evaluate" / "summary.json").write_text(json.dumps(dict(headline_miou=0.5, miou=0.25)))
+    (tmp_path / "05_evaluate" / "summary.json").write_text(json.dumps(dict(headline_miou=0.005, miou=0.0025)))
     m = collect_metrics(tmp_path, [Stage("evaluate", "evaluate", {}, index=5)])
     assert (m["seg_miou"], m["seg_miou_no_crf"]) == (0.005, 0.0025)
+    assert REGISTRY["evaluate"].result_format == REGISTRY["train_seg"].result_format == 1   # part of the fingerprint
 
 
 def test_runs_go_to_the_working_directory_or_weaktr_runs(tmp_path, monkeypatch):

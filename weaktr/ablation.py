@@ -14,7 +14,6 @@ import torch
 from .camgen import cams_batched
 from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, get_device
 from .data import open_dataset
-from .grid import REGISTRY
 from .metrics import miou, threshold_confusions, threshold_range
 from .model import load_cam_model
 from .pseudo import sweep_threshold
@@ -24,14 +23,11 @@ from .train_seg import subset
 __all__ = ['DEMO_THRESHOLD', 'AblationCfg', 'cam_curve', 'run_ablation', 'ablation_markdown']
 
 # %% ../nbs/19_ablation.ipynb #8d3f2a05
-DEMO_THRESHOLD = 0.43      # the fixed background threshold of the ablation table: the reference's documented `--t 43` (§bg-threshold)
+# the fixed background threshold of the ablation table: the reference's documented `--t 43` (§bg-threshold)
+DEMO_THRESHOLD = 0.43
 
 def _read(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
-
-def _seg_frac(summary: dict, key: str):
-    "An evaluation summary's mIoU as a fraction, read by the unit the stage registry declares (evaluation writes %)."
-    return REGISTRY["evaluate"].fraction(summary, key)
 
 def _pct(v, nd=1): return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{nd}f}"
 
@@ -85,7 +81,8 @@ def run_ablation(cfg: AblationCfg | dict) -> dict:
     "The ablation stage: rows of (group, variant, mIoU at the fixed t, best mIoU and its t); writes summary.json."
     cfg = cfg_from_flat(AblationCfg, cfg) if isinstance(cfg, dict) else cfg
     if cfg.smoke: cfg = dataclasses.replace(cfg, max_images=min(cfg.max_images or 8, 8), scales=(1.0,))
-    run = Path(cfg.run_dir); run.mkdir(parents=True, exist_ok=True)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
     atomic_save_json(cfg_to_dict(cfg), run / "config.json")
     t0 = time.time()
     ds = open_dataset(cfg.data, cfg.data_root, cfg.split)
@@ -103,7 +100,8 @@ def run_ablation(cfg: AblationCfg | dict) -> dict:
     rows.append(_row(G, "pretrained, CRF off", main_curve, tf))
     if cfg.scratch_run:
         scratch = load_cam_model(cfg.scratch_run, device=dev)
-        rows.append(_row(G, "random init, CRF off", cam_curve(scratch, ds, idx, ths, cfg.scales, "fused", True, cfg.batch_size), tf))
+        rows.append(_row(G, "random init, CRF off",
+                         cam_curve(scratch, ds, idx, ths, cfg.scales, "fused", True, cfg.batch_size), tf))
         del scratch
     times["init"] = time.time() - t1
     t1 = time.time()
@@ -112,22 +110,25 @@ def run_ablation(cfg: AblationCfg | dict) -> dict:
     tab = sweep_threshold(Path(cfg.cams) / "cams", sub, crf_ths, crf=cfg.crf, workers=cfg.workers, progress=True)
     rows.append(_row(G, "pretrained, CRF on (demo)", tab, tf, note))
     if cfg.scratch_cams and (Path(cfg.scratch_cams) / "cams").is_dir():
-        tab = sweep_threshold(Path(cfg.scratch_cams) / "cams", sub, crf_ths, crf=cfg.crf, workers=cfg.workers, progress=True)
+        tab = sweep_threshold(Path(cfg.scratch_cams) / "cams", sub, crf_ths, crf=cfg.crf, workers=cfg.workers,
+                              progress=True)
         rows.append(_row(G, "random init, CRF on", tab, tf, note))
     times["crf"] = time.time() - t1
     # -- attention type and refinement, on the trained model (no CRF)
     t1 = time.time()
     for at in ("fused", "patchcam", "cross"):
         for ref in (True, False):
-            c = main_curve if (at, ref) == ("fused", True) else cam_curve(model, ds, idx, ths, cfg.scales, at, ref, cfg.batch_size)
-            rows.append(_row("attention type × refinement (pretrained, CRF off)", f"{at}, refinement {'on' if ref else 'off'}", c, tf,
+            if (at, ref) == ("fused", True): c = main_curve
+            else: c = cam_curve(model, ds, idx, ths, cfg.scales, at, ref, cfg.batch_size)
+            rows.append(_row("attention type × refinement (pretrained, CRF off)",
+                             f"{at}, refinement {'on' if ref else 'off'}", c, tf,
                              "demo setting" if (at, ref) == ("fused", True) else ""))
     times["attention"] = time.time() - t1
     # -- gradient clipping (Phase 2 val mIoU)
     for name, p in (("GC on (demo)", cfg.seg_eval), ("GC off (plain CE)", cfg.seg_eval_nogc)):
         s = _read(Path(p) / "summary.json") if p else {}
-        if s: rows.append(dict(group="Phase 2 gradient clipping (val)", variant=name, miou_fixed=_seg_frac(s, "miou"), t_fixed=None,
-                               miou_best=_seg_frac(s, "headline_miou"), t_best=None, note="val, MS + flip"))
+        if s: rows.append(dict(group="Phase 2 gradient clipping (val)", variant=name, miou_fixed=s.get("miou"),
+                               t_fixed=None, miou_best=s.get("headline_miou"), t_best=None, note="val, MS + flip"))
     md = ablation_markdown(rows, tf, len(idx), cfg)
     summary = dict(rows=rows, table_md=md, n_images=len(idx), fixed_threshold=tf, seconds=round(time.time() - t0, 1),
                    seconds_by_group={k: round(v, 1) for k, v in times.items()})
@@ -143,7 +144,9 @@ def ablation_markdown(rows: list[dict], t_fixed: float, n: int, cfg: AblationCfg
          "", f"| ablation | variant | mIoU @ t = {t_fixed:.2f} | best mIoU (t) | note |", "|---|---|---|---|---|"]
     for r in rows:
         if r["t_fixed"] is None:
-            L.append(f"| {r['group']} | {r['variant']} | {_pct(r['miou_fixed'])} % (no CRF) | {_pct(r['miou_best'])} % (CRF) | {r['note']} |")
+            L.append(f"| {r['group']} | {r['variant']} | {_pct(r['miou_fixed'])} % (no CRF) | {_pct(r['miou_best'])} % "
+                     f"(CRF) | {r['note']} |")
         else:
-            L.append(f"| {r['group']} | {r['variant']} | {_pct(r['miou_fixed'])} % | {_pct(r['miou_best'])} % ({r['t_best']:.2f}) | {r['note']} |")
+            L.append(f"| {r['group']} | {r['variant']} | {_pct(r['miou_fixed'])} % | {_pct(r['miou_best'])} % "
+                     f"({r['t_best']:.2f}) | {r['note']} |")
     return "\n".join(L)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_camgen.ipynb #72006b93
 from __future__ import annotations
-import json, math, os, time, warnings
+import os, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .core import (AMP_MODES, amp_dtype, amp_name, atomic_save_json, atomic_save_npz, autocast_ctx, cfg_from_flat, cfg_to_dict,
-                         eval_mode, file_sha256, fingerprint, get_device, resume_check, resume_commit, seed_everything)
+from .core import (AMP_MODES, amp_dtype, amp_name, atomic_save_json, atomic_save_npz, autocast_ctx, cfg_from_flat,
+                         cfg_to_dict, eval_mode, file_sha256, fingerprint, get_device, resume_check, resume_commit)
 from .data import open_dataset, read_image
 from .metrics import CAM_EVAL_THRESHOLDS, greedy_index, miou, threshold_confusions
 from .model import ATTENTION_TYPES, WeakTr, load_cam_model, refine_cam, resolve_checkpoint
@@ -45,7 +45,8 @@ def _check_labels(labels, C: int, what="labels") -> torch.Tensor:
     labels = torch.as_tensor(labels).float().cpu()
     if labels.shape[-1] != C:
         raise ValueError(f"{what} has {labels.shape[-1]} classes (shape {tuple(labels.shape)}) but the model has C={C}")
-    if ((labels != 0) & (labels != 1)).any(): raise ValueError(f"{what} must be multi-hot (0/1), got values {labels.unique().tolist()[:6]}")
+    if ((labels != 0) & (labels != 1)).any():
+        raise ValueError(f"{what} must be multi-hot (0/1), got values {labels.unique().tolist()[:6]}")
     return labels
 
 def _model_device(model) -> torch.device:
@@ -62,9 +63,11 @@ def cams_reference(model: WeakTr,              # Phase-1 model (any mode; run in
                    return_views: bool = False,  # also return the 2S per-view maps (C, H, W)
                   ):
     "§cam-gen one view at a time: -> (C, H, W) float32 normalised CAMs (absent classes 0) [, list of 2S (C, H, W)]."
-    device = _model_device(model); dtype = amp_dtype(amp, device)
+    device = _model_device(model)
+    dtype = amp_dtype(amp, device)
     labels = _check_labels(labels, model.num_classes)
-    W, H = image.size; C = labels.numel()
+    W, H = image.size
+    C = labels.numel()
     y = labels.to(device).view(C, 1, 1)                                   # (C, 1, 1) float32
     cam_sum = torch.zeros(C, H, W, device=device)
     per_view = []
@@ -73,7 +76,8 @@ def cams_reference(model: WeakTr,              # Phase-1 model (any mode; run in
             with autocast_ctx(device, dtype):
                 cams, patch_affinity = model.cams(x[None].to(device), attention_type)   # (1, C, h, w), (1, P, P)
                 if refine: cams = refine_cam(cams, patch_affinity)                        # (1, C, h, w)
-                cams = F.interpolate(cams, size=(H, W), mode="bilinear", align_corners=False)  # (1, C, h, w) -> (1, C, H, W)
+                # (1, C, h, w) -> (1, C, H, W)
+                cams = F.interpolate(cams, size=(H, W), mode="bilinear", align_corners=False)
             cam = cams[0] * y                                                 # (C, H, W), promoted to float32
             if v % 2: cam = cam.flip(-1)                                      # flip the flipped view back
             cam_sum += cam
@@ -94,11 +98,15 @@ def plot_cam_views(image: Image.Image,       # the original image
     "One row: image, the 2S per-view maps of class `cls`, and the final map; returns a Figure."
     from matplotlib.figure import Figure
     n = len(per_view) + 2
-    fig = Figure(figsize=(1.9 * n, 2.1)); axes = fig.subplots(1, n)
-    axes[0].imshow(image); axes[0].set_title("image", fontsize=8)
+    fig = Figure(figsize=(1.9 * n, 2.1))
+    axes = fig.subplots(1, n)
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=8)
     for v, m in enumerate(per_view):
-        axes[v + 1].imshow(m[cls], cmap="jet"); axes[v + 1].set_title(f"s={scales[v // 2]}" + (" flip" if v % 2 else ""), fontsize=8)
-    axes[-1].imshow(image); axes[-1].imshow(cam[cls], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[v + 1].imshow(m[cls], cmap="jet")
+        axes[v + 1].set_title(f"s={scales[v // 2]}" + (" flip" if v % 2 else ""), fontsize=8)
+    axes[-1].imshow(image)
+    axes[-1].imshow(cam[cls], cmap="jet", alpha=0.5, vmin=0, vmax=1)
     axes[-1].set_title(f"final {class_name or cls}", fontsize=8)
     for ax in axes: ax.axis("off")
     fig.tight_layout()
@@ -108,10 +116,13 @@ def plot_cam_views(image: Image.Image,       # the original image
 @torch.no_grad()
 def _cams_from_views(model, views: Sequence[Sequence[torch.Tensor]], labels: torch.Tensor, attention_type="fused",
                      refine=True, amp="off", max_views: int = 0):
-    "Batched §cam-gen on pre-built views (B lists of 2S (3, H', W')): -> B tuples (maps (K_b, H, W) float32 on device, class ids (K_b,))."
+    """Batched §cam-gen on pre-built views (B lists of 2S (3, H', W')): -> B tuples (maps (K_b, H, W) float32 on device,
+    class ids (K_b,))."""
     model = getattr(model, "module", model)                                  # unwrap DDP
-    device = _model_device(model); dtype = amp_dtype(amp, device)
-    if attention_type not in ATTENTION_TYPES: raise ValueError(f"attention_type={attention_type!r}: expected one of {ATTENTION_TYPES}")
+    device = _model_device(model)
+    dtype = amp_dtype(amp, device)
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type={attention_type!r}: expected one of {ATTENTION_TYPES}")
     B = len(views)
     labels = _check_labels(labels, model.num_classes).reshape(B, -1)          # (B, C)
     sizes = [tuple(vs[0].shape[-2:]) for vs in views]                        # (H, W) of each image: view 0 is scale 1.0
@@ -136,7 +147,8 @@ def _cams_from_views(model, views: Sequence[Sequence[torch.Tensor]], labels: tor
                     for size in dict.fromkeys(sizes[b] for b, _ in chunk):    # upsample per original size
                         rows = [i for i, (b, _) in enumerate(chunk) if sizes[b] == size]
                         with autocast_ctx(device, dtype):
-                            up = F.interpolate(cams[rows], size=size, mode="bilinear", align_corners=False)  # (g, Ku, h, w) -> (g, Ku, H, W)
+                            # (g, Ku, h, w) -> (g, Ku, H, W)
+                            up = F.interpolate(cams[rows], size=size, mode="bilinear", align_corners=False)
                         for r, i in enumerate(rows):
                             b, v = chunk[i]
                             cam = up[r] * y[b].view(Ku, 1, 1)                    # (Ku, H, W), float32
@@ -181,12 +193,13 @@ def _raw_sample(ds, i: int, need_mask: bool = False) -> dict:
     if all(hasattr(ds, a) for a in ("ids", "image_path", "labels_of", "read_mask")):
         id = ds.ids[i]
         mask = ds.read_mask(id) if (need_mask or getattr(ds, "labels", None) is None) else None
-        image = ds.read_image(id) if hasattr(ds, "read_image") else read_image(ds.image_path(id))   # size guard, max_side
+        # size guard, max_side
+        image = ds.read_image(id) if hasattr(ds, "read_image") else read_image(ds.image_path(id))
         return dict(id=id, image=image, mask=mask, labels=ds.labels_of(id, mask))
     s = ds[i]
     if not isinstance(s["image"], Image.Image):
-        raise TypeError(f"sample {s.get('id', i)!r}: CAM generation needs the PIL image, got {type(s['image']).__name__}; "
-                        "open the dataset without an image transform")
+        raise TypeError(f"sample {s.get('id', i)!r}: CAM generation needs the PIL image, got "
+                        f"{type(s['image']).__name__}; open the dataset without an image transform")
     return s
 
 def image_sizes(ds, indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -219,7 +232,8 @@ class CamViewDataset(Dataset):
 
 def collate_views(batch: Sequence[dict]) -> dict:
     "Keep views as lists (stacked later per size group); labels -> (B, C)."
-    return dict(ids=[s["id"] for s in batch], sizes=[s["size"] for s in batch], labels=torch.stack([s["labels"] for s in batch]),
+    return dict(ids=[s["id"] for s in batch], sizes=[s["size"] for s in batch],
+                labels=torch.stack([s["labels"] for s in batch]),
                 views=[s["views"] for s in batch], masks=[s["mask"] for s in batch], images=[s["image"] for s in batch])
 
 class SizeBucketBatchSampler(Sampler):
@@ -258,13 +272,17 @@ def save_cams(path,                       # destination .npz
              ):
     "Write one image's CAMs as a compressed, pickle-free .npz, atomically."
     if dtype not in CAM_DTYPES: raise ValueError(f"save_cams {path}: dtype={dtype!r}, expected one of {CAM_DTYPES}")
-    maps = torch.as_tensor(maps).detach().cpu().float().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
+    if isinstance(maps, torch.Tensor): maps = maps.detach().cpu().float().numpy()
+    else: maps = np.asarray(maps, np.float32)
     class_ids = np.asarray(torch.as_tensor(class_ids).cpu(), dtype=np.int64).reshape(-1)
     if maps.ndim != 3 or len(maps) != len(class_ids):
-        raise ValueError(f"save_cams {path}: maps {maps.shape} must be (K, H, W) with K = len(class_ids) = {len(class_ids)}")
-    if len(class_ids) and (np.diff(class_ids) <= 0).any(): raise ValueError(f"save_cams {path}: class_ids {class_ids} must be strictly ascending")
+        raise ValueError(f"save_cams {path}: maps {maps.shape} must be (K, H, W) with K = len(class_ids) = "
+                         f"{len(class_ids)}")
+    if len(class_ids) and (np.diff(class_ids) <= 0).any():
+        raise ValueError(f"save_cams {path}: class_ids {class_ids} must be strictly ascending")
     H, W = size if size is not None else maps.shape[-2:]
-    if maps.shape[-2:] != (H, W) and len(class_ids): raise ValueError(f"save_cams {path}: maps are {maps.shape[-2:]} but size={size}")
+    if maps.shape[-2:] != (H, W) and len(class_ids):
+        raise ValueError(f"save_cams {path}: maps are {maps.shape[-2:]} but size={size}")
     atomic_save_npz(path, maps=maps.astype(dtype).reshape(len(class_ids), H, W), class_ids=class_ids.astype(np.int16),
                     size=np.array([H, W], np.int32), format=np.array(CAM_FORMAT))
 
@@ -276,11 +294,13 @@ def load_cams(path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             missing = {"maps", "class_ids", "size"} - set(z.files)
             if missing: raise ValueError(f"{path}: not a weaktr CAM file (missing {sorted(missing)}; has {z.files})")
-            maps, ids, size = z["maps"].astype(np.float32), z["class_ids"].astype(np.int64), tuple(int(v) for v in z["size"])
+            maps, ids = z["maps"].astype(np.float32), z["class_ids"].astype(np.int64)
+            size = tuple(int(v) for v in z["size"])
     except (OSError, EOFError, ValueError) as e:
         if isinstance(e, ValueError) and "not a weaktr CAM file" in str(e): raise
         raise ValueError(f"{path}: unreadable CAM file ({e})") from e
-    if maps.shape != (len(ids), *size): raise ValueError(f"{path}: maps {maps.shape} do not fit class_ids {ids.shape} and size {size}")
+    if maps.shape != (len(ids), *size):
+        raise ValueError(f"{path}: maps {maps.shape} do not fit class_ids {ids.shape} and size {size}")
     return maps, ids
 
 def cam_size(path) -> tuple[int, int]:
@@ -299,9 +319,11 @@ def load_reference_npy(path,                    # a `<id>.npy` written by the re
                          "load_reference_npy(path, allow_pickle=True) only for files you trust")
     obj = np.load(path, allow_pickle=True)
     d = obj.item() if obj.dtype == object and obj.shape == () else None
-    if not isinstance(d, dict): raise ValueError(f"{path}: expected the reference's dict {{class: (H, W) map}}, got {type(obj).__name__}")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected the reference's dict {{class: (H, W) map}}, got {type(obj).__name__}")
     ids = np.array(sorted(int(k) for k in d), np.int64)
-    maps = np.stack([np.asarray(d[k], np.float32) for k in sorted(d, key=int)]) if len(ids) else np.zeros((0, 0, 0), np.float32)
+    if len(ids): maps = np.stack([np.asarray(d[k], np.float32) for k in sorted(d, key=int)])
+    else: maps = np.zeros((0, 0, 0), np.float32)
     return maps, ids
 
 # %% ../nbs/10_camgen.ipynb #bab2a6bd
@@ -324,17 +346,21 @@ def evaluate_cams(model: WeakTr,                 # Phase-1 model (put in eval mo
     model = getattr(model, "module", model)                                  # unwrap DDP
     NC = model.num_classes + 1
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-    conf = np.zeros((len(thresholds), NC, NC), np.int64); used = 0
+    conf = np.zeros((len(thresholds), NC, NC), np.int64)
+    used = 0
     loader = cam_loader(dataset, scales, batch_size, num_workers, indices=range(n), need_mask=True,
                         pin_memory=_model_device(model).type == "cuda")
     for batch in tqdm(loader, desc="CAM mIoU", disable=not progress, leave=False):
-        res = _cams_from_views(model, batch["views"], batch["labels"], attention_type, refine, amp, max_views=2 * batch_size)
+        res = _cams_from_views(model, batch["views"], batch["labels"], attention_type, refine, amp,
+                               max_views=2 * batch_size)
         for (maps, ids), gt in zip(res, batch["masks"]):
             if gt is None: continue
-            conf += threshold_confusions(maps, ids, gt, thresholds, NC); used += 1
+            conf += threshold_confusions(maps, ids, gt, thresholds, NC)
+            used += 1
     if used == 0: raise ValueError(f"evaluate_cams: none of the {n} images has a ground-truth mask")
     curve = [dict(threshold=t, miou=miou(c)[0]) for t, c in zip(thresholds, conf)]
-    i_full = int(np.nanargmax([r["miou"] for r in curve])); i_greedy = greedy_index(curve)
+    i_full = int(np.nanargmax([r["miou"] for r in curve]))
+    i_greedy = greedy_index(curve)
     i = i_greedy if greedy else i_full
     return dict(cam_miou=curve[i]["miou"], threshold=curve[i]["threshold"], curve=curve, greedy=greedy, n_images=used,
                 full_miou=curve[i_full]["miou"], full_threshold=curve[i_full]["threshold"],
@@ -344,13 +370,14 @@ def evaluate_cams(model: WeakTr,                 # Phase-1 model (put in eval mo
 @dataclass
 class CamGenCfg:
     run_dir: str = "runs/gen_cams"          # output folder (cams/, config.json, summary.json)
-    checkpoint: str = ""                    # Phase-1 run folder, learner .pt or official checkpoint ("" only with smoke)
+    checkpoint: str = ""                   # Phase-1 run folder, learner .pt or official checkpoint ("" only with smoke)
     backbone: str = "deit_small_patch16_224"  # timm block type when the run config does not name one
     pool: str = ""                          # AAF pooling override ("" = run config / "avg")
     data: str = "voc"                       # synthetic | voc | coco | coco80 | folder
     data_root: str = ""                     # dataset folder ("" only for synthetic)
     split: str = "train_aug"                # split name or list file
-    data_kw: dict = field(default_factory=dict)  # extra dataset-builder arguments, e.g. {"labels": "json", "mask_dir": None}
+    # extra dataset-builder arguments, e.g. {"labels": "json", "mask_dir": None}
+    data_kw: dict = field(default_factory=dict)
     scales: tuple[float, ...] = (1.0, 0.8, 1.2)  # first must be 1.0 (method notes §cam-gen)
     attention_type: str = "fused"           # fused | patchcam | cross
     refine: bool = True                     # patch-affinity refinement
@@ -361,26 +388,33 @@ class CamGenCfg:
     num_workers: int = 2                    # DataLoader workers
     max_images: int = 0                     # 0 = the whole split
     device: str = "auto"
-    overwrite: bool = False                 # restart (delete the old maps once the new inputs are validated) if they were made otherwise
+    # restart (delete the old maps once the new inputs are validated) if they were made otherwise
+    overwrite: bool = False
     smoke: bool = False                     # tiny model, <= 8 images, no workers
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)
-        if not self.scales or self.scales[0] != 1.0: raise ValueError(f"CamGenCfg.scales: the first scale must be 1.0, got {self.scales}")
+        if not self.scales or self.scales[0] != 1.0:
+            raise ValueError(f"CamGenCfg.scales: the first scale must be 1.0, got {self.scales}")
         if any(s <= 0 for s in self.scales): raise ValueError(f"CamGenCfg.scales must be positive, got {self.scales}")
-        if self.attention_type not in ATTENTION_TYPES: raise ValueError(f"CamGenCfg.attention_type={self.attention_type!r}: expected one of {ATTENTION_TYPES}")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"CamGenCfg.attention_type={self.attention_type!r}: expected one of {ATTENTION_TYPES}")
         if self.amp not in AMP_MODES: raise ValueError(f"CamGenCfg.amp={self.amp!r}: expected one of {AMP_MODES}")
-        if self.cam_dtype not in CAM_DTYPES: raise ValueError(f"CamGenCfg.cam_dtype={self.cam_dtype!r}: expected one of {CAM_DTYPES}")
+        if self.cam_dtype not in CAM_DTYPES:
+            raise ValueError(f"CamGenCfg.cam_dtype={self.cam_dtype!r}: expected one of {CAM_DTYPES}")
         if self.batch_size < 1: raise ValueError(f"CamGenCfg.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0: raise ValueError(f"CamGenCfg.num_workers must be >= 0, got {self.num_workers}")
-        if not self.checkpoint and not self.smoke: raise ValueError("CamGenCfg.checkpoint is empty: name a Phase-1 run folder or checkpoint (or set smoke=True)")
+        if not self.checkpoint and not self.smoke:
+            raise ValueError("CamGenCfg.checkpoint is empty: name a Phase-1 run folder or checkpoint (or set "
+                             "smoke=True)")
 
 def resolve_paths(cfg,                        # a config dataclass
                   base_dir,                   # folder that relative paths are taken from (run notebooks: REPO_ROOT)
                   fields: Sequence[str] = ("run_dir", "checkpoint", "data_root", "cams_dir"),
                  ):
     "A copy of `cfg` with its relative path fields made absolute against `base_dir` (empty fields stay empty)."
-    res = {k: str(Path(base_dir) / v) for k in fields if isinstance(v := getattr(cfg, k, ""), str) and v and not Path(v).is_absolute()}
+    res = {k: str(Path(base_dir) / v) for k in fields if isinstance(v := getattr(cfg, k, ""), str) and v
+           and not Path(v).is_absolute()}
     return replace(cfg, **res)
 
 def _file_size(p) -> int:
@@ -388,7 +422,8 @@ def _file_size(p) -> int:
     except OSError: return -1
 
 def data_record(ds) -> dict:
-    "The data-list part of a resume record: sha256 over (id, image size in bytes, labels or mask size) per image; stat only."
+    """The data-list part of a resume record: sha256 over (id, image size in bytes, labels or mask size) per image; stat
+    only."""
     rows, labels = [], getattr(ds, "labels", None)
     for id in ds.ids:
         row = [id, _file_size(ds.image_path(id))] if hasattr(ds, "image_path") else [id]
@@ -413,24 +448,30 @@ def generate_cams(cfg: CamGenCfg) -> dict:
     "Stage: CAMs of every image of a split -> run_dir/cams/<id>.npz; resumes only into maps made from the same inputs."
     t0 = time.time()
     if isinstance(cfg, dict): cfg = cfg_from_flat(CamGenCfg, cfg)
-    run_dir = Path(cfg.run_dir); cams_dir = run_dir / "cams"; record_path = cams_dir / "meta.json"
+    run_dir = Path(cfg.run_dir)
+    cams_dir = run_dir / "cams"
+    record_path = cams_dir / "meta.json"
     device = get_device(cfg.device)
     ds = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.data_kw)
     max_images = cfg.max_images or (8 if cfg.smoke else 0)
     n = len(ds) if max_images <= 0 else min(max_images, len(ds))
     record = cam_record(cfg, ds, device)
-    stale = resume_check(record_path, record, sorted(cams_dir.glob("*.npz")), cfg.overwrite, "CAM files")  # refuses before writing
-    model = tiny_weaktr(ds.num_classes) if (cfg.smoke and not cfg.checkpoint) else load_cam_model(cfg.checkpoint, cfg.backbone, cfg.pool, device=device)
+    # refuses before writing
+    stale = resume_check(record_path, record, sorted(cams_dir.glob("*.npz")), cfg.overwrite, "CAM files")
+    if cfg.smoke and not cfg.checkpoint: model = tiny_weaktr(ds.num_classes)
+    else: model = load_cam_model(cfg.checkpoint, cfg.backbone, cfg.pool, device=device)
     model = model.to(device).eval()
     if model.num_classes != ds.num_classes:
-        raise ValueError(f"the model has C={model.num_classes} classes but dataset {cfg.data}:{cfg.split} has {ds.num_classes}")
-    cams_dir.mkdir(parents=True, exist_ok=True)                             # inputs validated: now the folder may change
+        raise ValueError(f"the model has C={model.num_classes} classes but dataset {cfg.data}:{cfg.split} has "
+                         f"{ds.num_classes}")
+    cams_dir.mkdir(parents=True, exist_ok=True)                            # inputs validated: now the folder may change
     resume_commit(record_path, record, stale)
     atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
     done = {p.stem for p in cams_dir.glob("*.npz")}
     todo = [i for i in range(n) if ds.ids[i] not in done]
     dtype = amp_dtype(cfg.amp, device)
-    n_empty = 0; t_gen = time.time()
+    n_empty = 0
+    t_gen = time.time()
     if todo:
         workers = 0 if cfg.smoke else cfg.num_workers
         loader = cam_loader(ds, cfg.scales, cfg.batch_size, workers, indices=todo, pin_memory=device.type == "cuda")
@@ -441,15 +482,18 @@ def generate_cams(cfg: CamGenCfg) -> dict:
                                        cfg.max_views or 2 * cfg.batch_size)
                 for id, size, (maps, ids) in zip(batch["ids"], batch["sizes"], res):
                     n_empty += len(ids) == 0
-                    pending.append(pool.submit(save_cams, cams_dir / f"{id}.npz", maps.float().cpu(), ids, size, cfg.cam_dtype))
+                    pending.append(pool.submit(save_cams, cams_dir / f"{id}.npz", maps.float().cpu(), ids, size,
+                                               cfg.cam_dtype))
                 bar.update(len(batch["ids"]))
                 if len(pending) > 64:
                     for f in pending: f.result()
                     pending = []
             for f in pending: f.result()
     dt = time.time() - t_gen
-    summary = dict(n_images=n, n_generated=len(todo), n_skipped=n - len(todo), n_without_labels=n_empty, n_restarted=len(stale),
-                   seconds=round(time.time() - t0, 3), images_per_s=round(len(todo) / dt, 3) if todo and dt > 0 else None,
+    summary = dict(n_images=n, n_generated=len(todo), n_skipped=n - len(todo), n_without_labels=n_empty,
+                   n_restarted=len(stale),
+                   seconds=round(time.time() - t0, 3),
+                   images_per_s=round(len(todo) / dt, 3) if todo and dt > 0 else None,
                    device=str(device), amp=amp_name(dtype), cam_dtype=cfg.cam_dtype,
                    checkpoint=getattr(model, "checkpoint_path", "smoke:tiny_weaktr(seed=0)"),
                    checkpoint_sha256=record["checkpoint_sha256"], cams_dir=str(cams_dir), num_classes=ds.num_classes)
@@ -465,10 +509,13 @@ def plot_cams(image: Image.Image,     # original image
     "Image plus one JET overlay per stored class; returns a Figure."
     from matplotlib.figure import Figure
     K = len(class_ids)
-    fig = Figure(figsize=(scale * (K + 1), scale)); axes = fig.subplots(1, K + 1, squeeze=False)
-    axes[0, 0].imshow(image); axes[0, 0].set_title("image", fontsize=8)
+    fig = Figure(figsize=(scale * (K + 1), scale))
+    axes = fig.subplots(1, K + 1, squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=8)
     for k, c in enumerate(class_ids):
-        axes[0, k + 1].imshow(image); axes[0, k + 1].imshow(np.asarray(maps[k], np.float32), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[0, k + 1].imshow(image)
+        axes[0, k + 1].imshow(np.asarray(maps[k], np.float32), cmap="jet", alpha=0.5, vmin=0, vmax=1)
         axes[0, k + 1].set_title(class_names[c] if c < len(class_names) else str(int(c)), fontsize=8)
     for ax in axes.ravel(): ax.axis("off")
     fig.tight_layout()

@@ -69,16 +69,20 @@ class InferCfg:
     two_output: bool = False          # P = mid_weight * P_mid + P_final (`--backbone multi`, pitfall 10)
     mid_weight: float = 0.8           # `--weight`
     window_batch: int = 16            # windows per forward pass in `predict` (the reference runs 1)
-    mean: tuple[float, float, float] = SEG_MEAN  # normalisation: the run's norm (default mmseg's rounded ImageNet statistics)
+    # normalisation: the run's norm (default mmseg's rounded ImageNet statistics)
+    mean: tuple[float, float, float] = SEG_MEAN
     std: tuple[float, float, float] = SEG_STD
 
     def __post_init__(self):
         for name in ("window", "stride", "base_size", "max_ratio", "window_batch"):
-            if int(getattr(self, name)) < 1: raise ValueError(f"InferCfg.{name} must be >= 1, got {getattr(self, name)}")
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"InferCfg.{name} must be >= 1, got {getattr(self, name)}")
         if self.stride > self.window:
-            raise ValueError(f"InferCfg.stride={self.stride} > window={self.window} would leave pixels no window covers")
+            raise ValueError(f"InferCfg.stride={self.stride} > window={self.window} would leave pixels no window "
+                             "covers")
         self.ratios = tuple(float(r) for r in self.ratios)
-        if not self.ratios or any(r <= 0 for r in self.ratios): raise ValueError(f"InferCfg.ratios must be positive, got {self.ratios}")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise ValueError(f"InferCfg.ratios must be positive, got {self.ratios}")
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         if len(self.mean) != 3 or len(self.std) != 3 or not min(self.std) > 0:
             raise ValueError(f"InferCfg.mean/std: expected 3 RGB values each, std > 0, got {self.mean} / {self.std}")
@@ -109,7 +113,8 @@ def eval_views(image: torch.Tensor, # (3, H, W) uint8 RGB (any device)
     views = []
     for r in cfg.ratios:
         Wr, Hr = rescale_size(W, H, (int(cfg.base_size * cfg.max_ratio * r), int(cfg.base_size * r)))
-        im = image if (Hr, Wr) == (H, W) else TF.resize(image, [Hr, Wr], interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        im = image if (Hr, Wr) == (H, W) else TF.resize(image, [Hr, Wr], interpolation=v2.InterpolationMode.BILINEAR,
+                                                        antialias=False)
         x = (im.float() / 255 - mean) / std                             # (3, H_r, W_r) uint8 -> float
         views.append((x, False))
         if cfg.flip: views.append((x.flip(-1), True))
@@ -197,12 +202,14 @@ def predict(model: Segmenter,  # in eval mode
             for k, (v, ha, wa) in enumerate(chunk):
                 if v not in acc:
                     shape = views[v][0].shape[1:]
-                    acc[v] = torch.zeros((n_out, K, *shape), device=dev); cnt[v] = torch.zeros((1, 1, *shape), device=dev)
+                    acc[v] = torch.zeros((n_out, K, *shape), device=dev)
+                    cnt[v] = torch.zeros((1, 1, *shape), device=dev)
                 acc[v][:, :, ha:ha + wh, wa:wa + ww] += outs[k]
                 cnt[v][:, :, ha:ha + wh, wa:wa + ww] += 1
                 left[v] -= 1
                 if left[v] == 0:                                        # the view is complete: finalise it
-                    logit = F.interpolate(acc.pop(v) / cnt.pop(v), (H, W), mode="bilinear", align_corners=False)  # (n_out, K, H_v, W_v) -> (n_out, K, H, W)
+                    # (n_out, K, H_v, W_v) -> (n_out, K, H, W)
+                    logit = F.interpolate(acc.pop(v) / cnt.pop(v), (H, W), mode="bilinear", align_corners=False)
                     if views[v][1]: logit = logit.flip(-1)
                     probs += logit.softmax(1)
     probs /= len(views)
@@ -217,19 +224,23 @@ def export_lut(data: str, # dataset kind ("voc", "coco", "coco80", "synthetic", 
     if data == "coco80":
         if num_classes != 81: raise ValueError(f"coco80 export expects 81 classes, got {num_classes}")
         lut[1:81] = COCO80_IDS
-    if data == "coco" and num_classes != 91: raise ValueError(f"coco export expects 91 classes (ids 0..90), got {num_classes}")
+    if data == "coco" and num_classes != 91:
+        raise ValueError(f"coco export expects 91 classes (ids 0..90), got {num_classes}")
     return lut.astype(np.uint8)
 
 def _inverse_lut(lut: np.ndarray, K: int) -> np.ndarray:
     inv = np.full(256, -1, np.int64)
-    inv[lut[:K]] = np.arange(K); inv[IGNORE_INDEX] = IGNORE_INDEX
+    inv[lut[:K]] = np.arange(K)
+    inv[IGNORE_INDEX] = IGNORE_INDEX
     return inv
 
 def _read_export(path, inv, K) -> np.ndarray:
-    raw = read_mask(path); cls = inv[raw]
+    raw = read_mask(path)
+    cls = inv[raw]
     if (cls < 0).any() or (cls == IGNORE_INDEX).any():
-        raise ValueError(f"{path}: values {sorted(set(np.unique(raw[(cls < 0) | (cls == IGNORE_INDEX)]).tolist()))[:5]} "
-                         f"are no exported class id (delete it to recompute)")
+        raise ValueError(f"{path}: values "
+                         f"{sorted(set(np.unique(raw[(cls < 0) | (cls == IGNORE_INDEX)]).tolist()))[:5]} are no "
+                         "exported class id (delete it to recompute)")
     return cls
 
 def crf_on_probs(image_u8: np.ndarray,  # (H, W, 3) uint8 RGB original image
@@ -245,7 +256,9 @@ def crf_on_probs(image_u8: np.ndarray,  # (H, W, 3) uint8 RGB original image
 def _scores(conf: np.ndarray) -> dict:
     m, per = miou(conf)
     acc = float(np.diag(conf).sum() / max(conf.sum(), 1))
-    return dict(miou=round(100 * m, 4), pixel_acc=round(100 * acc, 4), per_class_iou=[None if np.isnan(v) else round(100 * float(v), 4) for v in per])
+    "mIoU, pixel accuracy and per-class IoU of a confusion matrix, as fractions in [0, 1] (displays show percent)."
+    return dict(miou=round(m, 6), pixel_acc=round(acc, 6),
+                per_class_iou=[None if np.isnan(v) else round(float(v), 6) for v in per])
 
 def evaluate_model(model: Segmenter,        # in eval mode, on its device
                    ds: SegDataset,          # images (+ GT masks for scores); no transform
@@ -261,12 +274,12 @@ def evaluate_model(model: Segmenter,        # in eval mode, on its device
                    progress: bool = True,
                    desc: str = "eval",
                   ) -> dict:
-    "Predict a dataset; returns mIoU / pixel accuracy (%) before and after the CRF, confusion matrices, timing."
+    "Predict a dataset; returns mIoU / pixel accuracy (fractions) before and after the CRF, confusion matrices, timing."
     cfg = cfg if cfg is not None else InferCfg()
     K = model.n_cls
     if ds.num_classes + 1 != K:
-        raise ValueError(f"the model predicts K={K} classes but the dataset at {ds.root} has {ds.num_classes} + background "
-                         f"= {ds.num_classes + 1}; use a checkpoint trained on this class set")
+        raise ValueError(f"the model predicts K={K} classes but the dataset at {ds.root} has {ds.num_classes} + "
+                         f"background = {ds.num_classes + 1}; use a checkpoint trained on this class set")
     lut = np.arange(256, dtype=np.uint8) if lut is None else np.asarray(lut, np.uint8)
     inv = _inverse_lut(lut, K)
     fn = predict if batched else predict_windowed_reference
@@ -274,7 +287,8 @@ def evaluate_model(model: Segmenter,        # in eval mode, on its device
     raw_dir = Path(raw_dir) if (raw_dir and crf is not None) else None
     can_resume = resume and export_dir is not None and (crf is None or raw_dir is not None)   # both maps are on disk
     ids = ds.ids[:max_images] if max_images else ds.ids
-    conf = np.zeros((K, K), np.int64); conf_crf = np.zeros((K, K), np.int64)
+    conf = np.zeros((K, K), np.int64)
+    conf_crf = np.zeros((K, K), np.int64)
     kept, n_gt, n_done, t_model = [], 0, 0, 0.0
     t0 = time.perf_counter()
     for i, id in enumerate(tqdm(ids, desc=desc, disable=not progress, leave=False)):
@@ -289,7 +303,8 @@ def evaluate_model(model: Segmenter,        # in eval mode, on its device
             t1 = time.perf_counter()
             probs = fn(model, sample["image"], cfg)                     # (K, H, W)
             if probs.device.type == "cuda": torch.cuda.synchronize(probs.device)
-            t_model += time.perf_counter() - t1; n_done += 1
+            t_model += time.perf_counter() - t1
+            n_done += 1
             raw = probs.argmax(0).cpu().numpy()
             final = crf_on_probs(img_u8, probs, crf) if crf is not None else raw
             if export_dir is not None: write_mask(export_dir / f"{id}.png", lut[final])
@@ -317,10 +332,12 @@ def plot_predictions(samples: list[dict], # dicts with id, image (H, W, 3) uint8
     axes = fig.subplots(max(1, len(samples)), 3, squeeze=False)
     for ax in axes.ravel(): ax.axis("off")
     for row, s in zip(axes, samples):
-        row[0].imshow(s["image"]); row[0].set_title(s["id"], fontsize=8)
+        row[0].imshow(s["image"])
+        row[0].set_title(s["id"], fontsize=8)
         if s.get("gt") is not None: row[1].imshow(mask_to_rgb(s["gt"]), interpolation="nearest")
         row[1].set_title("GT" if s.get("gt") is not None else "(no GT)", fontsize=8)
-        row[2].imshow(mask_to_rgb(s["pred"]), interpolation="nearest"); row[2].set_title("prediction", fontsize=8)
+        row[2].imshow(mask_to_rgb(s["pred"]), interpolation="nearest")
+        row[2].set_title("prediction", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -337,11 +354,12 @@ def save_model_spec(run_dir,              # the train_seg run folder
     "Write run_dir/model.json (atomic)."
     path = Path(run_dir) / MODEL_JSON
     mean, std = norm_stats(norm)
-    atomic_save_json(dict(format="weaktr.segmenter/1", model=model_kwargs, class_names=list(class_names), infer=infer, data=data,
+    atomic_save_json(dict(format="weaktr.segmenter/1", model=model_kwargs, class_names=list(class_names), infer=infer,
+                          data=data,
                           norm=norm, norm_stats=dict(mean=list(mean), std=list(std))), path)
     return path
 
-def load_seg_checkpoint(path,                       # train_seg run dir / last.pt / best.pt, or an official checkpoint.pth
+def load_seg_checkpoint(path,                     # train_seg run dir / last.pt / best.pt, or an official checkpoint.pth
                         n_cls: int = 0,             # official file without `n_cls`: its class count
                         backbone: str = "deit_small_patch16_224", # official file: encoder name (§segmenter)
                         img_size: int = 480,        # official file: training crop (pos_embed 30x30)
@@ -354,14 +372,15 @@ def load_seg_checkpoint(path,                       # train_seg run dir / last.p
         p = next((c for c in cands if c.exists()), None)
         if p is None: raise FileNotFoundError(f"{path} is a folder without last.pt or best.pt")
     if not p.is_file(): raise FileNotFoundError(f"checkpoint not found: {p}")
-    ck = load_torch_file(p, "Phase-2 checkpoint", hint="evaluate another file (best.pt / last.pt) or re-run the training")
+    ck = load_torch_file(p, "Phase-2 checkpoint",
+                         hint="evaluate another file (best.pt / last.pt) or re-run the training")
     if not isinstance(ck, dict) or "model" not in ck:
         raise ValueError(f"{p}: expected a checkpoint dict with a 'model' state dict")
     if str(ck.get("format", "")).startswith("weaktr.learner"):
         spec_path = p.parent / MODEL_JSON
         if not spec_path.is_file():
             raise FileNotFoundError(f"{p} is a weaktr.learner checkpoint but {spec_path} is missing; it is written by "
-                                    f"weaktr.train_seg next to the checkpoints (a Phase-1 run cannot be evaluated here)")
+                                    "weaktr.train_seg next to the checkpoints (a Phase-1 run cannot be evaluated here)")
         spec = json.loads(spec_path.read_text())
         kw = dict(spec["model"])
         sd = ck["model"]
@@ -392,9 +411,10 @@ def eval_norm(info: dict,        # load_seg_checkpoint's info
     if info.get("norm") is None: return resolve_norm(norm, backbone)   # official file / smoke model: the backbone's
     trained = info["norm"]
     if norm != "auto" and norm_stats(norm) != norm_stats(trained):
-        raise ValueError(f"EvalCfg.norm={norm!r} but {info['path']} was trained with norm={trained!r} "
-                         f"({'model.json' if info.get('norm_recorded') else 'model.json predates the field: the only statistics then'}); "
-                         f"other input statistics would evaluate a different model. Leave norm='auto' (the training run's)")
+        known = "model.json" if info.get("norm_recorded") else "model.json predates the field: the only statistics then"
+        raise ValueError(f"EvalCfg.norm={norm!r} but {info['path']} was trained with norm={trained!r} ({known}); "
+                         "other input statistics would evaluate a different model. Leave norm='auto' "
+                         "(the training run's)")
     return trained
 
 # %% ../nbs/13_evaluate.ipynb #eab42db0
@@ -429,7 +449,7 @@ class EvalCfg:
     n_cls: int = 0                    # official checkpoint without n_cls: its class count
     backbone: str = "deit_small_patch16_224" # official checkpoint: encoder
     img_size: int = 480               # official checkpoint: training crop
-    norm: str = "auto"                # input normalisation: "auto" = the training run's (model.json; official: the backbone's)
+    norm: str = "auto"         # input normalisation: "auto" = the training run's (model.json; official: the backbone's)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | ...
     progress: bool = True             # tqdm bars
     smoke: bool = False               # tiny run: 4 images, one ratio, a random tiny model if no checkpoint
@@ -438,7 +458,8 @@ class EvalCfg:
         if self.crf_preset not in ("auto", "voc", "coco"):
             raise ValueError(f"EvalCfg.crf_preset: expected 'auto', 'voc' or 'coco', got {self.crf_preset!r}")
         if not self.smoke and not self.checkpoint:
-            raise ValueError("EvalCfg.checkpoint: a train_seg run folder / last.pt or an official checkpoint.pth is required")
+            raise ValueError("EvalCfg.checkpoint: a train_seg run folder / last.pt or an official checkpoint.pth is "
+                             "required")
         for name in ("window", "stride", "base_size", "max_images", "n_cls", "n_fig"):
             if getattr(self, name) < 0: raise ValueError(f"EvalCfg.{name} must be >= 0, got {getattr(self, name)}")
         if not self.mid_weight >= 0: raise ValueError(f"EvalCfg.mid_weight must be >= 0, got {self.mid_weight}")
@@ -453,16 +474,18 @@ def check_eval_cfg(cfg: EvalCfg,                     # a config (types and choic
                   ) -> EvalCfg:
     "File checks with clear errors; returns the path-resolved config."
     cfg = resolve_paths(cfg, _EVAL_PATH_FIELDS, base_dir)
-    if cfg.checkpoint and not Path(cfg.checkpoint).exists(): raise FileNotFoundError(f"EvalCfg.checkpoint not found: {cfg.checkpoint}")
+    if cfg.checkpoint and not Path(cfg.checkpoint).exists():
+        raise FileNotFoundError(f"EvalCfg.checkpoint not found: {cfg.checkpoint}")
     if cfg.data != "synthetic" and not cfg.data_root:
         raise ValueError(f"EvalCfg.data_root: required for data={cfg.data!r} (the dataset folder)")
     if cfg.device != "auto": get_device(cfg.device)
     return cfg
 
-def _table(per_class_pct: list, names: list[str]) -> str:
-    return iou_table(np.array([np.nan if v is None else v / 100 for v in per_class_pct]), names)
+def _table(per_class: list, names: list[str]) -> str:
+    return iou_table(np.array([np.nan if v is None else v for v in per_class]), names)
 
-def open_eval_dataset(data: str, data_root: str, split: str, gt: bool = True, data_kw: dict | None = None) -> SegDataset:
+def open_eval_dataset(data: str, data_root: str, split: str, gt: bool = True,
+                      data_kw: dict | None = None) -> SegDataset:
     "The dataset to predict: with GT masks (`gt`), or images only (a test split: ids from the list, no masks needed)."
     if gt or data in ("synthetic", "folder"): return open_dataset(data, data_root, split, **(data_kw or {}))
     root = Path(data_root)
@@ -482,7 +505,8 @@ def _smoke_model(K: int, device) -> tuple[Segmenter, dict]:
     torch.manual_seed(0)
     kw = dict(backbone="deit_tiny_patch16_224", num_classes=K, img_size=32, embed_dim=64, depth=2, num_heads=2)
     return create_segmenter(**kw).to(device).eval(), dict(kind="random (smoke)", path="", n_cls=K, class_names=None,
-                                                          infer=dict(window=32, stride=21, base_size=32), data="", epoch=None)
+                                                          infer=dict(window=32, stride=21, base_size=32), data="",
+                                                          epoch=None)
 
 def _file_stamp(path) -> list | None:
     "[path, size, mtime_ns] of the checkpoint file a path resolves to (a run folder: its last.pt / best.pt)."
@@ -499,7 +523,8 @@ def _strip(r: dict) -> dict:
 def evaluate_seg(cfg: EvalCfg) -> dict:
     "Phase-2 evaluation stage: predictions (+ CRF), mIoU tables, exported PNGs, figure and summary.json in cfg.run_dir."
     if isinstance(cfg, dict): cfg = cfg_from_flat(EvalCfg, cfg)
-    if cfg.smoke: cfg = replace(cfg, max_images=min(cfg.max_images or 4, 4), ratios=(1.0,), flip=False, n_fig=min(cfg.n_fig, 2))
+    if cfg.smoke:
+        cfg = replace(cfg, max_images=min(cfg.max_images or 4, 4), ratios=(1.0,), flip=False, n_fig=min(cfg.n_fig, 2))
     cfg = check_eval_cfg(cfg)
     run_dir = Path(cfg.run_dir)
     conf_dict = cfg_to_dict(cfg)
@@ -542,13 +567,15 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
         atomic_save_json(key, key_path)
     common = dict(cfg=icfg, crf=crf, lut=lut, max_images=cfg.max_images, batched=cfg.batched, progress=cfg.progress)
     res = evaluate_model(model, ds, export_dir=export_dir if cfg.export else None,
-                         raw_dir=(run_dir / "preds_nocrf") if cfg.export else None, keep=cfg.n_fig, desc=f"predict {cfg.split}", **common)
+                         raw_dir=(run_dir / "preds_nocrf") if cfg.export else None, keep=cfg.n_fig,
+                         desc=f"predict {cfg.split}", **common)
     tables = []
     if "miou" in res:
         tables += [f"## {cfg.split}: argmax (no CRF)\n", _table(res["per_class_iou"], names), ""]
     if "crf_miou" in res:
         tables += [f"## {cfg.split}: with CRF ({preset})\n", _table(res["crf_per_class_iou"], names), ""]
-    summary = dict(stage="evaluate_seg", finished=False, checkpoint=info["path"], checkpoint_stamp=stamp, checkpoint_kind=info["kind"],
+    summary = dict(stage="evaluate_seg", finished=False, checkpoint=info["path"], checkpoint_stamp=stamp,
+                   checkpoint_kind=info["kind"],
                    checkpoint_epoch=info["epoch"], split=cfg.split, n_cls=K, class_names=names,
                    infer=cfg_to_dict(icfg), norm=norm, crf=preset if crf else None,
                    export_dir=str(export_dir) if cfg.export else None, **_strip(res))
@@ -560,7 +587,8 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
             summary["train"] = dict(split=cfg.train_split, skipped=f"no GT for the pseudo-mask train mIoU: {e}")
         else:
             tr_res = evaluate_model(model, tds, export_dir=tr_dir if cfg.export else None,
-                                    raw_dir=Path(f"{tr_dir}_nocrf") if cfg.export else None, desc=f"predict {cfg.train_split}", **common)
+                                    raw_dir=Path(f"{tr_dir}_nocrf") if cfg.export else None,
+                                    desc=f"predict {cfg.train_split}", **common)
             summary["train"] = dict(split=cfg.train_split, **_strip(tr_res))
             summary["pseudo_mask_train_miou"] = tr_res.get("crf_miou", tr_res.get("miou"))
             if "miou" in tr_res:

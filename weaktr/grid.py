@@ -9,11 +9,13 @@ import concurrent.futures as cf
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
 from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat
+
+if TYPE_CHECKING: from traitlets.config import Config   # kernel_config's return type (imported there when called)
 
 # %% auto #0
 __all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POINT', 'SETUP_CELL', 'grid_points', 'point_name',
@@ -28,9 +30,11 @@ __all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POI
 def grid_points(grid: dict[str, Sequence], # parameter -> values; first axis varies slowest
                ) -> list[dict]:
     "The cartesian product of `grid` as a list of `{parameter: value}` dicts (first axis slowest)."
-    if not isinstance(grid, dict) or not grid: raise ValueError(f"grid: expected a non-empty dict parameter -> list of values, got {grid!r}")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"grid: expected a non-empty dict parameter -> list of values, got {grid!r}")
     for k, v in grid.items():
-        if not isinstance(k, str) or not k.isidentifier(): raise ValueError(f"grid: parameter names must be identifiers, got {k!r}")
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError(f"grid: parameter names must be identifiers, got {k!r}")
         if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) == 0:
             raise ValueError(f"grid[{k!r}]: expected a non-empty list of values, got {v!r}")
     keys = list(grid)
@@ -71,10 +75,12 @@ _BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False, "yes": True, 
 
 def _literal(t: str, what: str):
     try: return ast.literal_eval(t)
-    except (ValueError, SyntaxError) as e: raise ValueError(f"{what}: could not read {t!r} as a Python literal ({e})") from None
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"{what}: could not read {t!r} as a Python literal ({e})") from None
 
 def parse_value(s: str,                # the text after `NAME=`
-                type_name: str | None = None, # the declared type in the parameters cell ("str", "int", ...); None: untyped rules
+                # the declared type in the parameters cell ("str", "int", ...); None: untyped rules
+                type_name: str | None = None,
                 name: str = "",        # the parameter, for error messages
                ) -> Any:
     "A command-line value -> a Python value of the declared type (see the table above); bad text raises, naming `name`."
@@ -115,14 +121,17 @@ def split_values(s: str) -> list[str]:
         if ch in "'\"": quote = ch
         elif ch in "[({": depth += 1
         elif ch in "])}": depth -= 1
-        if ch == "," and depth == 0: out.append(cur); cur = ""
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
         else: cur += ch
     out.append(cur)
     return out
 
 def parse_assignment(s: str,                  # `name=value` or `name=v1,v2,...`
                      many: bool = False,       # True: a list of values (a grid axis)
-                     types: dict | None = None, # {name: info with "inferred_type_name"} (notebook_parameters) or {name: type name}
+                     # {name: info with "inferred_type_name"} (notebook_parameters) or {name: type name}
+                     types: dict | None = None,
                     ) -> tuple[str, Any]:
     "`name=value` -> (name, value parsed by the declared type); with `many`, a list (split on top-level commas)."
     if "=" not in s: raise ValueError(f"expected NAME=VALUE{',VALUE...' if many else ''}, got {s!r}")
@@ -156,7 +165,8 @@ def notebook_parameters(notebook) -> dict[str, dict]:
                 if t.type == tokenize.COMMENT}
     out = {}
     for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name): names, ann = [node.target.id], node.annotation
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names, ann = [node.target.id], node.annotation
         elif isinstance(node, ast.Assign): names, ann = [t.id for t in node.targets if isinstance(t, ast.Name)], None
         else: continue
         for n in names:
@@ -184,10 +194,12 @@ def flatten_summary(summary: dict, prefix: str = "", max_str: int = 60) -> dict:
 METRIC_PREFERENCE = ("headline_miou", "miou", "crf_miou", "best.value", "final.cam_miou", "sweep_best_miou",
                      "best_map.value", "images_per_s")
 
-def _is_num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
 
 def default_metric(rows: Sequence[dict], metric_cols: Sequence[str]) -> str | None:
-    "The column a grid is plotted by: the first of METRIC_PREFERENCE with a number in some row, else the first numeric column."
+    """The column a grid is plotted by: the first of METRIC_PREFERENCE with a number in some row, else the first numeric
+    column."""
     has = lambda c: any(_is_num(r.get(c)) for r in rows)
     for c in METRIC_PREFERENCE:
         if c in metric_cols and has(c): return c
@@ -195,7 +207,8 @@ def default_metric(rows: Sequence[dict], metric_cols: Sequence[str]) -> str | No
 
 # %% ../nbs/16_grid.ipynb #5e1a0c02
 def runs_notebook_dir() -> Path:
-    "The run notebooks: `<checkout>/nbs/runs` in a source checkout, else the copy shipped inside the package (`weaktr/runs`)."
+    """The run notebooks: `<checkout>/nbs/runs` in a source checkout, else the copy shipped inside the package
+    (`weaktr/runs`)."""
     src = REPO_ROOT / "nbs" / "runs"
     if src.is_dir(): return src
     import weaktr
@@ -213,11 +226,11 @@ class StageSpec:
     "One stage of the kit, declared once (see the section text)."
     name: str                            # registry key: the run notebook's stem, e.g. "train_cam"
     notebook: str                        # run notebook: a file name in runs_notebook_dir(), or an absolute path
-    config: Any = ""                     # config dataclass, "module:Class" or the class ("": the notebook checks its values itself)
-    check: Any = ""                      # (cfg, base_dir) -> cfg: the file checks of the notebook's first cell ("": none)
-    inputs: tuple[str, ...] = ()         # parameters naming files or folders the stage reads (upstream outputs, weights, data)
+    config: Any = ""         # config dataclass, "module:Class" or the class ("": the notebook checks its values itself)
+    check: Any = ""                    # (cfg, base_dir) -> cfg: the file checks of the notebook's first cell ("": none)
+    inputs: tuple[str, ...] = ()  # parameters naming files or folders the stage reads (upstream outputs, weights, data)
     neutral: tuple[str, ...] = ()        # parameters that do not change the result
-    units: tuple[tuple[str, str], ...] = ()  # (summary key, "percent") for numbers not stored as fractions
+    result_format: int = 0               # summary.json format version (1: mIoU as fractions where it was percent)
     title: str = ""                      # one line for banners and listings
 
     @property
@@ -230,15 +243,10 @@ class StageSpec:
     def result_params(self, params: dict) -> dict:
         "The parameters that change the result (all but the neutral ones)."
         return {k: v for k, v in params.items() if k not in self.neutral}
-    def unit(self, summary: dict, key: str) -> str:
-        "The unit of summary[key]: the summary's own `units` record if it has one, else the declaration, else fraction."
-        own = summary.get("units") if isinstance(summary.get("units"), dict) else {}
-        return own.get(key) or dict(self.units).get(key) or "fraction"
-    def fraction(self, summary: dict, key: str):
-        "summary[key] as a fraction (None if absent), read by its declared unit, never guessed from its size."
-        v = summary.get(key)
-        if v is None: return None
-        return float(v) / 100 if self.unit(summary, key) == "percent" else float(v)
+    def identity(self, params: dict) -> dict:
+        "What a finished run is matched on: the result parameters, and the summary format when it is not the first."
+        p = self.result_params(params)
+        return dict(params=p, result_format=self.result_format) if self.result_format else p
 
 _CPU = ("progress", "log_every", "resume")
 REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
@@ -253,15 +261,15 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
               title="pseudo labels: background threshold + dense CRF"),
     StageSpec("train_seg", "train_seg.ipynb", "weaktr.train_seg:SegTrainCfg", "weaktr.train_seg:check_seg_cfg",
               inputs=("pseudo_dir", "init_path", "data_root"), neutral=_CPU,
-              units=(("miou", "percent"), ("best_miou", "percent")),
+              result_format=1,
               title="Phase 2: Segmenter on the pseudo labels, gradient-clipping loss"),
     StageSpec("evaluate", "evaluate.ipynb", "weaktr.evaluate:EvalCfg", "weaktr.evaluate:check_eval_cfg",
               inputs=("checkpoint", "data_root"), neutral=("progress", "n_fig"),
-              units=tuple((k, "percent") for k in ("miou", "crf_miou", "headline_miou", "pixel_acc", "crf_pixel_acc",
-                                                    "pseudo_mask_train_miou")),
+              result_format=1,
               title="evaluation: multi-scale, flip, two outputs, CRF"),
     StageSpec("ablation", "ablation.ipynb", "weaktr.ablation:AblationCfg", "",
-              inputs=("data_root", "cam_run", "cams", "scratch_run", "scratch_cams", "pseudo_run", "seg_eval", "seg_eval_nogc"),
+              inputs=("data_root", "cam_run", "cams", "scratch_run", "scratch_cams", "pseudo_run", "seg_eval",
+                      "seg_eval_nogc"),
               neutral=("workers",), title="ablation table: init, attention type, refinement, CRF, gradient clipping"),
     StageSpec("pretrain_backbone", "pretrain_backbone.ipynb", "weaktr.pretrain:PretrainCfg", "",
               inputs=("data_root",), title="the synthetic pretrained backbone"),
@@ -292,12 +300,13 @@ _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), 
           "list": (tuple, list), "dict": (dict,)}
 
 def check_value(name: str, value, type_name: str, where: str = ""):
-    "`value` as the declared type (list -> tuple for `tuple`, int -> float); a mismatch raises a ValueError naming `name`."
+    """`value` as the declared type (list -> tuple for `tuple`, int -> float); a mismatch raises a ValueError naming
+    `name`."""
     ok = _TYPES.get((type_name or "").strip())
-    if ok is None: return value                                        # undeclared or unusual annotation: the config checks it
+    if ok is None: return value                                 # undeclared or unusual annotation: the config checks it
     if not isinstance(value, ok) or (type_name != "bool" and isinstance(value, bool)):
-        raise ValueError(f"{where}{name}={value!r}: expected {type_name} (declared `{name}: {type_name}` in the parameters cell), "
-                         f"got {type(value).__name__}")
+        raise ValueError(f"{where}{name}={value!r}: expected {type_name} (declared `{name}: {type_name}` in the "
+                         f"parameters cell), got {type(value).__name__}")
     if type_name == "tuple": return tuple(value)
     if type_name == "list": return list(value)
     if type_name == "float": return float(value)
@@ -306,15 +315,18 @@ def check_value(name: str, value, type_name: str, where: str = ""):
 def validate_params(stage: str | StageSpec, # a registered stage (or its spec)
                     params: dict,           # the papermill parameters it will get
                     files: bool = False,    # also run the notebook's file checks (inputs must exist)
-                    base_dir=None,          # relative paths' folder for the file checks (None: REPO_ROOT, as the notebooks)
+                    base_dir=None,      # relative paths' folder for the file checks (None: REPO_ROOT, as the notebooks)
                     label: str = "",        # the stage's name in messages (default: the registry name)
                    ):
-    "Check `params` as the stage's run notebook will (names, declared types, config class, optionally files); -> config or None."
+    """Check `params` as the stage's run notebook will (names, declared types, config class, optionally files); ->
+    config or None."""
     spec = stage_spec(stage)
     declared = spec.parameters()
     where = f"stage {label or spec.name}: "
     unknown = sorted(set(params) - set(declared))
-    if unknown: raise ValueError(f"{where}{spec.path.name} has no parameter(s) {unknown}; its parameters are {sorted(declared)}")
+    if unknown:
+        raise ValueError(f"{where}{spec.path.name} has no parameter(s) {unknown}; its parameters are "
+                         f"{sorted(declared)}")
     checked = {k: check_value(k, v, declared[k]["inferred_type_name"], where) for k, v in params.items()}
     cls = spec.config_class()
     if cls is None: return None
@@ -334,11 +346,14 @@ def _package_parent() -> str:
 
 @contextmanager
 def kernel_env():
-    "Temporarily put this interpreter's bin/ first on PATH and the folder of the imported weaktr on PYTHONPATH (the kernel inherits them)."
+    """Temporarily put this interpreter's bin/ first on PATH and the folder of the imported weaktr on PYTHONPATH (the
+    kernel inherits them)."""
     old = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH")}
     bin_dir, pkg = str(Path(sys.executable).parent), _package_parent()
-    os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in (old["PATH"] or "").split(os.pathsep) if p and p != bin_dir])
-    os.environ["PYTHONPATH"] = os.pathsep.join([pkg] + [p for p in (old["PYTHONPATH"] or "").split(os.pathsep) if p and p != pkg])
+    os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in (old["PATH"] or "").split(os.pathsep) if p
+                                                      and p != bin_dir])
+    os.environ["PYTHONPATH"] = os.pathsep.join([pkg] + [p for p in (old["PYTHONPATH"] or "").split(os.pathsep) if p
+                                                        and p != pkg])
     try: yield
     finally:
         for k, v in old.items():
@@ -349,14 +364,16 @@ def kernel_env():
 def quiet_papermill():
     "Silence papermill's parameter-inspection log lines and nbformat warnings (the runners check names themselves)."
     import logging
-    lg = logging.getLogger("papermill"); level = lg.level
+    lg = logging.getLogger("papermill")
+    level = lg.level
     lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore"); yield
+            warnings.simplefilter("ignore")
+            yield
     finally: lg.setLevel(level)
 
-def kernel_config(socket_dir) -> "traitlets.config.Config":
+def kernel_config(socket_dir) -> Config:
     "Kernel-manager settings: IPC transport with the sockets in `socket_dir` (POSIX); TCP elsewhere."
     from traitlets.config import Config
     c = Config()
@@ -399,35 +416,41 @@ def run_notebook(notebook,                 # the run notebook (path)
 
 def _identity(notebook, params: dict) -> dict:
     spec = spec_of(notebook)
-    return _jsonable(spec.result_params(params) if spec else params)
+    return _jsonable(spec.identity(params) if spec else params)
 
 def point_finished(run_dir, notebook, params: dict) -> bool:
-    "True if `run_dir` holds a finished run of `notebook` with `params` (neutral parameters aside): summary.json + grid_point.json."
+    """True if `run_dir` holds a finished run of `notebook` with `params` (neutral parameters aside): summary.json +
+    grid_point.json."""
     run_dir = Path(run_dir)
     sp, gp = run_dir / "summary.json", run_dir / GRID_POINT
     if not (sp.is_file() and gp.is_file()): return False
     try: rec, summ = json.loads(gp.read_text()), json.loads(sp.read_text())
     except (json.JSONDecodeError, OSError): return False
     if summ.get("finished") is False or rec.get("status") == "failed": return False
-    return rec.get("notebook") == Path(notebook).name and _identity(notebook, rec.get("params", {})) == _identity(notebook, params)
+    return (rec.get("notebook") == Path(notebook).name
+            and _identity(notebook, rec.get("params", {})) == _identity(notebook, params))
 
 def error_cell(notebook) -> int | None:
     "Index of the first cell with an error output in a saved (executed) notebook, or None."
     try: cells = json.loads(Path(notebook).read_text()).get("cells", [])
     except (OSError, json.JSONDecodeError): return None
-    return next((i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+    return next((i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))),
+                None)
 
 def _error_fields(e: BaseException, nb_out=None) -> dict:
     from papermill.exceptions import PapermillExecutionError
     if isinstance(e, PapermillExecutionError):                   # papermill's index ignores the banner cells it adds
         cell = error_cell(nb_out) if nb_out is not None else None
-        return dict(error=f"{e.ename}: {e.evalue}", error_cell=e.cell_index if cell is None else cell, error_type=e.ename)
+        return dict(error=f"{e.ename}: {e.evalue}", error_cell=e.cell_index if cell is None else cell,
+                    error_type=e.ename)
     return dict(error=f"{type(e).__name__}: {e}", error_cell=None, error_type=type(e).__name__)
 
 def run_point(task: dict) -> dict:
     "Execute one grid point (task: notebook, name, run_dir, params, point, kernel_name, cwd, timeout); return its row."
-    run_dir = Path(task["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
-    nb_in = Path(task["notebook"]); nb_out = run_dir / nb_in.name
+    run_dir = Path(task["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    nb_in = Path(task["notebook"])
+    nb_out = run_dir / nb_in.name
     rec = dict(notebook=nb_in.name, notebook_path=str(nb_in), name=task["name"], point=_jsonable(task["point"]),
                params=_jsonable(task["params"]), status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic_save_json(rec, run_dir / GRID_POINT)
@@ -441,7 +464,8 @@ def run_point(task: dict) -> dict:
         row.update(status="failed", **_error_fields(e, nb_out))
     row["seconds"] = round(time.time() - t0, 2)
     if row["status"] == "done" and not (run_dir / "summary.json").is_file():
-        row.update(status="failed", error="the notebook ran but wrote no summary.json", error_cell=None, error_type="MissingSummary")
+        row.update(status="failed", error="the notebook ran but wrote no summary.json", error_cell=None,
+                   error_type="MissingSummary")
     atomic_save_json({**rec, **{k: row[k] for k in ("status", "error", "error_cell", "seconds")},
                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, run_dir / GRID_POINT)
     return row
@@ -463,7 +487,8 @@ class GridResults(list):
 
     @property
     def columns(self) -> list[str]:
-        return [*self.axes, "status", *self.metric_cols, "seconds", "error", "error_cell", "error_type", "notebook", "run_dir", "name"]
+        return [*self.axes, "status", *self.metric_cols, "seconds", "error", "error_cell", "error_type", "notebook",
+                "run_dir", "name"]
 
     @property
     def failed(self) -> list[dict]: return [r for r in self if r["status"] == "failed"]
@@ -474,11 +499,14 @@ class GridResults(list):
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        for r in self: w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for k, v in r.items()})
+        for r in self:
+            w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for k,
+                        v in r.items()})
         return buf.getvalue()
 
     def to_markdown(self, metrics: Sequence[str] | None = None) -> str:
-        "Markdown table: axes, status, `metrics` (default: the plotted metric + up to 5 other numeric columns), seconds, error."
+        """Markdown table: axes, status, `metrics` (default: the plotted metric + up to 5 other numeric columns),
+        seconds, error."""
         if metrics is None:
             nums = [c for c in self.metric_cols if c != self.metric and any(_is_num(r.get(c)) for r in self)]
             metrics = ([self.metric] if self.metric else []) + nums[:5]
@@ -506,12 +534,13 @@ def plot_grid(rows: Sequence[dict],  # result rows (GridResults)
               title: str = "",
              ):
     "Figure: `metric` vs the first axis, one line per combination of the other axes."
-    import matplotlib; from matplotlib.figure import Figure
+    from matplotlib.figure import Figure
     x_ax, others = axes[0], list(axes[1:])
     xs_all = list(dict.fromkeys(json.dumps(_jsonable(r.get(x_ax))) for r in rows))
     xvals = [json.loads(x) for x in xs_all]
     numeric = all(_is_num(v) for v in xvals)
-    fig = Figure(figsize=(6.4, 4.0)); ax = fig.subplots()
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     groups = {}
     for r in rows: groups.setdefault(tuple(json.dumps(_jsonable(r.get(k))) for k in others), []).append(r)
     for key, rs in groups.items():
@@ -522,8 +551,11 @@ def plot_grid(rows: Sequence[dict],  # result rows (GridResults)
         label = ", ".join(f"{k}={_name_part(json.loads(v))}" for k, v in zip(others, key)) or metric
         ax.plot(xs, ys, marker="o", label=label)
     if not numeric:
-        ax.set_xticks(range(len(xvals))); ax.set_xticklabels([_name_part(v) for v in xvals], rotation=20)
-    ax.set_xlabel(x_ax); ax.set_ylabel(metric); ax.grid(alpha=0.3)
+        ax.set_xticks(range(len(xvals)))
+        ax.set_xticklabels([_name_part(v) for v in xvals], rotation=20)
+    ax.set_xlabel(x_ax)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
     if title: ax.set_title(title, fontsize=9)
     if len(groups) > 1 or others: ax.legend(fontsize=8)
     fig.tight_layout()
@@ -552,8 +584,10 @@ def run_grid(notebook,                      # papermill run notebook (e.g. nbs/r
     if "run_dir" not in params_nb: raise ValueError(f"{notebook} has no run_dir parameter; the grid runner needs one")
     check_parameters(notebook, list(grid), "grid parameter")
     check_parameters(notebook, list(base), "base parameter")
-    if "run_dir" in grid or "run_dir" in base: raise ValueError("run_dir is set by the grid runner (out_dir/<point name>); do not pass it")
-    out_dir = Path(out_dir).resolve(); out_dir.mkdir(parents=True, exist_ok=True)
+    if "run_dir" in grid or "run_dir" in base:
+        raise ValueError("run_dir is set by the grid runner (out_dir/<point name>); do not pass it")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = point_names(points)
     atomic_save_json(dict(notebook=str(notebook), grid=_jsonable(grid), base=_jsonable(base), workers=workers,
                           kernel_name=kernel_name, points=names), out_dir / "grid.json")
@@ -599,18 +633,22 @@ def run_grid(notebook,                      # papermill run notebook (e.g. nbs/r
 def write_results(res: GridResults, notebook, grid: dict, base: dict) -> None:
     "results.json / .csv / .md / .png in res.out_dir."
     out = Path(res.out_dir)
-    atomic_save_json(dict(notebook=str(notebook), axes=res.axes, metric=res.metric, rows=list(res)), out / "results.json")
+    atomic_save_json(dict(notebook=str(notebook), axes=res.axes, metric=res.metric, rows=list(res)),
+                     out / "results.json")
     atomic_write_text(res.to_csv(), out / "results.csv")
     md = [f"# Grid: {Path(notebook).name}", "",
           f"Grid: `{json.dumps(_jsonable(grid))}`  ", f"Base: `{json.dumps(_jsonable(base))}`  ",
-          f"{len(res)} points: {sum(r['status'] == 'done' for r in res)} run, {sum(r['status'] == 'skipped' for r in res)} "
-          f"skipped (finished before), {len(res.failed)} failed. Metric: `{res.metric}`.", "", res.to_markdown(), ""]
+          f"{len(res)} points: {sum(r['status'] == 'done' for r in res)} run, "
+          f"{sum(r['status'] == 'skipped' for r in res)} skipped (finished before), {len(res.failed)} failed. Metric: "
+          f"`{res.metric}`.", "", res.to_markdown(), ""]
     png = out / "results.png"
     if res.metric and any(_is_num(r.get(res.metric)) for r in res):
         fig = plot_grid(res, res.axes, res.metric, f"{Path(notebook).name}: {res.metric}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tmp = png.with_suffix(".tmp.png"); fig.savefig(tmp, dpi=110); os.replace(tmp, png)
+            tmp = png.with_suffix(".tmp.png")
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, png)
         md.append(f"![{res.metric}](results.png)")
     else:
         png.unlink(missing_ok=True)
@@ -639,15 +677,18 @@ def _read_preset(path, _seen=()) -> dict:
     if p in _seen: raise ValueError(f"preset {p}: 'extends' loops back to itself ({[str(s) for s in _seen]})")
     try: raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e: raise ValueError(f"preset {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict): raise ValueError(f"preset {p}: expected a mapping stage -> parameters, got {type(raw).__name__}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"preset {p}: expected a mapping stage -> parameters, got {type(raw).__name__}")
     out = {}
     if "extends" in raw:
         out = _read_preset(p.parent / raw.pop("extends"), (*_seen, p))
     bad = [k for k in raw if k not in STAGES]
-    if bad: raise ValueError(f"preset {p}: unknown section(s) {bad}; expected stage names {list(STAGES)} (or 'extends')")
+    if bad:
+        raise ValueError(f"preset {p}: unknown section(s) {bad}; expected stage names {list(STAGES)} (or 'extends')")
     for stage, params in raw.items():
         if params is None: params = {}
-        if not isinstance(params, dict): raise ValueError(f"preset {p}: section {stage!r} must map parameter -> value, got {params!r}")
+        if not isinstance(params, dict):
+            raise ValueError(f"preset {p}: section {stage!r} must map parameter -> value, got {params!r}")
         bad = [k for k in params if not isinstance(k, str) or not k.isidentifier()]
         if bad: raise ValueError(f"preset {p}: section {stage!r} has keys that are not parameter names: {bad}")
         out[stage] = {**out.get(stage, {}), **params}
@@ -688,15 +729,18 @@ def check_preset(path, missing_ok: bool = True) -> dict[str, list[str]]:
 # %% ../nbs/16_grid.ipynb #34ca3a40
 def _grid_parser():
     import argparse
-    p = argparse.ArgumentParser(prog="python -m weaktr.grid", description="Run a papermill run notebook over a parameter grid "
+    p = argparse.ArgumentParser(prog="python -m weaktr.grid",
+                                description="Run a papermill run notebook over a parameter grid "
                                 "(one run folder per point; finished points are skipped). Other commands: "
                                 "`export-preset PRESET STAGE [--set NAME=V ...]`, `check-preset PRESET ...`.")
     p.add_argument("notebook", help="run notebook, e.g. nbs/runs/pseudo_labels.ipynb")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2", help="a grid axis (repeatable)")
-    p.add_argument("--base", action="append", default=[], metavar="NAME=V", help="a parameter for every point (repeatable)")
+    p.add_argument("--base", action="append", default=[], metavar="NAME=V",
+                   help="a parameter for every point (repeatable)")
     p.add_argument("--base-file", default=None, help="flat YAML of base parameters")
     p.add_argument("--preset", default=None, help="configs/*.yaml: base parameters from the notebook's stage section")
-    p.add_argument("--stage", default=None, help=f"preset section (default: from the notebook name; one of {list(STAGES)})")
+    p.add_argument("--stage", default=None,
+                   help=f"preset section (default: from the notebook name; one of {list(STAGES)})")
     p.add_argument("--out", default="runs/grid", help="output folder (default runs/grid)")
     p.add_argument("--workers", type=int, default=1, help="parallel runs (default 1)")
     p.add_argument("--kernel", default=None, help="jupyter kernel name (default: the notebook's)")
@@ -722,7 +766,8 @@ def grid_main(argv: Sequence[str] | None = None) -> int:
     grid = dict(parse_assignment(s, many=True, types=types) for s in a.grid)
     for k in grid: base.pop(k, None)
     base.pop("run_dir", None)                                           # the grid runner sets it
-    res = run_grid(a.notebook, grid, base, a.out, workers=a.workers, kernel_name=a.kernel, metric=a.metric, timeout=a.timeout)
+    res = run_grid(a.notebook, grid, base, a.out, workers=a.workers, kernel_name=a.kernel, metric=a.metric,
+                   timeout=a.timeout)
     print(res.to_markdown())
     print(f"\nresults: {Path(res.out_dir) / 'results.md'}")
     return 1 if res.failed else 0
@@ -732,15 +777,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export-preset"]:
-        p = argparse.ArgumentParser(prog="python -m weaktr.grid export-preset", description="Print one stage of a preset as flat YAML (for papermill -f).")
-        p.add_argument("preset"); p.add_argument("stage", choices=list(STAGES))
+        p = argparse.ArgumentParser(prog="python -m weaktr.grid export-preset",
+                                    description="Print one stage of a preset as flat YAML (for papermill -f).")
+        p.add_argument("preset")
+        p.add_argument("stage", choices=list(STAGES))
         p.add_argument("--set", action="append", default=[], metavar="NAME=V", help="override a parameter (repeatable)")
         a = p.parse_args(argv[1:])
         types = notebook_parameters(stage_notebook(a.stage)) if stage_notebook(a.stage).is_file() else {}
         sys.stdout.write(export_preset(a.preset, a.stage, dict(parse_assignment(s, types=types) for s in a.set)))
         return 0
     if argv[:1] == ["check-preset"]:
-        p = argparse.ArgumentParser(prog="python -m weaktr.grid check-preset", description="Check preset keys against the run notebooks' parameters.")
+        p = argparse.ArgumentParser(prog="python -m weaktr.grid check-preset",
+                                    description="Check preset keys against the run notebooks' parameters.")
         p.add_argument("presets", nargs="+")
         a = p.parse_args(argv[1:])
         rc = 0
@@ -752,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc |= bool(probs)
         return rc
     try: return grid_main(argv)
-    except (ValueError, FileNotFoundError) as e:                       # a bad name or value: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:                     # a bad name or value: one clear line, no traceback
         print(f"weaktr.grid: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

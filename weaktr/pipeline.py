@@ -33,7 +33,8 @@ DEMO = dict(
     gen_cams=dict(split="train", scales=(1.0, 0.8, 1.2), batch_size=32, num_workers=0, amp="off"),
     pseudo_labels=dict(split="train", threshold_mode="sweep", sweep_split="train", sweep_start=0.05, sweep_stop=0.95,
                        sweep_step=0.01, crf="voc", workers=2),
-    train_seg=dict(train_split="train", val_split="val", init="imagenet", crop_size=64, base_size=64, ratio_range=(0.5, 2.0),
+    train_seg=dict(train_split="train", val_split="val", init="imagenet", crop_size=64, base_size=64,
+                   ratio_range=(0.5, 2.0),
                    gc=True, gc_window=16, epochs=15, batch_size=8, lr=1e-3, enc_lr_scale=0.1, window_size=64,
                    window_stride=43, num_workers=0, val_every=5),
     evaluate=dict(split="val", ratios=(1.0, 0.75, 1.25), flip=True, two_output=True, crf=True, n_fig=6),
@@ -49,7 +50,8 @@ QUICK = dict(
     gen_cams=dict(split="train", scales=(1.0, 0.8), batch_size=16, num_workers=0, amp="off"),
     pseudo_labels=dict(split="train", threshold_mode="sweep", sweep_split="train", sweep_start=0.1, sweep_stop=0.9,
                        sweep_step=0.1, crf="voc", workers=1),
-    train_seg=dict(train_split="train", val_split="val", init="imagenet", crop_size=64, base_size=64, gc=True, gc_window=16,
+    train_seg=dict(train_split="train", val_split="val", init="imagenet", crop_size=64, base_size=64, gc=True,
+                   gc_window=16,
                    epochs=2, batch_size=8, lr=1e-3, window_size=64, window_stride=43, num_workers=0, log_every=1),
     evaluate=dict(split="val", ratios=(1.0,), flip=True, two_output=True, crf=True, n_fig=2),
     ablation=dict(split="train", max_images=12, fixed_threshold=DEMO_THRESHOLD, scales=(1.0,), sweep=(0.1, 0.9, 0.1),
@@ -122,7 +124,8 @@ def build_stages(run_dir,                         # the pipeline's run folder
         Stage("pseudo_labels", "pseudo_labels", dict(run_dir=d(3, "pseudo_labels"), cams_dir=d(2, "gen_cams"), **data,
                                                      **P("pseudo_labels")), ("gen_cams",), T("pseudo_labels")),
         Stage("train_seg", "train_seg", dict(run_dir=d(4, "train_seg"), **data, **arch, init_path=bb["path"],
-                                             pseudo_dir=d(3, "pseudo_labels") + "/pseudo", device=device, **P("train_seg")),
+                                             pseudo_dir=d(3, "pseudo_labels") + "/pseudo", device=device,
+                                             **P("train_seg")),
               ("pseudo_labels",), T("train_seg")),
         Stage("evaluate", "evaluate", dict(run_dir=d(5, "evaluate"), checkpoint=d(4, "train_seg"), **data,
                                            device=device, **P("evaluate")), ("train_seg",),
@@ -130,9 +133,11 @@ def build_stages(run_dir,                         # the pipeline's run folder
     ]
     if ablation and trainings:
         stages += [
-            Stage("train_cam_scratch", "train_cam", dict(run_dir=d(6, "train_cam_scratch"), **{**tc, "pretrained": ""}), (),
+            Stage("train_cam_scratch", "train_cam", dict(run_dir=d(6, "train_cam_scratch"), **{**tc, "pretrained": ""}),
+                  (),
                   "ablation: Phase 1 from random init (same recipe)"),
-            Stage("gen_cams_scratch", "gen_cams", dict(run_dir=d(7, "gen_cams_scratch"), checkpoint=d(6, "train_cam_scratch"),
+            Stage("gen_cams_scratch", "gen_cams",
+                  dict(run_dir=d(7, "gen_cams_scratch"), checkpoint=d(6, "train_cam_scratch"),
                                                        **data, device=device, **P("gen_cams")), ("train_cam_scratch",),
                   "ablation: CAMs of the random-init Phase-1 model"),
             Stage("train_seg_nogc", "train_seg", {**stages[3].params, "run_dir": d(8, "train_seg_nogc"), "gc": False},
@@ -145,10 +150,12 @@ def build_stages(run_dir,                         # the pipeline's run folder
         i = len(stages) + 1
         stages.append(Stage("ablation", "ablation", dict(
             run_dir=d(i, "ablation"), **data, cam_run=d(1, "train_cam"), cams=d(2, "gen_cams"),
-            scratch_run=d(6, "train_cam_scratch") if trainings else "", scratch_cams=d(7, "gen_cams_scratch") if trainings else "",
+            scratch_run=d(6, "train_cam_scratch") if trainings else "",
+            scratch_cams=d(7, "gen_cams_scratch") if trainings else "",
             seg_eval=d(5, "evaluate"), seg_eval_nogc=d(9, "evaluate_nogc") if trainings else "",
             pseudo_run=d(3, "pseudo_labels"), device=device, **P("ablation")),
-            ("train_cam", "gen_cams", "pseudo_labels", "evaluate") + (("gen_cams_scratch", "evaluate_nogc") if trainings else ()),
+            ("train_cam", "gen_cams", "pseudo_labels", "evaluate")
+                            + (("gen_cams_scratch", "evaluate_nogc") if trainings else ()),
             T("ablation")))
     for i, s in enumerate(stages): s.index = i + 1
     overrides = overrides or {}
@@ -176,7 +183,8 @@ def parse_overrides(items: Sequence,  # ["key=value", ...] or [["key", "value"],
 
 def resolve_overrides(parsed: list, # from parse_overrides
                       stages: list[Stage], # from build_stages (without overrides)
-                      declared: dict | None = None, # {kind: {param: type name or parameters-cell info}}; None: the registry's notebooks
+                      # {kind: {param: type name or parameters-cell info}}; None: the registry's notebooks
+                      declared: dict | None = None,
                      ) -> dict:
     "-> {stage name: {param: typed value}}; unknown scopes or names and values of the wrong type raise, naming them."
     declared = declared if declared is not None else {}
@@ -213,8 +221,8 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed in {notebook} ({where}): {ename}: {evalue}".rstrip(": "))
 
 def stage_fingerprint(stage: Stage, upstream: dict) -> str:
-    "sha1 of notebook + the parameters that change the result + the upstream stages' fingerprints."
-    blob = json.dumps(dict(notebook=stage.notebook, params=_jsonable(stage.spec.result_params(stage.params)),
+    "sha1 of notebook + the parameters that change the result (+ summary format) + the upstream stages' fingerprints."
+    blob = json.dumps(dict(notebook=stage.notebook, params=_jsonable(stage.spec.identity(stage.params)),
                            upstream={n: upstream[n] for n in stage.needs}), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -225,7 +233,8 @@ def stage_state(stage_dir: Path) -> dict:
     except json.JSONDecodeError: return {}
 
 def is_done(stage_dir: Path, fingerprint: str | None = None) -> bool:
-    "A finished stage (with these parameters, if given): pipeline.json done (+ same fingerprint) + summary.json present."
+    """A finished stage (with these parameters, if given): pipeline.json done (+ same fingerprint) + summary.json
+    present."""
     st = stage_state(stage_dir)
     return (st.get("status") == "done" and (fingerprint is None or st.get("fingerprint") == fingerprint)
             and (Path(stage_dir) / "summary.json").is_file())
@@ -248,7 +257,8 @@ def run_stage(stage: Stage,               # what to run
               log=print,                  # where banners go
               stream: bool = True,        # forward the stage's output to this process's stdout/stderr
              ) -> dict:
-    "Run (or skip) one stage; -> dict(status, seconds, summary, notebook). Finished work is kept until the new run finishes."
+    """Run (or skip) one stage; -> dict(status, seconds, summary, notebook). Finished work is kept until the new run
+    finishes."""
     sdir = Path(run_dir) / stage.dirname
     prev, failed = sdir.with_name(sdir.name + ".previous"), sdir.with_name(sdir.name + ".failed")
     out_nb = sdir / stage.notebook
@@ -261,9 +271,11 @@ def run_stage(stage: Stage,               # what to run
     if not force and is_done(sdir, fingerprint):
         st = stage_state(sdir)
         log(banner(f"{head}  -- done earlier ({st.get('seconds', 0):.0f} s), skipped", "-"))
-        return dict(status="skipped", seconds=st.get("seconds", 0.0), summary=json.loads((sdir / "summary.json").read_text()),
+        return dict(status="skipped", seconds=st.get("seconds", 0.0),
+                    summary=json.loads((sdir / "summary.json").read_text()),
                     notebook=str(out_nb))
-    validate_params(stage.kind, stage.params, files=True, label=stage.name)   # a bad value stops here: nothing touched yet
+    # a bad value stops here: nothing touched yet
+    validate_params(stage.kind, stage.params, files=True, label=stage.name)
     old = stage_state(sdir)
     if sdir.exists() and (force or old.get("fingerprint") != fingerprint):
         if is_done(sdir):
@@ -275,7 +287,8 @@ def run_stage(stage: Stage,               # what to run
             log(f"  {stage.name}: removed an unfinished run with other parameters")
     sdir.mkdir(parents=True, exist_ok=True)
     log(banner(f"{head}\n  notebook: {out_nb}"))
-    rec = dict(stage=stage.name, kind=stage.kind, notebook=stage.notebook, executed=str(out_nb), fingerprint=fingerprint,
+    rec = dict(stage=stage.name, kind=stage.kind, notebook=stage.notebook, executed=str(out_nb),
+               fingerprint=fingerprint,
                params=_jsonable(stage.params), needs=list(stage.needs), status="running",
                started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_save_json(rec, sdir / "pipeline.json")
@@ -284,8 +297,9 @@ def run_stage(stage: Stage,               # what to run
     try:
         run_notebook(stage.spec.path, out_nb, stage.params, cwd=RUNS_NB_DIR, kernel_name="python3", setup=True,
                      threads=threads, stream=stream)
-        if not (sdir / "summary.json").is_file(): err = dict(error="MissingSummary: the notebook ran but wrote no summary.json",
-                                                             error_cell=None, error_type="MissingSummary")
+        if not (sdir / "summary.json").is_file():
+            err = dict(error="MissingSummary: the notebook ran but wrote no summary.json", error_cell=None,
+                       error_type="MissingSummary")
     except Exception as e:
         err = _error_fields(e, out_nb)
     dt = time.time() - t0
@@ -293,8 +307,10 @@ def run_stage(stage: Stage,               # what to run
         rec.update(status="failed", seconds=round(dt, 1), cell=err["error_cell"], error=err["error"])
         atomic_save_json(rec, sdir / "pipeline.json")
         nb = out_nb
-        if prev.exists():                                    # keep the failed run for its traceback, put the old one back
-            _move(sdir, failed); prev.rename(sdir); nb = failed / stage.notebook
+        if prev.exists():                                  # keep the failed run for its traceback, put the old one back
+            _move(sdir, failed)
+            prev.rename(sdir)
+            nb = failed / stage.notebook
             log(f"  {stage.name} failed: its run is kept in {failed}; the previous result is back in {sdir}")
         ename, _, evalue = err["error"].partition(": ")
         raise StageFailed(stage.name, nb, err["error_cell"], ename, evalue)
@@ -321,7 +337,8 @@ def run_pipeline(run_dir=None,                        # one folder for everythin
                 ) -> dict:
     "Run the method end to end (resumable); -> the summary dict (also written to run_dir/summary.{json,md})."
     t0 = time.time()
-    run_dir = Path(run_dir or default_run_dir()).resolve(); run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir or default_run_dir()).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
     preset = preset or (QUICK if quick else DEMO)
     base = build_stages(run_dir, preset, ablation, device, asset=asset, data_root=data_root)
     ov = resolve_overrides(parse_overrides(overrides), base)
@@ -330,14 +347,17 @@ def run_pipeline(run_dir=None,                        # one folder for everythin
     names = [s.name for s in all_stages]
     if stages:
         unknown = [s for s in stages if s not in names]
-        if unknown: raise ValueError(f"unknown stage(s) {unknown}; stages are {names}" + ("" if ablation else " (ablation off)"))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {names}"
+                             + ("" if ablation else " (ablation off)"))
     selected = [s for s in all_stages if not stages or s.name in stages]
     log(banner(f"weaktr pipeline: {len(selected)} of {len(all_stages)} stages -> {run_dir}"
                f"\n  preset {'quick' if preset is QUICK else 'demo' if preset is DEMO else 'custom'}, device {device}"
                f", ablation {'on' if ablation else 'off'}" + (f", overrides {dict(ov)}" if ov else "")))
     fps, results = {}, {}
     for s in all_stages: fps[s.name] = stage_fingerprint(s, fps)
-    atomic_save_json(dict(argv=sys.argv, run_dir=str(run_dir), device=device, ablation=ablation, overrides=list(map(str, overrides)),
+    atomic_save_json(dict(argv=sys.argv, run_dir=str(run_dir), device=device, ablation=ablation,
+                          overrides=list(map(str, overrides)),
                           stages=names, preset=_jsonable(preset)), run_dir / "pipeline_config.json")
     for s in selected:
         for n in s.needs:
@@ -354,13 +374,12 @@ def collect_metrics(run_dir: Path, stages: list[Stage]) -> dict:
     by = {s.name: Path(run_dir) / s.dirname for s in stages}
     tc, ps, ev = (_read(by[n] / "summary.json") if n in by else {} for n in ("train_cam", "pseudo_labels", "evaluate"))
     best = tc.get("best", {}).get("metrics", {}) or tc.get("final", {})
-    ev_spec = REGISTRY["evaluate"]                         # evaluation writes percent: read by the declared unit
     m = dict(
         cls_map=best.get("class_map_tok"), cls_sample_map=best.get("sample_map_tok"),
         phase1_cam_miou=best.get("cam_miou"), phase1_epoch=tc.get("best", {}).get("epoch"),
         cam_threshold=ps.get("threshold"), cam_miou_no_crf=ps.get("sweep_best_miou"),
         pseudo_miou=ps.get("miou"), label_free_threshold=ps.get("label_free_threshold"),
-        seg_miou=ev_spec.fraction(ev, "headline_miou"), seg_miou_no_crf=ev_spec.fraction(ev, "miou"),
+        seg_miou=ev.get("headline_miou"), seg_miou_no_crf=ev.get("miou"),
     )
     return m
 
@@ -369,7 +388,8 @@ def stage_times(run_dir: Path, stages: list[Stage]) -> list[dict]:
     out = []
     for s in stages:
         st = stage_state(Path(run_dir) / s.dirname)
-        out.append(dict(stage=s.name, dir=s.dirname, notebook=f"{s.dirname}/{s.notebook}", status=st.get("status", "not run"),
+        out.append(dict(stage=s.name, dir=s.dirname, notebook=f"{s.dirname}/{s.notebook}",
+                        status=st.get("status", "not run"),
                         seconds=st.get("seconds")))
     return out
 
@@ -391,7 +411,8 @@ def summary_markdown(s: dict) -> str:
         sec = "" if t["seconds"] is None else f"{t['seconds']:.0f}"
         L.append(f"| {t['stage']} | `{t['notebook']}` | {t['status']} | {sec} |")
     if s.get("ablation_md"): L += ["", "## Ablation", "", s["ablation_md"]]
-    if s.get("figure"): L += ["", "## Val images", "", f"![image, GT, CAM, pseudo label, prediction]({Path(s['figure']).name})"]
+    if s.get("figure"):
+        L += ["", "## Val images", "", f"![image, GT, CAM, pseudo label, prediction]({Path(s['figure']).name})"]
     return "\n".join(L) + "\n"
 
 def write_summary(run_dir: Path, stages: list[Stage], fps: dict, wall: float = 0.0, log=print) -> dict:
@@ -408,7 +429,8 @@ def write_summary(run_dir: Path, stages: list[Stage], fps: dict, wall: float = 0
     ab = next((x for x in stages if x.name == "ablation"), None)
     if ab is not None and (run_dir / ab.dirname / "summary.json").is_file():
         a = _read(run_dir / ab.dirname / "summary.json")
-        s["ablation"] = a.get("rows"); s["ablation_md"] = a.get("table_md")
+        s["ablation"] = a.get("rows")
+        s["ablation_md"] = a.get("table_md")
     try:
         fig_path = figure_grid(run_dir, stages)
         if fig_path: s["figure"] = str(fig_path)
@@ -417,13 +439,13 @@ def write_summary(run_dir: Path, stages: list[Stage], fps: dict, wall: float = 0
     atomic_save_json(s, run_dir / "summary.json")
     md = summary_markdown(s)
     atomic_write_text(md, run_dir / "summary.md")
-    log(banner(f"summary: {run_dir / 'summary.md'}")); log(md)
+    log(banner(f"summary: {run_dir / 'summary.md'}"))
+    log(md)
     return s
 
 # %% ../nbs/20_pipeline.ipynb #3c014b59
 def figure_grid(run_dir: Path, stages: list[Stage], n: int = 4):
     "figure.png: rows of (image, GT, CAM, pseudo label, prediction) for the first n val images; -> path or None."
-    from PIL import Image as PILImage
     from matplotlib.figure import Figure
     from weaktr.data import open_dataset, mask_to_rgb, read_mask
     from weaktr.model import load_cam_model
@@ -434,7 +456,8 @@ def figure_grid(run_dir: Path, stages: list[Stage], n: int = 4):
     ev_dir = Path(run_dir) / by["evaluate"].dirname
     ps = _read(Path(run_dir) / by["pseudo_labels"].dirname / "summary.json")
     if not (Path(run_dir) / by["train_cam"].dirname / "summary.json").is_file() or not ps: return None
-    g = by["gen_cams"].params; e = by["evaluate"].params
+    g = by["gen_cams"].params
+    e = by["evaluate"].params
     ds = open_dataset("synthetic", e["data_root"], e.get("split", "val"))
     model = load_cam_model(Path(run_dir) / by["train_cam"].dirname, device="cpu")
     ids = ds.ids[:n]
@@ -442,11 +465,13 @@ def figure_grid(run_dir: Path, stages: list[Stage], n: int = 4):
     cams = cams_batched(model, [s["image"] for s in samples], torch.stack([s["labels"] for s in samples]),
                         scales=g.get("scales", (1.0, 0.8, 1.2)), compact=True)
     crf = crf_preset(by["pseudo_labels"].params.get("crf", "voc"))
-    cols = ["image", "ground truth", "CAM (max over classes)", f"pseudo label (t={ps['threshold']:.2f}, CRF)", "prediction"]
+    cols = ["image", "ground truth", "CAM (max over classes)", f"pseudo label (t={ps['threshold']:.2f}, CRF)",
+            "prediction"]
     fig = Figure(figsize=(2.2 * len(cols), 2.3 * len(ids)))
     axes = fig.subplots(len(ids), len(cols), squeeze=False)
     for r, (s, (maps, cids)) in enumerate(zip(samples, cams)):
-        img = np.asarray(s["image"]); maps = maps.numpy()
+        img = np.asarray(s["image"])
+        maps = maps.numpy()
         lab = cam_to_label(maps, cids.numpy(), ps["threshold"])
         if crf is not None: lab = crf_label(img, lab, cids.numpy(), crf)
         pred_p = ev_dir / "preds" / f"{s['id']}.png"
@@ -455,7 +480,9 @@ def figure_grid(run_dir: Path, stages: list[Stage], n: int = 4):
         panels = [img, mask_to_rgb(s["mask"]), None, mask_to_rgb(lab), mask_to_rgb(pred) if pred is not None else None]
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
-            if c == 2: ax.imshow(img); ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if c == 2:
+                ax.imshow(img)
+                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             elif panels[c] is not None: ax.imshow(panels[c], interpolation="nearest")
             if r == 0: ax.set_title(cols[c], fontsize=8)
     fig.tight_layout()
@@ -466,18 +493,23 @@ def figure_grid(run_dir: Path, stages: list[Stage], n: int = 4):
 # %% ../nbs/20_pipeline.ipynb #15bcd239
 def cli_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m weaktr.pipeline",
-                                description="WeakTr end to end on the embedded synthetic dataset: Phase 1 -> CAMs -> pseudo "
-                                            "labels -> Phase 2 -> evaluation (+ ablation), each stage an executed papermill notebook.")
-    p.add_argument("--run-dir", default=None, help="one folder for everything (default: $WEAKTR_RUNS/demo, else ./runs/demo)")
-    p.add_argument("--quick", action="store_true", help="tiny setting for tests/CI (seconds per stage; numbers mean nothing)")
-    p.add_argument("--stages", default="", help="comma-separated stage names to run (default: all); upstream stages must be finished")
+                                description="WeakTr end to end on the embedded synthetic dataset: Phase 1 -> CAMs -> "
+                                            "pseudo labels -> Phase 2 -> evaluation (+ ablation), each stage an "
+                                            "executed papermill notebook.")
+    p.add_argument("--run-dir", default=None,
+                   help="one folder for everything (default: $WEAKTR_RUNS/demo, else ./runs/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny setting for tests/CI (seconds per stage; numbers mean nothing)")
+    p.add_argument("--stages", default="",
+                   help="comma-separated stage names to run (default: all); upstream stages must be finished")
     p.add_argument("--device", default="auto", help="device of every stage: auto | cpu | cuda | cuda:1 ...")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the ablation stages and table")
     g.add_argument("--ablation", dest="ablation", action="store_true", help="run the ablation stages (default)")
     p.set_defaults(ablation=True)
     p.add_argument("--threads", type=int, default=0, help="torch threads in each stage (0: torch's default)")
-    p.add_argument("--force", action="store_true", help="recompute the selected stages in empty folders even if finished "
+    p.add_argument("--force", action="store_true",
+                   help="recompute the selected stages in empty folders even if finished "
                    "(a finished result is kept aside until the new run finishes)")
     p.add_argument("-p", "--param", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="parameter override: key=value (every stage that has it) or stage.key=value; repeatable")

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, fingerprint, resume_check, resume_commit
-from .data import IGNORE_INDEX, open_dataset, read_image, read_mask, write_mask
+from .core import (atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dict, fingerprint, resume_check,
+                         resume_commit)
+from .data import open_dataset, read_mask, write_mask
 from .crf import CRF_COCO_LABELS, CRF_VOC_LABELS, CrfCfg, crf_from_labels
 from .metrics import confusion_matrix, miou, threshold_confusions, threshold_range
-from .camgen import CamGenCfg, data_record, generate_cams, load_cams, save_cams
+from .camgen import CamGenCfg, data_record, generate_cams, load_cams
 
 # %% auto #0
 __all__ = ['CRF_PRESETS', 'PR_SET_PDEATHSIG', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'run_tasks',
@@ -31,11 +32,14 @@ def cam_to_label(maps,                 # (K, H, W) normalised CAMs of the presen
                  threshold: float,     # background score t (the reference's --t T means T/100)
                 ) -> np.ndarray:
     "Argmax over [t, maps] (ties -> background) mapped to dataset ids 0..C: -> (H, W) uint8, no 255."
-    maps = np.asarray(maps, dtype=np.float32); class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    maps = np.asarray(maps, dtype=np.float32)
+    class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     if maps.ndim != 3 or len(maps) != len(class_ids):
-        raise ValueError(f"cam_to_label: maps {maps.shape} must be (K, H, W) with K = len(class_ids) = {len(class_ids)}")
+        raise ValueError(f"cam_to_label: maps {maps.shape} must be (K, H, W) with K = len(class_ids) = "
+                         f"{len(class_ids)}")
     if len(class_ids) == 0: return np.zeros(maps.shape[1:], np.uint8)
-    if class_ids.min() < 0 or class_ids.max() > 253: raise ValueError(f"cam_to_label: class ids {class_ids} outside 0..253")
+    if class_ids.min() < 0 or class_ids.max() > 253:
+        raise ValueError(f"cam_to_label: class ids {class_ids} outside 0..253")
     m, a = maps.max(0), maps.argmax(0)                                      # (K, H, W) -> (H, W), (H, W)
     return np.where(m > np.float32(threshold), (class_ids + 1)[a], 0).astype(np.uint8)
 
@@ -58,10 +62,12 @@ def crf_label(image_u8,                # (H, W, 3) uint8 RGB original image
     class_ids = np.asarray(class_ids, np.int64).reshape(-1)
     label = np.asarray(label)
     key = np.concatenate([[0], class_ids + 1])                             # compact index -> dataset id
-    inv = np.full(256, -1, np.int64); inv[key] = np.arange(len(key))
+    inv = np.full(256, -1, np.int64)
+    inv[key] = np.arange(len(key))
     compact = inv[label.astype(np.int64)]
     if (compact < 0).any():
-        raise ValueError(f"crf_label: label has ids {sorted(set(np.unique(label)) - set(key.tolist()))} not in 0 or class_ids+1 = {key[1:].tolist()}")
+        raise ValueError(f"crf_label: label has ids {sorted(set(np.unique(label)) - set(key.tolist()))} not in 0 or "
+                         f"class_ids+1 = {key[1:].tolist()}")
     out = crf_from_labels(image_u8, compact, len(key), cfg)                 # (H, W) compact
     return key[out].astype(np.uint8)
 
@@ -90,7 +96,8 @@ def _init_worker(state: dict, parent_pid: int | None = None):
     "Pool initializer: die with the parent; keep the shared state; one torch thread (fork-safe)."
     if parent_pid is not None: _die_with_parent(parent_pid)
     torch.set_num_threads(1)
-    _W.clear(); _W.update(state)
+    _W.clear()
+    _W.update(state)
 
 def _gt(ds, id):
     return ds.read_mask(id) if ds.mask_path(id) is not None else None
@@ -108,9 +115,11 @@ def _pseudo_task(i: int):
             if _W["crf"] is not None:
                 img = np.asarray(ds.read_image(id))
                 if img.shape[:2] != label.shape:
-                    raise ValueError(f"image is {img.shape[1]}x{img.shape[0]} but its CAMs are {label.shape[1]}x{label.shape[0]} (W x H)")
+                    raise ValueError(f"image is {img.shape[1]}x{img.shape[0]} but its CAMs are "
+                                     f"{label.shape[1]}x{label.shape[0]} (W x H)")
                 label = crf_label(img, label, cids, _W["crf"])
-            write_mask(out, label); status = "written"
+            write_mask(out, label)
+            status = "written"
         conf = None
         if _W["score"] and (gt := _gt(ds, id)) is not None:
             conf = confusion_matrix(label, gt, _W["num_classes"])
@@ -125,7 +134,8 @@ def _sweep_task(i: int):
         gt = _gt(ds, id)
         if _W["crf"] is None: return threshold_confusions(maps, cids, gt, _W["thresholds"], _W["num_classes"])
         img = np.asarray(ds.read_image(id))
-        return np.stack([confusion_matrix(crf_label(img, cam_to_label(maps, cids, t), cids, _W["crf"]), gt, _W["num_classes"])
+        return np.stack([confusion_matrix(crf_label(img, cam_to_label(maps, cids, t), cids, _W["crf"]), gt,
+                                          _W["num_classes"])
                          for t in _W["thresholds"]])
     except Exception as e:
         raise RuntimeError(f"threshold sweep {id!r}: {type(e).__name__}: {e}") from e
@@ -138,15 +148,24 @@ def run_tasks(fn, indices: Sequence[int], state: dict, workers: int = 2, desc: s
     indices = list(indices)
     bar = tqdm(total=len(indices), desc=desc, disable=not progress)
     if workers <= 1 or len(indices) <= 1:
-        saved = dict(_W); _W.clear(); _W.update(state)
+        saved = dict(_W)
+        _W.clear()
+        _W.update(state)
         try:
-            for i in indices: yield fn(i); bar.update()
-        finally: _W.clear(); _W.update(saved); bar.close()
+            for i in indices:
+                yield fn(i)
+                bar.update()
+        finally:
+            _W.clear()
+            _W.update(saved)
+            bar.close()
         return
     chunk = max(1, min(16, len(indices) // (4 * workers)))
     with _mp_context().Pool(workers, initializer=_init_worker, initargs=(state, os.getpid())) as pool:
         try:
-            for r in pool.imap_unordered(fn, indices, chunksize=chunk): yield r; bar.update()
+            for r in pool.imap_unordered(fn, indices, chunksize=chunk):
+                yield r
+                bar.update()
         finally: bar.close()
 
 def write_pseudo_labels(ds,                       # SegDataset (images; masks for scoring)
@@ -159,16 +178,23 @@ def write_pseudo_labels(ds,                       # SegDataset (images; masks fo
                         score: bool = True,       # confusion matrix against GT masks where they exist
                         progress: bool = True,
                        ) -> dict:
-    "Write (or resume) the pseudo-label PNGs of `indices`: -> dict(n_written, n_skipped, conf (C+1, C+1), n_scored, seconds)."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    """Write (or resume) the pseudo-label PNGs of `indices`: -> dict(n_written, n_skipped, conf (C+1, C+1), n_scored,
+    seconds)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     indices = list(range(len(ds))) if indices is None else list(indices)
     NC = ds.num_classes + 1
     state = dict(ds=ds, cams_dir=str(cams_dir), out_dir=str(out_dir), threshold=float(threshold), crf=crf_preset(crf),
                  score=score, num_classes=NC)
-    conf = np.zeros((NC, NC), np.int64); counts = dict(written=0, skipped=0); n_scored = 0; t0 = time.time()
+    conf = np.zeros((NC, NC), np.int64)
+    counts = dict(written=0, skipped=0)
+    n_scored = 0
+    t0 = time.time()
     for id, status, c in run_tasks(_pseudo_task, indices, state, workers, "pseudo labels", progress):
         counts[status] += 1
-        if c is not None: conf += c; n_scored += 1
+        if c is not None:
+            conf += c
+            n_scored += 1
     return dict(n_written=counts["written"], n_skipped=counts["skipped"], conf=conf, n_scored=n_scored,
                 seconds=time.time() - t0)
 
@@ -177,10 +203,14 @@ def otsu_threshold(hist,          # (nbins,) counts
                    edges,         # (nbins + 1,) bin edges
                   ) -> float:
     "Otsu's threshold of a histogram: the upper edge of the last 'low' bin."
-    hist = np.asarray(hist, np.float64); edges = np.asarray(edges, np.float64)
+    hist = np.asarray(hist, np.float64)
+    edges = np.asarray(edges, np.float64)
     if hist.sum() <= 0: raise ValueError("otsu_threshold: empty histogram")
-    p = hist / hist.sum(); centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(p); mu = np.cumsum(p * centers); mu_t = mu[-1]
+    p = hist / hist.sum()
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * centers)
+    mu_t = mu[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0))                 # sigma_b^2 for a split after bin k
     between[~np.isfinite(between)] = -1
@@ -192,7 +222,8 @@ def _max_cam(path, stride):
 
 def label_free_threshold(cams_dir,                  # folder of <id>.npz
                          ids: Sequence[str] | None = None,  # which images (default: every .npz)
-                         method: str = "pooled",    # "pooled": Otsu of the pooled max-CAM histogram; "mean": mean of per-image Otsu
+                         # "pooled": Otsu of the pooled max-CAM histogram; "mean": mean of per-image Otsu
+                         method: str = "pooled",
                          bins: int = 256,
                          max_images: int = 500,     # read at most this many (evenly spaced)
                          stride: int = 2,           # pixel subsampling
@@ -201,12 +232,18 @@ def label_free_threshold(cams_dir,                  # folder of <id>.npz
     if method not in ("pooled", "mean"): raise ValueError(f"method={method!r}: expected 'pooled' or 'mean'")
     cams_dir = Path(cams_dir)
     ids = sorted(p.stem for p in cams_dir.glob("*.npz")) if ids is None else list(ids)
-    if max_images and len(ids) > max_images: ids = [ids[i] for i in np.linspace(0, len(ids) - 1, max_images).round().astype(int)]
-    edges = np.linspace(0, 1, bins + 1); hist = np.zeros(bins, np.int64); per_image = []; n = 0
+    if max_images and len(ids) > max_images:
+        ids = [ids[i] for i in np.linspace(0, len(ids) - 1, max_images).round().astype(int)]
+    edges = np.linspace(0, 1, bins + 1)
+    hist = np.zeros(bins, np.int64)
+    per_image = []
+    n = 0
     for id in ids:
         m = _max_cam(cams_dir / f"{id}.npz", stride)
         if m is None: continue
-        h = np.histogram(np.clip(m, 0, 1), edges)[0]; hist += h; n += 1
+        h = np.histogram(np.clip(m, 0, 1), edges)[0]
+        hist += h
+        n += 1
         if method == "mean": per_image.append(otsu_threshold(h, edges))
     if n == 0: raise ValueError(f"label_free_threshold: no CAM file with a class among {len(ids)} ids in {cams_dir}")
     t = float(np.mean(per_image)) if method == "mean" else otsu_threshold(hist, edges)
@@ -220,13 +257,16 @@ def sweep_threshold(cams_dir,                      # folder of <id>.npz
                     max_images: int = 0,           # 0: all usable images (evenly spaced subset otherwise)
                     progress: bool = True,
                    ) -> list[dict]:
-    "mIoU vs background threshold on a labelled subset: -> rows dict(threshold, miou, fg_fraction, gt_fg_fraction, n_images)."
+    """mIoU vs background threshold on a labelled subset: -> rows dict(threshold, miou, fg_fraction, gt_fg_fraction,
+    n_images)."""
     thresholds = sorted(float(t) for t in thresholds)
     cams_dir = Path(cams_dir)
     have = {p.stem for p in cams_dir.glob("*.npz")}
     idx = [i for i, id in enumerate(dataset.ids) if id in have and dataset.mask_path(id) is not None]
-    if not idx: raise ValueError(f"sweep_threshold: no image of {dataset!r} has both a CAM file in {cams_dir} and a mask")
-    if max_images and len(idx) > max_images: idx = [idx[i] for i in np.linspace(0, len(idx) - 1, max_images).round().astype(int)]
+    if not idx:
+        raise ValueError(f"sweep_threshold: no image of {dataset!r} has both a CAM file in {cams_dir} and a mask")
+    if max_images and len(idx) > max_images:
+        idx = [idx[i] for i in np.linspace(0, len(idx) - 1, max_images).round().astype(int)]
     NC = dataset.num_classes + 1
     state = dict(ds=dataset, cams_dir=str(cams_dir), thresholds=thresholds, crf=crf_preset(crf), num_classes=NC)
     conf = np.zeros((len(thresholds), NC, NC), np.int64)
@@ -244,8 +284,10 @@ def best_threshold(table: Sequence[dict]) -> dict:
 
 def sweep_csv(table: Sequence[dict]) -> str:
     "The sweep table as CSV text."
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
-    w.writeheader(); w.writerows(table)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(table)
     return buf.getvalue()
 
 def plot_sweep(table: Sequence[dict],              # rows from sweep_threshold
@@ -255,16 +297,19 @@ def plot_sweep(table: Sequence[dict],              # rows from sweep_threshold
     "mIoU and predicted foreground fraction vs threshold; returns a Figure."
     from matplotlib.figure import Figure
     t = [r["threshold"] for r in table]
-    fig = Figure(figsize=(6, 3.2)); ax = fig.subplots()
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     ax.plot(t, [100 * r["miou"] for r in table], "o-", ms=3, color="C0", label="mIoU")
-    ax.set_xlabel("background threshold t"); ax.set_ylabel("mIoU (%)", color="C0")
+    ax.set_xlabel("background threshold t")
+    ax.set_ylabel("mIoU (%)", color="C0")
     ax2 = ax.twinx()
     ax2.plot(t, [r["fg_fraction"] for r in table], "-", color="C1", label="predicted fg fraction")
     ax2.axhline(table[0]["gt_fg_fraction"], color="C1", ls=":", label="GT fg fraction")
     ax2.set_ylabel("foreground fraction", color="C1")
     for k, (name, v) in enumerate((marks or {}).items()):
         ax.axvline(v, color=f"C{k + 2}", ls="--", label=f"{name}: {v:.3f}")
-    h1, l1 = ax.get_legend_handles_labels(); h2, l2 = ax2.get_legend_handles_labels()
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
     if title: ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -294,17 +339,23 @@ class PseudoCfg:
     workers: int = 2                        # CPU processes
     max_images: int = 0                     # 0 = whole split
     score: bool = True                      # mIoU against GT masks where they exist
-    overwrite: bool = False                 # restart (delete the old labels) if they were made from other CAMs or settings
+    overwrite: bool = False              # restart (delete the old labels) if they were made from other CAMs or settings
     smoke: bool = False                     # <= 8 images, smoke gen_cams if no cams_dir
 
     def __post_init__(self):
-        if self.threshold_mode not in THRESHOLD_MODES: raise ValueError(f"PseudoCfg.threshold_mode={self.threshold_mode!r}: expected one of {THRESHOLD_MODES}")
-        if not 0 <= self.threshold < 1: raise ValueError(f"PseudoCfg.threshold={self.threshold}: expected a score in [0, 1) (the reference's --t 43 is 0.43)")
-        if self.crf not in CRF_PRESETS: raise ValueError(f"PseudoCfg.crf={self.crf!r}: expected one of {tuple(CRF_PRESETS)}")
-        if self.otsu_method not in ("pooled", "mean"): raise ValueError(f"PseudoCfg.otsu_method={self.otsu_method!r}: expected 'pooled' or 'mean'")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"PseudoCfg.threshold_mode={self.threshold_mode!r}: expected one of {THRESHOLD_MODES}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"PseudoCfg.threshold={self.threshold}: expected a score in [0, 1) (the reference's --t "
+                             "43 is 0.43)")
+        if self.crf not in CRF_PRESETS:
+            raise ValueError(f"PseudoCfg.crf={self.crf!r}: expected one of {tuple(CRF_PRESETS)}")
+        if self.otsu_method not in ("pooled", "mean"):
+            raise ValueError(f"PseudoCfg.otsu_method={self.otsu_method!r}: expected 'pooled' or 'mean'")
         if self.workers < 0: raise ValueError(f"PseudoCfg.workers must be >= 0, got {self.workers}")
         threshold_range(self.sweep_start, self.sweep_stop, self.sweep_step)
-        if not self.cams_dir and not self.smoke: raise ValueError("PseudoCfg.cams_dir is empty: name a gen_cams run folder (or set smoke=True)")
+        if not self.cams_dir and not self.smoke:
+            raise ValueError("PseudoCfg.cams_dir is empty: name a gen_cams run folder (or set smoke=True)")
 
 def resolve_cams_dir(path) -> Path:
     "A gen_cams run folder or its cams/ folder -> the folder holding <id>.npz."
@@ -314,18 +365,22 @@ def resolve_cams_dir(path) -> Path:
     return p
 
 def cams_record(cams_dir) -> dict:
-    "What identifies a CAM folder's content: the sha256 of its gen_cams resume record, else of its listing (name, size, mtime)."
-    cams_dir = Path(cams_dir); rec = cams_dir / "meta.json"
+    """What identifies a CAM folder's content: the sha256 of its gen_cams resume record, else of its listing (name,
+    size, mtime)."""
+    cams_dir = Path(cams_dir)
+    rec = cams_dir / "meta.json"
     if rec.is_file(): return dict(cams_record_sha256=fingerprint(json.loads(rec.read_text())))
     listing = [(p.name, st.st_size, st.st_mtime_ns) for p in sorted(cams_dir.glob("*.npz")) for st in [p.stat()]]
     return dict(cams_listing_sha256=fingerprint(listing))
 
 def pseudo_record(cfg: PseudoCfg, cams_dir, ds, threshold: float) -> dict:
     "The resume record of a pseudo-label run: CAM content, data list, threshold and CRF (no paths)."
-    return dict(**cams_record(cams_dir), data=cfg.data, split=cfg.split, **data_record(ds), threshold=float(threshold), crf=cfg.crf)
+    return dict(**cams_record(cams_dir), data=cfg.data, split=cfg.split, **data_record(ds), threshold=float(threshold),
+                crf=cfg.crf)
 
 def make_pseudo_labels(cfg: PseudoCfg) -> dict:
-    "Stage: CAMs -> threshold (fixed / GT sweep / label-free) -> CRF -> run_dir/pseudo/<id>.png; resumes only into labels of the same CAMs."
+    """Stage: CAMs -> threshold (fixed / GT sweep / label-free) -> CRF -> run_dir/pseudo/<id>.png; resumes only into
+    labels of the same CAMs."""
     t0 = time.time()
     if isinstance(cfg, dict): cfg = cfg_from_flat(PseudoCfg, cfg)
     run_dir = Path(cfg.run_dir)
@@ -340,11 +395,14 @@ def make_pseudo_labels(cfg: PseudoCfg) -> dict:
     if (cams_dir / "meta.json").is_file():
         cm = json.loads((cams_dir / "meta.json").read_text())
         if cm.get("num_classes", ds.num_classes) != ds.num_classes:
-            raise ValueError(f"{cams_dir} holds CAMs for C={cm['num_classes']} classes but {cfg.data}:{cfg.split} has C={ds.num_classes}")
+            raise ValueError(f"{cams_dir} holds CAMs for C={cm['num_classes']} classes but {cfg.data}:{cfg.split} has "
+                             f"C={ds.num_classes}")
     have = {p.stem for p in cams_dir.glob("*.npz")}
     idx = [i for i, id in enumerate(ds.ids) if id in have]
     n_missing = len(ds) - len(idx)
-    if not idx: raise FileNotFoundError(f"no CAM file in {cams_dir} for any image of {cfg.data}:{cfg.split} (first ids {ds.ids[:3]})")
+    if not idx:
+        raise FileNotFoundError(f"no CAM file in {cams_dir} for any image of {cfg.data}:{cfg.split} (first ids "
+                                f"{ds.ids[:3]})")
     max_images = cfg.max_images or (8 if cfg.smoke else 0)
     if max_images: idx = idx[:max_images]
     ids = [ds.ids[i] for i in idx]
@@ -359,24 +417,29 @@ def make_pseudo_labels(cfg: PseudoCfg) -> dict:
                                 max_images=cfg.sweep_max_images or (8 if cfg.smoke else 0))
         best = best_threshold(table)
         near = min(table, key=lambda r: abs(r["threshold"] - lf["threshold"]))
-        summary.update(sweep_best_threshold=best["threshold"], sweep_best_miou=best["miou"], sweep_images=best["n_images"],
+        summary.update(sweep_best_threshold=best["threshold"], sweep_best_miou=best["miou"],
+                       sweep_images=best["n_images"],
                        sweep_miou_at_label_free=near["miou"])
         t = best["threshold"]
     elif cfg.threshold_mode == "otsu": t = lf["threshold"]
     else: t = cfg.threshold
-    out_dir = run_dir / "pseudo"; record_path = out_dir / "meta.json"
+    out_dir = run_dir / "pseudo"
+    record_path = out_dir / "meta.json"
     record = pseudo_record(cfg, cams_dir, ds, t)
-    stale = resume_check(record_path, record, sorted(out_dir.glob("*.png")), cfg.overwrite, "pseudo labels")  # refuses before writing
+    # refuses before writing
+    stale = resume_check(record_path, record, sorted(out_dir.glob("*.png")), cfg.overwrite, "pseudo labels")
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_commit(record_path, record, stale)
     atomic_save_json(cfg_to_dict(cfg), run_dir / "config.json")
     if table is not None:
         atomic_write_text(sweep_csv(table), run_dir / "sweep.csv")
         fig = plot_sweep(table, {"GT-tuned": best["threshold"], f"Otsu ({cfg.otsu_method})": lf["threshold"]},
-                         f"{cfg.data}:{cfg.sweep_split}, {best['n_images']} images, CRF {'on' if cfg.sweep_crf else 'off'}")
+                         f"{cfg.data}:{cfg.sweep_split}, {best['n_images']} images, CRF "
+                         f"{'on' if cfg.sweep_crf else 'off'}")
         fig.savefig(run_dir / "sweep.png", dpi=120)
     res = write_pseudo_labels(ds, cams_dir, out_dir, t, cfg.crf, cfg.workers, idx, cfg.score)
-    summary.update(threshold=t, n_images=len(idx), n_written=res["n_written"], n_skipped=res["n_skipped"], n_restarted=len(stale),
+    summary.update(threshold=t, n_images=len(idx), n_written=res["n_written"], n_skipped=res["n_skipped"],
+                   n_restarted=len(stale),
                    workers=cfg.workers, seconds=round(time.time() - t0, 3),
                    images_per_s=round(res["n_written"] / res["seconds"], 3) if res["n_written"] else None,
                    pseudo_dir=str(out_dir), n_scored=res["n_scored"])
@@ -396,13 +459,16 @@ def plot_pseudo_labels(ds,                       # the SegDataset the labels wer
     from weaktr.data import mask_to_rgb
     pseudo_dir = Path(pseudo_dir)
     ids = list(ids) if ids is not None else [i for i in ds.ids if (pseudo_dir / f"{i}.png").is_file()][:4]
-    fig = Figure(figsize=(3 * scale, scale * len(ids))); axes = fig.subplots(len(ids), 3, squeeze=False)
+    fig = Figure(figsize=(3 * scale, scale * len(ids)))
+    axes = fig.subplots(len(ids), 3, squeeze=False)
     for r, id in enumerate(ids):
         gt = ds.read_mask(id) if ds.mask_path(id) is not None else None
         panels = [(ds.read_image(id), id), (mask_to_rgb(read_mask(pseudo_dir / f"{id}.png")), "pseudo label"),
                   (mask_to_rgb(gt) if gt is not None else None, "ground truth")]
         for ax, (im, title) in zip(axes[r], panels):
             ax.axis("off")
-            if im is not None: ax.imshow(im, interpolation="nearest"); ax.set_title(title, fontsize=8)
+            if im is not None:
+                ax.imshow(im, interpolation="nearest")
+                ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig

@@ -13,17 +13,18 @@ import timm
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from .camgen import evaluate_cams
-from .core import amp_dtype, amp_name, atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict, get_device, seed_everything
-from .data import DATASETS, SegDataset, open_dataset, runs_dir
+from .core import (amp_dtype, amp_name, atomic_save_json, atomic_torch_save, cfg_from_flat, cfg_to_dict,
+                         get_device, seed_everything)
+from .data import DATASETS, SegDataset, open_dataset
 from .synth import SYNTH_DEFAULT, make_default_synthetic, make_synthetic
 from .transforms import (on_image, phase1_collate, phase1_eval_transform, phase1_train_transform,
-                               posterize_zero_bits_black)
+                               posterize_zero_bits_black)  # noqa: F401 (re-exported on purpose, see below)
 from .fusion import FUSIONS
-from .learner import PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, check_range, effective_lr, read_metrics, save_figure
+from .learner import (PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, check_range, effective_lr, read_metrics,
+                            save_figure)
 from .metrics import class_map, sample_map, threshold_range
 from .model import WeakTr, create_weaktr, load_official_checkpoint, load_pretrained, weaktr_loss
 
@@ -42,23 +43,24 @@ _CHOICES = dict(data=DATA_KINDS, fusion=tuple(FUSIONS), pool=("avg", "max"), att
 class CamTrainCfg:
     "Phase-1 training run (method notes §phase1). Defaults: the reference V3 VOC recipe; set `data_root`."
     # -- where ---------------------------------------------------------------------------------------------------
-    run_dir: str = "runs/train_cam"          # config.json, train_config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
+    # config.json, train_config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
+    run_dir: str = "runs/train_cam"
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = "voc"                        # "synthetic" | "voc" | "coco" (90 classes, §coco) | "coco80" | "folder"
-    data_root: str = ""                      # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>
-    data_kw: dict | None = None              # extra keyword arguments for the dataset builder, e.g. {"mask_space": "coco80"}
+    data_root: str = ""       # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>
+    data_kw: dict | None = None         # extra keyword arguments for the dataset builder, e.g. {"mask_space": "coco80"}
     train_split: str = "train_aug"           # training list (§phase1-data: VOC train_aug, COCO train)
     val_split: str = "val"                   # mAP list (§phase1-data)
-    cam_split: str = "train"                 # labelled list for the per-epoch CAM mIoU (§phase1-select: VOC train, COCO train_1250)
+    cam_split: str = "train"     # labelled list for the per-epoch CAM mIoU (§phase1-select: VOC train, COCO train_1250)
     max_train_images: int = 0                # first n training images only (0 = all)
     max_val_images: int = 0                  # first n val images only (0 = all)
     cam_eval_max_images: int = 0             # first n cam_split images only (0 = all)
-    # -- transforms (§phase1-data) ---------------------------------------------------------------------------------------
+    # -- transforms (§phase1-data) -----------------------------------------------------------------------------------
     img_size: int = 224                      # training crop side
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     auto_augment: str = "rand-m9-mstd0.5-inc1"     # timm RandAugment policy ("" = none)
     re_prob: float = 0.25                    # RandomErasing probability
-    eval_crop_pct: float = 0.875             # val: resize the short side to img_size / crop_pct, centre crop (0.875 = 256 -> 224)
+    eval_crop_pct: float = 0.875   # val: resize the short side to img_size / crop_pct, centre crop (0.875 = 256 -> 224)
     # -- model (§cam-net) ----------------------------------------------------------------------------------------------
     backbone: str = "deit_small_patch16_224" # timm ViT name
     embed_dim: int = 0                       # timm overrides for tiny models (0 = the backbone's)
@@ -72,15 +74,15 @@ class CamTrainCfg:
     feat_reduction: float = 8                # AAF per-head feature MLP reduction
     attn_impl: str = "fast"                  # "fast" (SDPA) or "reference" (explicit attention)
     drop_path: float = 0.1                   # stochastic depth rate (§backbone)
-    pretrained: str = ""                     # local ImageNet ViT weights ("" = random init), see load_pretrained (§imagenet-init)
-    init_checkpoint: str = ""                # official WeakTr Phase-1 checkpoint to start from ("" = none), §ckpt-phase1
-    # -- optimisation (§phase1-optim, TrainCfg fields) --------------------------------------------------------------------
+    pretrained: str = ""           # local ImageNet ViT weights ("" = random init), see load_pretrained (§imagenet-init)
+    init_checkpoint: str = ""               # official WeakTr Phase-1 checkpoint to start from ("" = none), §ckpt-phase1
+    # -- optimisation (§phase1-optim, TrainCfg fields) ---------------------------------------------------------------
     epochs: int = 60
     batch_size: int = 64                     # global batch
-    lr: float = 6e-4                         # as written on the reference command line (scaled by batch/512, see lr_scale_by_batch)
+    lr: float = 6e-4             # as written on the reference command line (scaled by batch/512, see lr_scale_by_batch)
     lr_scale_by_batch: bool = True           # effective lr = lr * batch_size * grad_accum / 512 (§phase1-optim)
     weight_decay: float = 0.03
-    decay_all: bool = True                   # HEAD decays every parameter; False: not biases, norms, pos_embed, cls_token
+    decay_all: bool = True                 # HEAD decays every parameter; False: not biases, norms, pos_embed, cls_token
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -93,9 +95,10 @@ class CamTrainCfg:
     num_workers: int = 10                    # DataLoader workers (train and val)
     log_every: int = 50                      # optimizer updates between step lines in metrics.jsonl
     eval_every: int = 1                      # epochs between evaluations (the last epoch is always evaluated)
-    max_steps: int = 0                       # stop after this many updates (0 = no limit; the schedule still spans `epochs`)
-    diverge_factor: float = 1000.0           # divergence guard: stop when |loss| > this × the median |loss| of the first 20 batches (0 = off)
-    # -- per-epoch evaluation (§phase1-select) -----------------------------------------------------------------------------
+    max_steps: int = 0                  # stop after this many updates (0 = no limit; the schedule still spans `epochs`)
+    # divergence guard: stop when |loss| > this × the median |loss| of the first 20 batches (0 = off)
+    diverge_factor: float = 1000.0
+    # -- per-epoch evaluation (§phase1-select) -----------------------------------------------------------------------
     eval_cam_miou: bool = True               # CAM mIoU on cam_split every evaluation (selects best.pt)
     cam_scales: tuple[float, ...] = (1.0,)   # CAM-check scales, each with its flip; the first must be 1.0
     cam_t_range: tuple[float, float, float] = (0.40, 0.60, 0.01)  # background thresholds: start, stop (excluded), step
@@ -112,13 +115,17 @@ class CamTrainCfg:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CamTrainCfg.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not timm.is_model(self.backbone):
-            near = difflib.get_close_matches(self.backbone, timm.list_models(), n=6, cutoff=0.5) or timm.list_models("deit_*")
+            near = difflib.get_close_matches(self.backbone, timm.list_models(), n=6,
+                                             cutoff=0.5) or timm.list_models("deit_*")
             raise ValueError(f"CamTrainCfg.backbone: {self.backbone!r} is not a timm model name; "
                              f"some that are: {near} (timm.list_models() lists all)")
         for name in ("img_size", "epochs", "batch_size", "grad_accum", "log_every", "eval_every", "cam_batch_size"):
-            if getattr(self, name) < 1: raise ValueError(f"CamTrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("embed_dim", "depth", "num_heads", "patch_size", "max_steps", "clip_grad", "max_train_images", "max_val_images", "cam_eval_max_images", "num_classes", "num_workers", "warmup_epochs"):
-            if getattr(self, name) < 0: raise ValueError(f"CamTrainCfg.{name}: expected >= 0, got {getattr(self, name)}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"CamTrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "max_steps", "clip_grad", "max_train_images",
+                     "max_val_images", "cam_eval_max_images", "num_classes", "num_workers", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CamTrainCfg.{name}: expected >= 0, got {getattr(self, name)}")
         C = "CamTrainCfg"
         check_range(C, "lr", self.lr, 0, None, lo_incl=False)
         for name in ("min_lr", "warmup_lr", "weight_decay"): check_range(C, name, getattr(self, name), 0)
@@ -127,18 +134,23 @@ class CamTrainCfg:
         for name in ("reduction", "feat_reduction"): check_range(C, name, getattr(self, name), 0, None, lo_incl=False)
         if self.diverge_factor != 0: check_range(C, "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
         lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1: raise ValueError(f"CamTrainCfg.crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale}")
-        if not 0 < self.eval_crop_pct <= 1: raise ValueError(f"CamTrainCfg.eval_crop_pct: expected a value in (0, 1], got {self.eval_crop_pct}")
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"CamTrainCfg.crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ValueError(f"CamTrainCfg.eval_crop_pct: expected a value in (0, 1], got {self.eval_crop_pct}")
         if not self.cam_scales or self.cam_scales[0] != 1.0 or min(self.cam_scales) <= 0:
-            raise ValueError(f"CamTrainCfg.cam_scales: expected positive scales starting with 1.0 (§cam-gen), got {self.cam_scales}")
+            raise ValueError("CamTrainCfg.cam_scales: expected positive scales starting with 1.0 (§cam-gen), got "
+                             f"{self.cam_scales}")
         t0, t1, dt = self.cam_t_range
         if not (0 <= t0 < t1 <= 1 and dt > 0):
-            raise ValueError(f"CamTrainCfg.cam_t_range: expected (start, stop, step) with 0 <= start < stop <= 1, step > 0, got {self.cam_t_range}")
+            raise ValueError("CamTrainCfg.cam_t_range: expected (start, stop, step) with 0 <= start < stop <= 1, step "
+                             f"> 0, got {self.cam_t_range}")
         if self.pretrained and self.init_checkpoint:
             raise ValueError("CamTrainCfg: give `pretrained` (ImageNet ViT weights) or `init_checkpoint` (a WeakTr "
                              f"checkpoint), not both; got {self.pretrained!r} and {self.init_checkpoint!r}")
         ok = ("auto", "cam_miou", "val_loss", *(f"{k}_map_{h}" for k in ("sample", "class") for h in HEADS))
-        if self.select_metric not in ok: raise ValueError(f"CamTrainCfg.select_metric: expected one of {ok}, got {self.select_metric!r}")
+        if self.select_metric not in ok:
+            raise ValueError(f"CamTrainCfg.select_metric: expected one of {ok}, got {self.select_metric!r}")
         if self.select_metric == "cam_miou" and not self.eval_cam_miou:
             raise ValueError("CamTrainCfg.select_metric='cam_miou' needs eval_cam_miou=True")
 
@@ -169,11 +181,13 @@ def check_cam_cfg(cfg: CamTrainCfg,            # a config (types and choices alr
 _FROM_LEARNER = ("epochs", "batch_size", "lr", "lr_scale_by_batch", "weight_decay", "decay_all", "warmup_epochs",
                  "warmup_lr", "min_lr", "reference_lag", "seed", "num_workers")
 CAM_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", cam_split="train",
-                     backbone="deit_small_patch16_224", img_size=224, fusion="v3", reduction=8, pool="max", feat_reduction=8,
+                     backbone="deit_small_patch16_224", img_size=224, fusion="v3", reduction=8, pool="max",
+                     feat_reduction=8,
                      drop_path=0.1, crop_scale=(0.08, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
                      eval_crop_pct=0.875, eval_cam_miou=True, cam_scales=(1.0,), cam_t_range=(0.40, 0.60, 0.01),
                      **{k: PHASE1_VOC[k] for k in _FROM_LEARNER})
-CAM_TRAIN_COCO = {**CAM_TRAIN_VOC, "data": "coco", "train_split": "train", "val_split": "val", "cam_split": "train_1250",
+CAM_TRAIN_COCO = {**CAM_TRAIN_VOC, "data": "coco", "train_split": "train", "val_split": "val",
+                  "cam_split": "train_1250",
                   "lr": PHASE1_COCO["lr"]}
 CAM_TRAIN_DEMO = dict(data="synthetic", data_root="", train_split="train", val_split="val", cam_split="train",
                       cam_eval_max_images=150, backbone="vit_tiny_patch16_224", embed_dim=128, depth=4, num_heads=4,
@@ -181,13 +195,15 @@ CAM_TRAIN_DEMO = dict(data="synthetic", data_root="", train_split="train", val_s
                       crop_scale=(0.5, 1.0), auto_augment="", re_prob=0.0, eval_crop_pct=1.0,
                       epochs=20, batch_size=16, lr=1e-3, lr_scale_by_batch=False, weight_decay=0.05, decay_all=True,
                       warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5, reference_lag=False, seed=504, num_workers=0,
-                      log_every=10, eval_cam_miou=True, cam_scales=(1.0,), cam_t_range=(0.05, 0.95, 0.01), cam_batch_size=32)
+                      log_every=10, eval_cam_miou=True, cam_scales=(1.0,), cam_t_range=(0.05, 0.95, 0.01),
+                      cam_batch_size=32)
 SMOKE = dict(epochs=1, max_steps=2, batch_size=4, max_train_images=8, max_val_images=8, cam_eval_max_images=4,
              embed_dim=64, depth=2, num_heads=2, reduction=2, img_size=64, num_workers=0, log_every=1,
              pretrained="", init_checkpoint="")
 
 def smoke_cfg(cfg: CamTrainCfg) -> CamTrainCfg:
-    "The tiny CI version of a config (`SMOKE` overrides; ImageNet / WeakTr weights are dropped: they do not fit a tiny model)."
+    """The tiny CI version of a config (`SMOKE` overrides; ImageNet / WeakTr weights are dropped: they do not fit a tiny
+    model)."""
     return dataclasses.replace(cfg, **{**SMOKE, "batch_size": min(cfg.batch_size, SMOKE["batch_size"])})
 
 # %% ../nbs/11_train_cam.ipynb #2a7e7063
@@ -211,7 +227,8 @@ def resolve_data_root(cfg: CamTrainCfg) -> Path:
 def first_n(ds: SegDataset, n: int) -> SegDataset:
     "The same dataset restricted to its first `n` ids (n = 0: unchanged)."
     if not n or n >= len(ds): return ds
-    out = copy.copy(ds); out.ids = list(ds.ids[:n])
+    out = copy.copy(ds)
+    out.ids = list(ds.ids[:n])
     return out
 
 # %% ../nbs/11_train_cam.ipynb #ffb910e5
@@ -221,7 +238,7 @@ def build_datasets(cfg: CamTrainCfg,   # the run's config
     "(train with the training transform, val with the eval transform, cam split untransformed); None where not needed."
     root = Path(data_root)
     train_tf = phase1_train_transform(cfg.img_size, auto_augment=cfg.auto_augment or None, re_prob=cfg.re_prob,
-                                      scale=tuple(cfg.crop_scale))          # RandAugment posterize fixed there (notebook 01b)
+                                      scale=tuple(cfg.crop_scale))    # RandAugment posterize fixed there (notebook 01b)
     train = first_n(open_dataset(cfg.data, root, cfg.train_split, **_split_kw(cfg, root, False)), cfg.max_train_images)
     train.transform = on_image(train_tf)
     val = first_n(open_dataset(cfg.data, root, cfg.val_split, **_split_kw(cfg, root, False)), cfg.max_val_images)
@@ -232,14 +249,16 @@ def build_datasets(cfg: CamTrainCfg,   # the run's config
         if ds is not None and ds.num_classes != train.num_classes:
             raise ValueError(f"CamTrainCfg.{name}: {ds.num_classes} classes, the train split has {train.num_classes}")
     if cam is not None and not cam.mask_files:
-        raise ValueError(f"CamTrainCfg.cam_split={cfg.cam_split!r}: the CAM mIoU check needs masks and {cam.root} has none "
-                         "for it (set eval_cam_miou=False or choose a labelled split)")
+        raise ValueError(f"CamTrainCfg.cam_split={cfg.cam_split!r}: the CAM mIoU check needs masks and {cam.root} has "
+                         "none for it (set eval_cam_miou=False or choose a labelled split)")
     if cfg.num_classes and cfg.num_classes != train.num_classes:
-        raise ValueError(f"CamTrainCfg.num_classes={cfg.num_classes} but the dataset has {train.num_classes} classes (0 = infer)")
+        raise ValueError(f"CamTrainCfg.num_classes={cfg.num_classes} but the dataset has {train.num_classes} classes "
+                         "(0 = infer)")
     if len(train) < cfg.batch_size:
         raise ValueError(f"the train split has {len(train)} images, fewer than batch_size={cfg.batch_size} "
                          "(the last partial batch is dropped, §phase1-data): lower batch_size")
-    if cam is not None: cam.check_sizes()      # mask/image sizes and the size guard, from the headers: now, not after an epoch
+    # mask/image sizes and the size guard, from the headers: now, not after an epoch
+    if cam is not None: cam.check_sizes()
     return train, val, cam
 
 # %% ../nbs/11_train_cam.ipynb #d6efb0d7
@@ -282,7 +301,8 @@ def classification_metrics(model: WeakTr,         # in eval mode
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp_dtype): out = model(x)
-        loss_sum += float(weaktr_loss(out, y)) * len(x); n += len(x)
+        loss_sum += float(weaktr_loss(out, y)) * len(x)
+        n += len(x)
         for h, logits in zip(HEADS, out): scores[h].append(torch.sigmoid(logits.float()).cpu())   # (B, C)
         labels.append(y.cpu())
     Y = torch.cat(labels)                                                      # (N, C)
@@ -298,19 +318,24 @@ def make_eval_fn(cfg: CamTrainCfg,                # the run's config
                  cam: SegDataset | None,          # untransformed labelled split (None: no CAM check)
                  amp: str = "off",                # "off" | "bf16" | "fp16": autocast of the evaluation (the training's)
                 ):
-    "Learner eval_fn(model, epoch) -> the §phase1-select metrics: val_loss, sample_map_*, class_map_*, cam_miou, cam_threshold."
+    """Learner eval_fn(model, epoch) -> the §phase1-select metrics: val_loss, sample_map_*, class_map_*, cam_miou,
+    cam_threshold."""
     loader = None
     if val is not None:
-        loader = DataLoader(val, batch_size=max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers,
+        loader = DataLoader(val, batch_size=max(1, int(1.5 * cfg.batch_size)), shuffle=False,
+                            num_workers=cfg.num_workers,
                             collate_fn=phase1_collate)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     def eval_fn(model, epoch):
         out = classification_metrics(model, loader, amp_dtype) if loader is not None else {}
         if cam is not None:
-            r = evaluate_cams(model, cam, scales=tuple(cfg.cam_scales), thresholds=threshold_range(*cfg.cam_t_range), greedy=cfg.cam_greedy,
-                              batch_size=cfg.cam_batch_size, attention_type="fused", amp=amp, num_workers=cfg.num_workers)
+            r = evaluate_cams(model, cam, scales=tuple(cfg.cam_scales), thresholds=threshold_range(*cfg.cam_t_range),
+                              greedy=cfg.cam_greedy,
+                              batch_size=cfg.cam_batch_size, attention_type="fused", amp=amp,
+                              num_workers=cfg.num_workers)
             out.update(cam_miou=float(r["cam_miou"]), cam_threshold=float(r["threshold"]))
-            if "greedy_miou" in r: out.update(cam_miou_greedy=float(r["greedy_miou"]), cam_threshold_greedy=float(r["greedy_threshold"]))
+            if "greedy_miou" in r:
+                out.update(cam_miou_greedy=float(r["greedy_miou"]), cam_threshold_greedy=float(r["greedy_threshold"]))
             eval_fn.cam_curve = r.get("curve")
         return out
     eval_fn.cam_curve = None
@@ -321,14 +346,19 @@ def plot_cam_training(run_dir, # a train_cam run folder (or its metrics.jsonl)
                      ) -> Figure:
     "Loss, lr, mAP of the three heads and CAM mIoU per epoch of a Phase-1 run."
     recs = read_metrics(run_dir)
-    steps = [r for r in recs if r.get("kind") == "step"]; ep = [r for r in recs if r.get("kind") == "epoch"]
-    fig = Figure(figsize=(15, 3.6)); a_loss, a_lr, a_map, a_cam = fig.subplots(1, 4)
-    if steps: a_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, color="0.6", label="loss (logged updates)")
+    steps = [r for r in recs if r.get("kind") == "step"]
+    ep = [r for r in recs if r.get("kind") == "epoch"]
+    fig = Figure(figsize=(15, 3.6))
+    a_loss, a_lr, a_map, a_cam = fig.subplots(1, 4)
+    if steps:
+        a_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, color="0.6",
+                    label="loss (logged updates)")
     for k, c in zip(("train_loss", *(f"train_loss_{h}" for h in HEADS), "val_loss"), ("k", "C0", "C1", "C2", "C3")):
         pts = [(r["step"], r[k]) for r in ep if r.get(k) is not None]
         if pts: a_loss.plot(*zip(*pts), "o-" if k in ("train_loss", "val_loss") else "--", ms=3, color=c, label=k)
     a_loss.set(xlabel="update", title="loss (sum of 3 MLSM)")
-    a_lr.plot([r["epoch"] for r in ep], [r["lr"] for r in ep], "o-", ms=3); a_lr.set(xlabel="epoch", title="lr")
+    a_lr.plot([r["epoch"] for r in ep], [r["lr"] for r in ep], "o-", ms=3)
+    a_lr.set(xlabel="epoch", title="lr")
     for h, c in zip(HEADS, ("C0", "C1", "C2")):
         for kind, ls in (("sample", "o-"), ("class", "s--")):
             pts = [(r["epoch"] + 1, r[f"{kind}_map_{h}"]) for r in ep if r.get(f"{kind}_map_{h}") is not None]
@@ -337,12 +367,15 @@ def plot_cam_training(run_dir, # a train_cam run folder (or its metrics.jsonl)
     pts = [(r["epoch"] + 1, r["cam_miou"], r.get("cam_threshold")) for r in ep if r.get("cam_miou") is not None]
     title = "CAM mIoU on cam_split"
     if pts:
-        e, v, t = zip(*pts); a_cam.plot(e, v, "o-", ms=3, color="C3", label="cam_miou")
+        e, v, t = zip(*pts)
+        a_cam.plot(e, v, "o-", ms=3, color="C3", label="cam_miou")
         g = [(r["epoch"] + 1, r["cam_miou_greedy"]) for r in ep if r.get("cam_miou_greedy") is not None]
         if g: a_cam.plot(*zip(*g), "x--", ms=4, lw=0.8, color="0.4", label="cam_miou_greedy (reference walk)")
-        b = int(np.nanargmax(v)); a_cam.plot([e[b]], [v[b]], "*", ms=12, color="C3")
+        b = int(np.nanargmax(v))
+        a_cam.plot([e[b]], [v[b]], "*", ms=12, color="C3")
         title += f"\nbest {v[b]:.3f} at t={t[b]:.2f}, after epoch {e[b]}"
-    else: a_cam.text(0.5, 0.5, "no CAM check (eval_cam_miou=False)", ha="center", va="center", transform=a_cam.transAxes)
+    else:
+        a_cam.text(0.5, 0.5, "no CAM check (eval_cam_miou=False)", ha="center", va="center", transform=a_cam.transAxes)
     a_cam.set(xlabel="epochs done", title=title)
     for a in (a_loss, a_map, a_cam):
         if a.get_legend_handles_labels()[0]: a.legend(fontsize=7)
@@ -350,14 +383,17 @@ def plot_cam_training(run_dir, # a train_cam run folder (or its metrics.jsonl)
     return fig
 
 # %% ../nbs/11_train_cam.ipynb #cecb5b6c
-_IDENTITY_FIELDS = ("data", "data_root", "data_kw", "train_split", "max_train_images", "img_size", "backbone", "embed_dim",
+_IDENTITY_FIELDS = ("data", "data_root", "data_kw", "train_split", "max_train_images", "img_size", "backbone",
+                    "embed_dim",
                     "depth", "num_heads", "patch_size", "num_classes", "fusion", "reduction", "pool", "feat_reduction")
 _EVAL_KEYS = ("val_loss", *(f"{k}_map_{h}" for k in ("sample", "class") for h in HEADS), "cam_miou", "cam_threshold",
               "cam_miou_greedy", "cam_threshold_greedy")
 
 def _train_cfg(cfg: CamTrainCfg, device: torch.device) -> TrainCfg:
-    amp = amp_name(amp_dtype(cfg.amp, device)).replace("fp32", "off")    # auto: the reference's fp16 on CUDA, fp32 elsewhere
-    select = cfg.select_metric if cfg.select_metric != "auto" else ("cam_miou" if cfg.eval_cam_miou else "sample_map_tok")
+    # auto: the reference's fp16 on CUDA, fp32 elsewhere
+    amp = amp_name(amp_dtype(cfg.amp, device)).replace("fp32", "off")
+    auto_metric = "cam_miou" if cfg.eval_cam_miou else "sample_map_tok"
+    select = cfg.select_metric if cfg.select_metric != "auto" else auto_metric
     shared = {f.name for f in dataclasses.fields(TrainCfg)} & {f.name for f in dataclasses.fields(CamTrainCfg)}
     return cfg_from_flat(TrainCfg, {**PHASE1_VOC, **{k: getattr(cfg, k) for k in shared}, "amp": amp,
                                     "max_steps": cfg.max_steps or None, "clip_grad": cfg.clip_grad or None,
@@ -368,20 +404,24 @@ def _check_resume(cfg: CamTrainCfg, run_dir: Path):
     "Refuse to resume a run whose model or training data differ (its last.pt would not fit or mean something else)."
     p = run_dir / "config.json"
     if not (cfg.resume and (run_dir / "last.pt").exists() and p.is_file()): return
-    old = json.loads(p.read_text()); new = cfg_to_dict(cfg)
+    old = json.loads(p.read_text())
+    new = cfg_to_dict(cfg)
     diff = {k: (old.get(k), new[k]) for k in _IDENTITY_FIELDS if old.get(k) != new[k]}
     if diff:
         raise ValueError(f"resume: {run_dir} was trained with another config {diff} (old, new); "
                          "use another run_dir or resume=False to start over")
 
 def _save_best_map(learner):
-    "on_epoch_end: best_map.pt (weights) when the class-token per-sample AP improves (the reference's checkpoint_best.pth)."
+    """on_epoch_end: best_map.pt (weights) when the class-token per-sample AP improves (the reference's
+    checkpoint_best.pth)."""
     h = [r for r in learner.history if r.get("sample_map_tok") is not None]
     if not learner.is_main or not h or h[-1]["epoch"] != learner.epoch - 1: return
     v, prev = h[-1]["sample_map_tok"], [r["sample_map_tok"] for r in h[:-1]]
     if math.isnan(v) or any(p >= v for p in prev if not math.isnan(p)): return
-    atomic_torch_save(dict(format="weaktr.learner.best/1", model=learner.model.state_dict(), epoch=learner.epoch,  # as best.pt: epochs done
-                           step=learner.step, best=dict(name="sample_map_tok", mode="max", value=v, epoch=h[-1]["epoch"]),
+    # as best.pt: epochs done
+    atomic_torch_save(dict(format="weaktr.learner.best/1", model=learner.model.state_dict(), epoch=learner.epoch,
+                           step=learner.step,
+                           best=dict(name="sample_map_tok", mode="max", value=v, epoch=h[-1]["epoch"]),
                            metrics={k: r for k, r in h[-1].items() if k not in ("kind", "time")}),
                       learner.run_dir / "best_map.pt")
 
@@ -393,7 +433,8 @@ def _save_curves(learner):
 # %% ../nbs/11_train_cam.ipynb #2d9081e8
 def train_cam(cfg: CamTrainCfg | dict, # the run's config (a flat dict is converted with cfg_from_flat)
              ) -> dict:
-    "Phase-1 training stage (§phase1): train WeakTr on image labels, evaluate per epoch, return (and write) the summary."
+    """Phase-1 training stage (§phase1): train WeakTr on image labels, evaluate per epoch, return (and write) the
+    summary."""
     t_start = time.time()
     cfg = cfg_from_flat(CamTrainCfg, cfg) if isinstance(cfg, dict) else cfg
     if cfg.smoke: cfg = smoke_cfg(cfg)
@@ -429,17 +470,21 @@ def _summary(cfg, learner, train, val, cam, data_root, cam_curve, wall) -> dict:
     m = learner.model
     return dict(stage="train_cam", run_dir=str(learner.run_dir), data=cfg.data, data_root=str(data_root),
                 num_classes=train.num_classes, class_names=list(train.class_names),
-                images=dict(train=len(train), val=len(val) if val is not None else 0, cam=len(cam) if cam is not None else 0),
-                model=dict(backbone=cfg.backbone, parameters=sum(p.numel() for p in m.parameters()), patch_size=m.patch_size,
+                images=dict(train=len(train), val=len(val) if val is not None else 0,
+                            cam=len(cam) if cam is not None else 0),
+                model=dict(backbone=cfg.backbone, parameters=sum(p.numel() for p in m.parameters()),
+                           patch_size=m.patch_size,
                            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, fusion=cfg.fusion,
                            init=cfg.init_checkpoint or cfg.pretrained or "random"),
                 effective_lr=effective_lr(learner.cfg), amp=learner.cfg.amp, device=str(learner.device),
                 epochs_done=learner.epoch, steps=learner.step,
-                select_metric=learner.best["name"], best=dict(value=learner.best["value"], epoch=best_e, checkpoint="best.pt",
-                                                              metrics=pick(best_rec)),
-                best_map=dict(value=best_map["sample_map_tok"] if best_map else None, epoch=best_map["epoch"] if best_map else None,
+                select_metric=learner.best["name"],
+                best=dict(value=learner.best["value"], epoch=best_e, checkpoint="best.pt", metrics=pick(best_rec)),
+                best_map=dict(value=best_map["sample_map_tok"] if best_map else None,
+                              epoch=best_map["epoch"] if best_map else None,
                               checkpoint="best_map.pt"),
                 final=pick(evals[-1] if evals else (ep[-1] if ep else None)),
-                last_cam_curve=cam_curve,   # [{threshold, miou}] of the last evaluation of this call (None after a no-op resume)
+                # [{threshold, miou}] of the last evaluation of this call (None after a no-op resume)
+                last_cam_curve=cam_curve,
                 train_time_s=round(sum(r.get("epoch_time_s", 0) + r.get("eval_time_s", 0) for r in ep), 2),
                 wall_time_s=round(wall, 2))

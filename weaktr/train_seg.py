@@ -15,7 +15,8 @@ from .core import atomic_save_json, cfg_from_flat, cfg_to_dict, get_device, reso
 from .data import SegDataset, open_dataset, identity_lut, DATASETS
 from .transforms import seg_train_transform
 from .decoder import ClipCfg, seg_loss
-from .segmenter import Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm, backbone_norm
+from .segmenter import (Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm,
+                              backbone_norm)
 from .model import load_torch_file, WeightFileError
 from .learner import Learner, TrainCfg, PHASE2_VOC
 from .evaluate import InferCfg, evaluate_model, save_model_spec, MODEL_JSON
@@ -27,15 +28,19 @@ __all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'Se
 
 # %% ../nbs/14_train_seg.ipynb #fc53e211
 _RANGES = (  # (field, low, high, low excluded, high excluded): checked in SegTrainCfg.__post_init__
-    ("lr", 0, math.inf, True, False), ("min_lr", 0, math.inf, False, False), ("enc_lr_scale", 0, math.inf, False, False),
-    ("poly_power", 0, math.inf, True, False), ("momentum", 0, 1, False, True), ("weight_decay", 0, math.inf, False, False),
-    ("drop_path_rate", 0, 1, False, True), ("decoder_dropout", 0, 1, False, True), ("gc_start", 0, math.inf, True, False),
+    ("lr", 0, math.inf, True, False), ("min_lr", 0, math.inf, False, False),
+    ("enc_lr_scale", 0, math.inf, False, False),
+    ("poly_power", 0, math.inf, True, False), ("momentum", 0, 1, False, True),
+    ("weight_decay", 0, math.inf, False, False),
+    ("drop_path_rate", 0, 1, False, True), ("decoder_dropout", 0, 1, False, True),
+    ("gc_start", 0, math.inf, True, False),
     ("cat_max_ratio", 0, 1, True, False), ("norm_eps", 0, math.inf, False, False))
 
 @dataclass
 class SegTrainCfg:
-    "Phase-2 training run (defaults: the reference VOC run, §phase2-data, §phase2-optim, §gc-loss, §phase2-val, §phase2-recipe)."
-    run_dir: str = "runs/seg"          # config.json, model.json, last.pt, best.pt, metrics.jsonl, metrics.png, summary.json
+    """Phase-2 training run (defaults: the reference VOC run, §phase2-data, §phase2-optim, §gc-loss, §phase2-val,
+    §phase2-recipe)."""
+    run_dir: str = "runs/seg"      # config.json, model.json, last.pt, best.pt, metrics.jsonl, metrics.png, summary.json
     data: str = "voc"                  # "synthetic" | "voc" | "coco" | "coco80" | "folder"
     data_root: str = ""                # dataset folder ("" only for synthetic: the default set)
     train_split: str = "train_aug"     # training ids (10,582 for VOC)
@@ -51,7 +56,8 @@ class SegTrainCfg:
     patch_size: int = 0
     init: str = "imagenet"             # "imagenet" | "phase1" | "random"
     init_path: str = ""                # local weights file for init "imagenet" / "phase1"
-    norm: str = "auto"                 # input statistics: "auto" (the backbone family's) | "imagenet" | "vit" | "clip" | "m0,m1,m2/s0,s1,s2"
+    # input statistics: "auto" (the backbone family's) | "imagenet" | "vit" | "clip" | "m0,m1,m2/s0,s1,s2"
+    norm: str = "auto"
     norm_eps: float = 1e-5             # encoder LayerNorm eps (Segmenter: PyTorch default); 0 = timm's
     drop_path_rate: float = 0.1        # encoder stochastic depth (method notes §segmenter)
     decoder_layers: int = 2            # mask-transformer blocks
@@ -72,7 +78,7 @@ class SegTrainCfg:
     min_lr: float = 1e-5               # poly floor
     poly_power: float = 0.9
     momentum: float = 0.9              # Nesterov SGD
-    optimizer: str = "sgd"             # "sgd" (the reference, Nesterov) | "adamw" (departure: the CPU demo, see SEG_TRAIN_DEMO)
+    optimizer: str = "sgd"     # "sgd" (the reference, Nesterov) | "adamw" (departure: the CPU demo, see SEG_TRAIN_DEMO)
     weight_decay: float = 0.0
     amp: str = "off"                   # "off" (the reference) | "fp16" | "bf16"
     seed: int = 504
@@ -90,31 +96,40 @@ class SegTrainCfg:
     def __post_init__(self):
         if self.init not in ("imagenet", "phase1", "random"):
             raise ValueError(f"SegTrainCfg.init: expected 'imagenet', 'phase1' or 'random', got {self.init!r}")
-        if self.data not in DATASETS: raise ValueError(f"SegTrainCfg.data: expected one of {DATASETS}, got {self.data!r}")
-        if self.optimizer not in ("sgd", "adamw"): raise ValueError(f"SegTrainCfg.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.amp not in ("off", "fp16", "bf16"): raise ValueError(f"SegTrainCfg.amp: expected 'off', 'fp16' or 'bf16', got {self.amp!r}")
-        for name in ("crop_size", "base_size", "gc_window", "epochs", "batch_size", "window_size", "window_stride", "val_every", "decoder_layers", "log_every"):
+        if self.data not in DATASETS:
+            raise ValueError(f"SegTrainCfg.data: expected one of {DATASETS}, got {self.data!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"SegTrainCfg.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.amp not in ("off", "fp16", "bf16"):
+            raise ValueError(f"SegTrainCfg.amp: expected 'off', 'fp16' or 'bf16', got {self.amp!r}")
+        for name in ("crop_size", "base_size", "gc_window", "epochs", "batch_size", "window_size", "window_stride",
+                     "val_every", "decoder_layers", "log_every"):
             if getattr(self, name) < 1: raise ValueError(f"SegTrainCfg.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_images", "max_val_images", "max_steps", "gc_group", "num_workers", "embed_dim", "depth", "num_heads", "patch_size"):
+        for name in ("max_train_images", "max_val_images", "max_steps", "gc_group", "num_workers", "embed_dim", "depth",
+                     "num_heads", "patch_size"):
             if getattr(self, name) < 0: raise ValueError(f"SegTrainCfg.{name} must be >= 0, got {getattr(self, name)}")
         for name, lo, hi, lo_open, hi_open in _RANGES:
             v = getattr(self, name)
             ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
             if not ok:
-                want = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi == math.inf else f" and {'<' if hi_open else '<='} {hi:g}")
+                want = f"{'>' if lo_open else '>='} {lo:g}"
+                if hi != math.inf: want += f" and {'<' if hi_open else '<='} {hi:g}"
                 raise ValueError(f"SegTrainCfg.{name} must be {want}, got {v}")
         if self.min_lr > self.lr:
-            raise ValueError(f"SegTrainCfg.min_lr={self.min_lr:g} is above lr={self.lr:g}: the poly schedule would raise the lr")
+            raise ValueError(f"SegTrainCfg.min_lr={self.min_lr:g} is above lr={self.lr:g}: the poly schedule would "
+                             "raise the lr")
         if self.norm != "auto":
             try: norm_stats(self.norm)
             except ValueError as e: raise ValueError(f"SegTrainCfg.{e}") from None
 
-SEG_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", backbone="deit_small_patch16_224", init="imagenet",
-                     crop_size=480, base_size=520, ratio_range=(0.5, 2.0), gc=True, gc_start=1.2, gc_window=120, gc_group=0,
+SEG_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", backbone="deit_small_patch16_224",
+                     init="imagenet",
+                     crop_size=480, base_size=520, ratio_range=(0.5, 2.0), gc=True, gc_start=1.2, gc_window=120,
+                     gc_group=0,
                      epochs=100, batch_size=4, lr=1e-4, enc_lr_scale=0.1, min_lr=1e-5, poly_power=0.9, momentum=0.9,
                      weight_decay=0.0, amp="off", window_size=480, window_stride=320, val_every=1)   # §phase2-recipe
 SEG_TRAIN_COCO = {**SEG_TRAIN_VOC, "data": "coco", "train_split": "train", "val_split": "val_5000",
-                  "gc_group": 1}   # 4 GPUs x 1 image: per-image GC statistics; val_5000 = the reference's per-epoch list
+                  "gc_group": 1}  # 4 GPUs x 1 image: per-image GC statistics; val_5000 = the reference's per-epoch list
 SEG_TRAIN_DEMO = dict(data="synthetic", train_split="train", val_split="val", backbone="deit_tiny_patch16_224",
                       embed_dim=128, depth=4, num_heads=4, patch_size=8,   # = weaktr.train_cam.CAM_TRAIN_DEMO's encoder
                       init="random", crop_size=64, base_size=64, ratio_range=(0.5, 2.0), gc=True,
@@ -148,7 +163,8 @@ def check_seg_cfg(cfg: SegTrainCfg,                # a config (types and choices
                  ) -> SegTrainCfg:
     "Cross-field and file checks with clear errors (run before anything is built); returns the path-resolved config."
     cfg = resolve_paths(cfg, _PATH_FIELDS, base_dir)
-    cfg = replace(cfg, norm=auto_norm(cfg.backbone, cfg.init, cfg.init_path)[0] if cfg.norm == "auto" else resolve_norm(cfg.norm, cfg.backbone))
+    cfg = replace(cfg, norm=auto_norm(cfg.backbone, cfg.init, cfg.init_path)[0] if cfg.norm == "auto"
+                  else resolve_norm(cfg.norm, cfg.backbone))
     if cfg.gc and cfg.crop_size % cfg.gc_window:
         raise ValueError(f"SegTrainCfg: crop_size={cfg.crop_size} is not a multiple of gc_window={cfg.gc_window} "
                          f"(§gc-loss / pitfall 20: the GC windows must tile the crop, e.g. gc_window = crop_size / 4)")
@@ -161,7 +177,8 @@ def check_seg_cfg(cfg: SegTrainCfg,                # a config (types and choices
         raise ValueError(f"SegTrainCfg.window_stride={cfg.window_stride} > window_size={cfg.window_size}")
     if cfg.init != "random":
         if not cfg.init_path: raise ValueError(f"SegTrainCfg.init={cfg.init!r} needs init_path (a local weights file)")
-        if not Path(cfg.init_path).is_file(): raise FileNotFoundError(f"SegTrainCfg.init_path not found: {cfg.init_path}")
+        if not Path(cfg.init_path).is_file():
+            raise FileNotFoundError(f"SegTrainCfg.init_path not found: {cfg.init_path}")
     if cfg.pseudo_dir and not Path(cfg.pseudo_dir).is_dir():
         raise FileNotFoundError(f"SegTrainCfg.pseudo_dir not found: {cfg.pseudo_dir}")
     if cfg.data != "synthetic" and not cfg.data_root:
@@ -184,14 +201,16 @@ def pseudo_label_dataset(base: SegDataset,   # the training split (images, ids, 
                                 f"{pseudo_dir}; first missing: {missing[:8]}")
     return SegDataset(base.root, base.ids, base.class_names, base.image_files, files, labels=None,
                       mask_lut=identity_lut(base.num_classes), transform=transform,
-                      mask_hint=f" (pseudo labels in {pseudo_dir} must use this dataset's class ids 0..{base.num_classes}, 255 = ignore)"
-                      ).limit_size(base.max_pixels, base.max_side)          # keep the data guard of the dataset it wraps
+                      mask_hint=f" (pseudo labels in {pseudo_dir} must use this dataset's class ids "
+                                f"0..{base.num_classes}, 255 = ignore)"
+                      ).limit_size(base.max_pixels, base.max_side)         # keep the data guard of the dataset it wraps
 
 def subset(ds: SegDataset, n: int) -> SegDataset:
     "The first n ids of a dataset (n = 0: the dataset itself)."
     if not n or n >= len(ds): return ds
     out = SegDataset(ds.root, ds.ids[:n], ds.class_names, ds.image_files, ds.mask_files,
-                     None if ds.labels is None else {i: ds.labels[i] for i in ds.ids[:n]}, ds.mask_lut, ds.transform, ds.mask_hint)
+                     None if ds.labels is None else {i: ds.labels[i] for i in ds.ids[:n]}, ds.mask_lut, ds.transform,
+                     ds.mask_hint)
     return out
 
 # %% ../nbs/14_train_seg.ipynb #1311550c
@@ -212,10 +231,12 @@ class SegLoss:
             parts = [seg_loss(logits[i:i + g], target[i:i + g], self.clip) for i in range(0, B, g)]
             loss = torch.stack([p[0] for p in parts]).mean()
             loss_map = torch.cat([p[1] for p in parts])
-            gc_on = float(np.mean([float(p[1].detach().mean()) <= self.clip.start_value for p in parts])) if self.clip else 0.0
+            gc_on = float(np.mean([float(p[1].detach().mean()) <= self.clip.start_value
+                                   for p in parts])) if self.clip else 0.0
         else:
             loss, loss_map = seg_loss(logits, target, self.clip)
-            gc_on = float(float(loss_map.detach().mean()) <= self.clip.start_value) if (self.clip and self.clip.enabled) else 0.0
+            gc_on = float(float(loss_map.detach().mean())
+                          <= self.clip.start_value) if (self.clip and self.clip.enabled) else 0.0
         valid = (target != 255).sum().clamp_min(1)
         return loss, dict(ce=loss_map.detach().sum() / valid, gc_on=gc_on)
     def __repr__(self): return f"SegLoss(clip={self.clip}, gc_group={self.gc_group})"
@@ -237,10 +258,11 @@ def _n_class_tokens(path: Path) -> int:
                 key = min((k for k in f.keys() if k.endswith("cls_token")), key=len, default=None)
                 return f.get_slice(key).get_shape()[1] if key else 0
         except Exception as e:
-            raise WeightFileError(f"init weights (init_path) {path} could not be read as .safetensors: truncated or corrupt "
-                                  f"({type(e).__name__}: {e}); download or copy the weights again") from e
+            raise WeightFileError(f"init weights (init_path) {path} could not be read as .safetensors: truncated or "
+                                  f"corrupt ({type(e).__name__}: {e}); download or copy the weights again") from e
     obj = load_torch_file(path, "init weights (init_path)", hint="download or copy the weights again", mmap=True)
-    sd = next((obj[k] for k in ("model", "state_dict", "model_ema") if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
+    sd = next((obj[k] for k in ("model", "state_dict", "model_ema") if isinstance(obj, dict)
+               and isinstance(obj.get(k), dict)), obj)
     key = min((k for k in sd if k.endswith("cls_token")), key=len, default=None)
     return int(sd[key].shape[1]) if key else 0
 
@@ -252,17 +274,20 @@ def init_encoder(model: Segmenter, init: str, path) -> str:
     if init == "phase1" and n <= 1:
         raise ValueError(f"init='phase1' but {path} has {n} class token(s): an ImageNet ViT file? use init='imagenet'")
     if init == "imagenet" and n > 1:
-        raise ValueError(f"init='imagenet' but {path} has {n} class tokens: a Phase-1 WeakTr checkpoint? use init='phase1'")
+        raise ValueError(f"init='imagenet' but {path} has {n} class tokens: a Phase-1 WeakTr checkpoint? use "
+                         "init='phase1'")
     return str(load_segmenter_encoder(model, path))
 
 def learner_cfg(cfg: SegTrainCfg) -> TrainCfg:
     "The Learner's TrainCfg for this run: PHASE2_VOC with the run's numbers."
     return cfg_from_flat(TrainCfg, {**PHASE2_VOC, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                                     "lr_scales": {"encoder.": cfg.enc_lr_scale}, "min_lr": cfg.min_lr,
-                                    "poly_power": cfg.poly_power, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                                    "poly_power": cfg.poly_power, "momentum": cfg.momentum,
+                                    "weight_decay": cfg.weight_decay,
                                     "optimizer": cfg.optimizer,
                                     "amp": cfg.amp, "seed": cfg.seed, "num_workers": cfg.num_workers,
-                                    "max_steps": cfg.max_steps or None, "eval_every": cfg.val_every, "device": cfg.device,
+                                    "max_steps": cfg.max_steps or None, "eval_every": cfg.val_every,
+                                    "device": cfg.device,
                                     "progress": cfg.progress, "log_every": cfg.log_every, "select_metric": "miou"})
 
 # %% ../nbs/14_train_seg.ipynb #26aedb61
@@ -270,7 +295,8 @@ def _open_train_base(cfg: SegTrainCfg) -> SegDataset:
     kw = dict(cfg.data_kw or {})
     if cfg.pseudo_dir and cfg.data in ("voc", "coco", "coco80"):      # GT masks of the train split are not needed
         root = Path(cfg.data_root)
-        kw = dict(require_masks=False, labels="json") | kw if (root / "cls_labels.json").is_file() else dict(require_masks=False) | kw
+        kw = dict(require_masks=False,
+                  labels="json") | kw if (root / "cls_labels.json").is_file() else dict(require_masks=False) | kw
     return open_dataset(cfg.data, cfg.data_root, cfg.train_split, **kw)
 
 _FRESH = "use another run_dir, or resume=False to start fresh here (overwriting it)"
@@ -284,20 +310,22 @@ def check_resume(run_dir: Path,    # the run folder (its last.pt / model.json, i
     if not path.is_file(): return False
     ck = load_torch_file(path, "resume checkpoint", hint=_FRESH, mmap=True)
     sd = ck.get("model") if isinstance(ck, dict) else None
-    if not isinstance(sd, dict): raise ValueError(f"{path}: expected a weaktr.learner checkpoint with a 'model' state dict; {_FRESH}")
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a weaktr.learner checkpoint with a 'model' state dict; {_FRESH}")
     K = model.n_cls
     if "decoder.cls_emb" in sd and sd["decoder.cls_emb"].shape[1] != K:
         raise ValueError(f"{path} was trained with n_cls={sd['decoder.cls_emb'].shape[1]} classes but this run has "
                          f"K={K} (dataset classes + background); {_FRESH}")
     own = model.state_dict()
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k,
+           v in own.items() if k in sd and sd[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
     if bad or missing:
         raise ValueError(f"{path} does not fit this run's model (changed backbone / sizes?): "
                          + "; ".join(bad[:4] + [f"missing {missing[:4]}"] * bool(missing)) + f"; {_FRESH}")
     spec_path = run_dir / MODEL_JSON
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-    old = spec.get("norm", "imagenet")                                  # model.json before the field: the only statistics then
+    old = spec.get("norm", "imagenet")                           # model.json before the field: the only statistics then
     if norm_stats(old) != norm_stats(norm):
         raise ValueError(f"{path} was trained with norm={old!r} ({spec_path}) but this run has norm={norm!r}: resuming "
                          f"would mix two input statistics; set norm={old!r}, or {_FRESH}")
@@ -316,9 +344,11 @@ def train_seg(cfg: SegTrainCfg) -> dict:
                              photometric=cfg.photometric, mean=mean, std=std)
     if cfg.pseudo_dir: train_ds = pseudo_label_dataset(subset(base, cfg.max_train_images), cfg.pseudo_dir, tf)
     else:
-        if not base.mask_files: raise ValueError(f"pseudo_dir is empty and {cfg.data} split {cfg.train_split!r} has no masks to train on")
+        if not base.mask_files:
+            raise ValueError(f"pseudo_dir is empty and {cfg.data} split {cfg.train_split!r} has no masks to train on")
         warnings.warn("pseudo_dir is empty: training on the dataset's own masks (fully supervised)")
-        train_ds = subset(base, cfg.max_train_images); train_ds.transform = tf
+        train_ds = subset(base, cfg.max_train_images)
+        train_ds.transform = tf
     val_ds = open_dataset(cfg.data, cfg.data_root, cfg.val_split, **(cfg.data_kw or {}))
     if val_ds.class_names != base.class_names:
         raise ValueError(f"train split {cfg.train_split!r} and val split {cfg.val_split!r} have different class names")
@@ -349,11 +379,12 @@ def train_seg(cfg: SegTrainCfg) -> dict:
     hist = [r for r in learner.history if r.get("kind") == "epoch"]
     last = hist[-1] if hist else {}
     evals = [r for r in hist if r.get("miou") is not None]
-    summary = dict(stage="train_seg", finished=learner.epoch >= cfg.epochs or (cfg.max_steps > 0 and learner.step >= cfg.max_steps),
+    summary = dict(stage="train_seg", finished=learner.epoch >= cfg.epochs
+                   or (cfg.max_steps > 0 and learner.step >= cfg.max_steps),
                    epochs_done=learner.epoch, steps=learner.step,
                    miou=evals[-1]["miou"] if evals else None, miou_epoch=evals[-1]["epoch"] if evals else None,
-                   miou_note="val mIoU (%) of the LAST validated epoch, single-scale sliding window, final output "
-                             "(pitfall 25: best.pt is selected on the evaluation split; evaluate last.pt)",
+                   miou_note="val mIoU (fraction) of the LAST validated epoch, single-scale sliding window, final "
+                             "output (pitfall 25: best.pt is selected on the evaluation split; evaluate last.pt)",
                    best_miou=learner.best["value"], best_epoch=learner.best["epoch"],
                    train_loss=last.get("train_loss"), train_ce=last.get("train_ce"), gc_on=last.get("train_gc_on"),
                    labels=f"pseudo: {cfg.pseudo_dir}" if cfg.pseudo_dir else "gt (dataset masks, fully supervised)",

@@ -37,21 +37,27 @@ def _to_pil(image) -> tuple[Image.Image, list[str]]:
     if isinstance(image, np.ndarray):
         a = image
         if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-            a = a.transpose(1, 2, 0); notes.append("channels-first array transposed to (H, W, C)")   # (C, H, W) -> (H, W, C)
+            a = a.transpose(1, 2, 0)
+            notes.append("channels-first array transposed to (H, W, C)")                        # (C, H, W) -> (H, W, C)
         if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
         if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
             raise ValueError(f"image array has shape {image.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
         if a.dtype != np.uint8:
             a = a.astype(np.float64)
             if not np.isfinite(a).all(): raise ValueError("image array has NaN or infinite values")
-            if a.size and a.min() >= 0 and a.max() <= 1: a = a * 255; notes.append("float image in [0, 1] scaled to 0..255")
+            if a.size and a.min() >= 0 and a.max() <= 1:
+                a = a * 255
+                notes.append("float image in [0, 1] scaled to 0..255")
             elif a.size and (a.min() < 0 or a.max() > 255):
-                a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255; notes.append("values min-max scaled to 0..255")
+                a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+                notes.append("values min-max scaled to 0..255")
             a = a.round().astype(np.uint8)
         image = Image.fromarray(a)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, numpy array, tensor or file path, got {type(image).__name__}")
-    if getattr(image, "n_frames", 1) > 1: image.seek(0); notes.append(f"first of {image.n_frames} frames")
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+        notes.append(f"first of {image.n_frames} frames")
     return image, notes
 
 def _as_rgb(image: Image.Image, notes: list) -> Image.Image:
@@ -75,7 +81,8 @@ def snap_size(W: int, H: int,              # input size in pixels
               patch_size: int,             # the model's patch side
               max_side: int | None = 448,  # longer side limit (None: keep the scale)
              ) -> tuple[int, int]:
-    "Model input size: scaled so max(W, H) <= max_side, each side rounded to a multiple of the patch (>= 1 patch): (W', H')."
+    """Model input size: scaled so max(W, H) <= max_side, each side rounded to a multiple of the patch (>= 1 patch):
+    (W', H')."""
     s = min(1.0, max_side / max(W, H)) if max_side else 1.0
     return (max(patch_size, int(round(W * s / patch_size)) * patch_size),
             max(patch_size, int(round(H * s / patch_size)) * patch_size))
@@ -145,8 +152,9 @@ class ImageAnalysis:
         return self.head_weights.reshape(self.num_heads, self.depth).T.numpy()   # (nh*L,) -> (nh, L) -> (L, nh)
     def __repr__(self):
         H, W = self.image.shape[:2]
-        return (f"ImageAnalysis({self.id or 'image'}: {W}x{H} px, grid {self.grid}, L={self.depth} x nh={self.num_heads} heads, "
-                f"C={self.num_classes}, present={[self.class_names[c] for c in self.present]}, "
+        return (f"ImageAnalysis({self.id or 'image'}: {W}x{H} px, grid {self.grid}, L={self.depth} x "
+                f"nh={self.num_heads} heads, C={self.num_classes}, "
+                f"present={[self.class_names[c] for c in self.present]}, "
                 f"mask={'yes' if self.mask is not None else 'no'})")
 
 def to_model_input(image: Image.Image) -> torch.Tensor:
@@ -169,7 +177,8 @@ def analyze_image(model,                          # a WeakTr (anything with `.in
     C = model.num_classes
     names = tuple(class_names) if class_names is not None else tuple(f"class {i}" for i in range(C))
     if len(names) != C:
-        raise ValueError(f"{len(names)} class names for a model with C={C} class tokens: the checkpoint and the dataset do not match")
+        raise ValueError(f"{len(names)} class names for a model with C={C} class tokens: the checkpoint and the "
+                         "dataset do not match")
     if labels is not None:
         labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
         if labels.shape != (C,):
@@ -211,7 +220,8 @@ def _check_index(name, v, n):
 
 def head_index(analysis: ImageAnalysis, layer: int, head: int) -> int:
     "Head-major index m = head*L + layer of (layer, head)."
-    return _check_index("head", head, analysis.num_heads) * analysis.depth + _check_index("layer", layer, analysis.depth)
+    h, k = _check_index("head", head, analysis.num_heads), _check_index("layer", layer, analysis.depth)
+    return h * analysis.depth + k
 
 def head_map(analysis: ImageAnalysis,  # the computed-once result
              layer: int,               # k in 0..L-1
@@ -248,14 +258,16 @@ def _fused(analysis: ImageAnalysis, head_mask=None, need_affinity: bool = False,
         for k in old: del analysis._cache[k]                        # keep one mask per weighting only
         r = analysis._cache[key] = {}
     if z.all() and not uniform:                                     # all heads on: the model's own tensors
-        r.setdefault("S", analysis.cls_patch_attn); r.setdefault("A_pp", analysis.patch_affinity)
+        r.setdefault("S", analysis.cls_patch_attn)
+        r.setdefault("A_pp", analysis.patch_affinity)
     C, nm, (h, w) = analysis.num_classes, analysis.num_maps, analysis.grid
     wz = effective_weights(analysis, z)                             # (nm,)
     if uniform: wz = (wz > 0).float() * analysis.head_weights.mean()  # every head the mean weight: AAF switched off
     if "S" not in r:
-        r["S"] = (torch.einsum("m,mcp->cp", wz, analysis.attn_stack[:, :C, C:]) / nm).reshape(C, h, w)  # (nm, C, P) -> (C, h, w)
+        # (nm, C, P) -> (C, h, w)
+        r["S"] = (torch.einsum("m,mcp->cp", wz, analysis.attn_stack[:, :C, C:]) / nm).reshape(C, h, w)
     if need_affinity and "A_pp" not in r:
-        r["A_pp"] = torch.einsum("m,mij->ij", wz, analysis.attn_stack[:, C:, C:]) / nm              # (nm, P, P) -> (P, P)
+        r["A_pp"] = torch.einsum("m,mij->ij", wz, analysis.attn_stack[:, C:, C:]) / nm            # (nm, P, P) -> (P, P)
     return r
 
 FUSED_KINDS = ("cross", "cams", "refined")
@@ -327,7 +339,8 @@ def grad_cam(analysis: ImageAnalysis,  # the computed-once result (with `patch_f
     "Grad-CAM (Selvaraju et al. 2017) of the coarse score y_c = GAP(conv(F))_c at the CAM head's input F: (h, w)."
     cls = _check_index("cls", cls, analysis.num_classes)
     if analysis.patch_feats is None:
-        raise ValueError("this analysis has no CAM-head features (the model has no conv `head`): Grad-CAM is not available")
+        raise ValueError("this analysis has no CAM-head features (the model has no conv `head`): Grad-CAM is not "
+                         "available")
     key = ("gradcam", cls)
     if key not in analysis._cache:
         Wt, b = analysis.head_conv
@@ -401,7 +414,8 @@ def map_iou(m: np.ndarray,             # (h, w) or (H, W) float map, (H, W) bool
     mask = np.asarray(mask)
     m = np.asarray(m)
     if m.dtype == bool or m.dtype.kind in "iu":
-        if m.shape != mask.shape: raise ValueError(f"region/label map has shape {m.shape}, the mask {mask.shape}; they must match")
+        if m.shape != mask.shape:
+            raise ValueError(f"region/label map has shape {m.shape}, the mask {mask.shape}; they must match")
         pred = m if m.dtype == bool else m == cls + 1
     else:
         pred = binarize(m, threshold, mass, size=mask.shape)
@@ -483,7 +497,8 @@ def thumbnail_png(m: np.ndarray,       # (h, w) map
                   cmap: str = "viridis",
                   sqrt: bool = False,
                   dim: bool = False,   # draw faded (a switched-off head)
-                  image: np.ndarray | None = None,  # (H, W, 3) uint8: draw the map over this image (as DINO shows heads)
+                  # (H, W, 3) uint8: draw the map over this image (as DINO shows heads)
+                  image: np.ndarray | None = None,
                   alpha: float = 0.6,  # map opacity over the image
                  ) -> bytes:
     "A small PNG of a normalised map, for the head grid's thumbnails (over the image when one is given)."
@@ -538,7 +553,9 @@ def _grid_fig(nrows, ncols, cell, top=0.6, left=0.35, bottom=0.3, aspect=1.0, ti
     axs = fig.subplots(nrows, ncols, squeeze=False)
     fig.subplots_adjust(left=left / W, right=0.99, bottom=bottom / H, top=1 - top / H, wspace=0.06,
                         hspace=title / (cell * aspect))
-    for ax in axs.ravel(): ax.set_xticks([]); ax.set_yticks([])
+    for ax in axs.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     return fig, axs
 
 def plot_head_grid(analysis: ImageAnalysis,  # the computed-once result
@@ -564,11 +581,14 @@ def plot_head_grid(analysis: ImageAnalysis,  # the computed-once result
             pic = (overlay_image(analysis.image, m, 0.6, cmap, sqrt) if over_image
                    else colorize(normalize_map(m, sqrt), cmap))
             ax.imshow(pic, interpolation="nearest", alpha=1.0 if z[k, hd] else 0.25)
-            ax.set_title(f"w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=fs, color="black" if z[k, hd] else "0.6")
+            ax.set_title(f"w={wg[k, hd]:.2f}" + ("" if z[k, hd] else " off"), fontsize=fs,
+                         color="black" if z[k, hd] else "0.6")
             if hd == 0: ax.set_ylabel(f"layer {k}", fontsize=fs)
             if k == L - 1: ax.set_xlabel(f"head {hd}", fontsize=fs)
             if selected is not None and tuple(selected) == (k, hd):
-                for sp in ax.spines.values(): sp.set_color("red"); sp.set_linewidth(2.5)
+                for sp in ax.spines.values():
+                    sp.set_color("red")
+                    sp.set_linewidth(2.5)
     what = (f"patch {patch_index(analysis, patch)} → patches" if patch is not None
             else f"class token '{analysis.class_names[cls]}' → patches")
     fig.suptitle(f"{analysis.id}: {what}\nrows = layers, columns = heads, w = AAF weight", fontsize=fs + 1)
@@ -613,7 +633,8 @@ def plot_overlay(analysis: ImageAnalysis,     # the computed-once result
     elif note is None and (threshold is not None or mass):
         region = binarize(m, threshold if threshold is not None else 0.5, mass, size=(H, W))
     for ax in axs:
-        ax.set_xticks([]); ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_yticks([])
         if region is not None and region.any() and not region.all():
             ax.contour(region.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)
     if patch is not None: _patch_rect(analysis, patch, axs[0])
@@ -647,7 +668,10 @@ def _draw_head_weights(ax, analysis, head_mask=None):
             for hd in range(nh):
                 ax.text(hd, k, f"{wg[k, hd]:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if wg[k, hd] < 0.6 else "black")
-    ax.set_xlabel("head"); ax.set_ylabel("layer"); ax.set_xticks(range(nh)); ax.set_yticks(range(L))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(nh))
+    ax.set_yticks(range(L))
     return im
 
 def plot_head_weights(analysis: ImageAnalysis, head_mask=None, size: float = 3.0) -> Figure:
@@ -670,20 +694,29 @@ def plot_summary(analysis: ImageAnalysis,   # the computed-once result
                 ) -> Figure:
     "One row: image, head weights, S, coarse CAM, fused CAM, refined CAM, pseudo label, GT (with IoUs)."
     cls = analysis.present[0] if cls is None else _check_index("cls", cls, analysis.num_classes)
-    panels = ["image", "weights", "cross", "coarse", "fused", "refined", "pseudo"] + (["gt"] if analysis.mask is not None else [])
+    panels = ["image", "weights", "cross", "coarse", "fused", "refined",
+              "pseudo"] + (["gt"] if analysis.mask is not None else [])
     fig = Figure(figsize=(size * len(panels), size + 0.6))
     axs = fig.subplots(1, len(panels))
     fig.subplots_adjust(left=0.02, right=0.99, bottom=0.02, top=1 - 0.6 / (size + 0.6), wspace=0.12)
     H, W = analysis.image.shape[:2]
     for ax, p in zip(axs, panels):
-        ax.set_xticks([]); ax.set_yticks([])
-        if p == "image": ax.imshow(analysis.image); ax.set_title(analysis.id or "image", fontsize=8)
-        elif p == "weights": _draw_head_weights(ax, analysis, head_mask); ax.set_title("AAF weights", fontsize=8)
-        elif p == "gt": ax.imshow(mask_to_rgb(analysis.mask), interpolation="nearest"); ax.set_title("ground truth", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if p == "image":
+            ax.imshow(analysis.image)
+            ax.set_title(analysis.id or "image", fontsize=8)
+        elif p == "weights":
+            _draw_head_weights(ax, analysis, head_mask)
+            ax.set_title("AAF weights", fontsize=8)
+        elif p == "gt":
+            ax.imshow(mask_to_rgb(analysis.mask), interpolation="nearest")
+            ax.set_title("ground truth", fontsize=8)
         else:
             m = source_map(analysis, p, cls, head_mask=head_mask, threshold=threshold, crf=crf)
             ax.imshow(overlay_image(analysis.image, m, alpha if p != "pseudo" else 0.6, cmap))
-            t = {"cross": "S", "coarse": "ReLU(M)", "fused": "S·ReLU(M)", "refined": "Ā_pp·cams", "pseudo": "pseudo label"}[p]
+            t = {"cross": "S", "coarse": "ReLU(M)", "fused": "S·ReLU(M)", "refined": "Ā_pp·cams",
+                 "pseudo": "pseudo label"}[p]
             if analysis.mask is not None:
                 iou = map_iou(m, analysis.mask, cls, threshold)
                 t += f"\nIoU {iou:.2f}" if p != "pseudo" else f"\nIoU {iou:.2f} (t={threshold:.2f})"

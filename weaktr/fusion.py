@@ -61,8 +61,8 @@ def _per_map_dot(g: torch.Tensor,      # (B, N, N) fp32, the gradient of the fus
 
 class _FuseHeads(torch.autograd.Function):
     "Fused map with a head-weight gradient from the stack in its own dtype, or from maps recomputed out of (q, k)."
-    @staticmethod
     # w (B, nm) fp32; attn_stack (B, nm, N, N), no grad; qk = q0, k0, q1, ...
+    @staticmethod
     def forward(ctx, w, attn_stack, recompute, *qk):
         ctx.nm, ctx.n_qk = w.shape[1], len(qk)
         if recompute is None: ctx.save_for_backward(attn_stack)           # the stack once, as the backbone made it

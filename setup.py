@@ -12,7 +12,8 @@ cfg = config["DEFAULT"]
 
 
 class build_py_with_run_notebooks(build_py):
-    "Also copy the run notebooks (nbs/runs/*.ipynb) into the package as weaktr/runs/: an installed weaktr runs the pipeline."
+    """Also copy the run notebooks (nbs/runs/*.ipynb) into the package as weaktr/runs/: an installed weaktr runs the
+    pipeline."""
     def run(self):
         super().run()
         src, dst = Path("nbs") / "runs", Path(self.build_lib) / cfg["lib_path"] / "runs"

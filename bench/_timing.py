@@ -28,7 +28,10 @@ def time_steps(step: Callable[[], torch.Tensor], dev: torch.device, warmup: int,
     sync(dev)
     times, out = [], None
     for _ in range(steps):
-        t0 = time.perf_counter(); out = step(); sync(dev); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = step()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
     return times, out
 
 
@@ -46,7 +49,9 @@ def run_child(script: str, spec: str) -> dict:
     "Re-run `script` with this process's arguments plus `--_child spec` (minus --out) in a fresh process; -> its JSON."
     import json, subprocess, sys
     cmd = [sys.executable, script, "--_child", spec] + list(sys.argv[1:])
-    if "--out" in cmd: i = cmd.index("--out"); del cmd[i:i + 2]          # children never write the JSON
+    if "--out" in cmd:
+        i = cmd.index("--out")
+        del cmd[i:i + 2]                                                 # children never write the JSON
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0: raise RuntimeError(f"benchmark {spec} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -14,7 +14,6 @@ Presets: `voc` = deit_small_patch16_224 (ViT-S), C=20, 368x496 images, scales (1
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -79,22 +78,28 @@ def main(argv=None):
     imgs, labels = make_images(n, p["height"], p["width"], p["num_classes"])
     kw = dict(scales=p["scales"], attention_type=a.attention_type, refine=not a.no_refine, amp=a.amp)
 
-    cams_reference(model, imgs[0], labels[0], **kw); cams_batched(model, imgs[:2], labels[:2], **kw)   # warm-up
-    _sync(dev); t0 = time.perf_counter()
+    cams_reference(model, imgs[0], labels[0], **kw)
+    cams_batched(model, imgs[:2], labels[:2], **kw)                                                    # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
     ref = [cams_reference(model, im, y, **kw) for im, y in zip(imgs, labels)]
-    _sync(dev); t_ref = time.perf_counter() - t0
+    _sync(dev)
+    t_ref = time.perf_counter() - t0
 
-    _sync(dev); t0 = time.perf_counter()
+    _sync(dev)
+    t0 = time.perf_counter()
     bat = []
     for k in range(0, n, B): bat += cams_batched(model, imgs[k:k + B], labels[k:k + B], **kw)
-    _sync(dev); t_bat = time.perf_counter() - t0
+    _sync(dev)
+    t_bat = time.perf_counter() - t0
 
     diff = max(float((r - b).abs().max()) for r, b in zip(ref, bat))
     tol = a.tol or (1e-4 if dtype is None else 5e-2)
     res = dict(preset=a.preset, backbone=p["backbone"], image_hw=[p["height"], p["width"]], scales=list(p["scales"]),
                views_per_image=2 * len(p["scales"]), images=n, batch=B, attention_type=a.attention_type,
                refine=not a.no_refine, amp=str(dtype).replace("torch.", "") if dtype else "fp32", device=str(dev),
-               device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+               device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+               or platform.machine(),
                threads=torch.get_num_threads(), reference_s=round(t_ref, 3), batched_s=round(t_bat, 3),
                reference_img_s=round(n / t_ref, 3), batched_img_s=round(n / t_bat, 3), speedup=round(t_ref / t_bat, 3),
                max_abs_diff=diff, tol=tol)

@@ -11,7 +11,6 @@ Each worker count writes into a fresh folder; the labels of all runs must be ide
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -55,9 +54,11 @@ def main(argv=None):
         cams = tmp / "cams"
         sizes = []
         for i in idx:
-            id = ds.ids[i]; mask = ds.read_mask(id)
+            id = ds.ids[i]
+            mask = ds.read_mask(id)
             maps, ids = simulated_cams(np.where(mask == 255, 0, mask), ds.num_classes, sigma=8.0, seed=i)
-            save_cams(cams / f"{id}.npz", maps, ids, size=mask.shape); sizes.append(mask.shape)
+            save_cams(cams / f"{id}.npz", maps, ids, size=mask.shape)
+            sizes.append(mask.shape)
         mean_px = float(np.mean([h * w for h, w in sizes]))
         print(f"{len(idx)} voc-mini images (mean {mean_px / 1e3:.0f} kpx), CRF {a.crf!r}, t = {a.threshold}, "
               f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}")
@@ -76,8 +77,10 @@ def main(argv=None):
             print(f"  workers={w}: {runs[-1]['images_per_s']:6.2f} img/s  ({r['seconds']:.2f} s wall incl. pool start, "
                   f"{runs[-1]['cpu_s_per_image']:.3f} CPU-s/img; pseudo-label mIoU vs GT {runs[-1]['miou']:.3f})")
         base = runs[0]["seconds"]
-        for r in runs[1:]: print(f"  speed-up {r['workers']} vs {runs[0]['workers']} workers: {base / r['seconds']:.2f}x")
-        res = dict(images=len(idx), mean_kpx=round(mean_px / 1e3, 1), crf=a.crf, threshold=a.threshold, cpus=os.cpu_count(),
+        for r in runs[1:]:
+            print(f"  speed-up {r['workers']} vs {runs[0]['workers']} workers: {base / r['seconds']:.2f}x")
+        res = dict(images=len(idx), mean_kpx=round(mean_px / 1e3, 1), crf=a.crf, threshold=a.threshold,
+                   cpus=os.cpu_count(),
                    load_average=os.getloadavg()[0], runs=runs)
         if a.out: atomic_save_json(res, a.out)
         return res

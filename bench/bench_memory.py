@@ -5,7 +5,8 @@ backward. This script counts them on any device with `torch.autograd.graph.saved
 storage, each storage once (views share it), nn.Parameters excluded; model forward + loss, train mode, random init.
 
 Models: WeakTr `attn_impl="fast"` (this checkout), `weaktr_fast_before` (the same model with the code before issue 14,
-`fuse_heads` and `_attn_probs` verbatim below: autograd kept the fp32 attention stack, a copy of it under autocast), WeakTr `attn_impl="reference"` and the
+`fuse_heads` and `_attn_probs` verbatim below: autograd kept the fp32 attention stack, a copy of it under autocast),
+WeakTr `attn_impl="reference"` and the
 plain timm ViT (fused attention, 1000-class head, cross-entropy) as the baseline; fp32 and bf16 autocast; C = 20 (VOC)
 and C = 90 (COCO) class tokens. With `--steps > 0` it also times the Phase-1 train step (AdamW, like
 bench_phase1.py) of the fast path before vs after (and after with `recompute_attn=False`), interleaved step by step in
@@ -75,12 +76,13 @@ def previous_code(on: bool = True):
 def saved_tensor_bytes(fn, exclude=()) -> tuple[dict, object]:
     "Run fn() and count what autograd saves: -> (dict(bytes, tensors, by_dtype), fn's result). Each storage once."
     skip = {p.untyped_storage().data_ptr() for p in exclude}
-    seen = {}                                             # storage pointer -> (bytes, dtype, the tensor: keeps it alive)
+    seen = {}                                            # storage pointer -> (bytes, dtype, the tensor: keeps it alive)
 
     def pack(t):
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        if ptr and ptr not in skip and ptr not in seen: seen[ptr] = (st.nbytes(), str(t.dtype).removeprefix("torch."), t)
+        if ptr and ptr not in skip and ptr not in seen:
+            seen[ptr] = (st.nbytes(), str(t.dtype).removeprefix("torch."), t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -118,7 +120,8 @@ def measure_saved(kind: str, args, classes: int, amp: str, dev) -> dict:
             return loss_fn(model(x))
     r, loss = saved_tensor_bytes(fwd, exclude=list(model.parameters()))
     return dict(model=kind, classes=classes if kind != "timm_vit" else None, amp=amp, saved_mib=r["bytes"] / MiB,
-                saved_bytes=r["bytes"], tensors=r["tensors"], by_dtype_mib={k: v / MiB for k, v in r["by_dtype"].items()},
+                saved_bytes=r["bytes"], tensors=r["tensors"],
+                by_dtype_mib={k: v / MiB for k, v in r["by_dtype"].items()},
                 loss=float(loss.detach()))
 
 
@@ -128,10 +131,11 @@ def measure_steps(args, classes: int, amp: str, dev) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     dtype = AMP[amp]
 
-    def step(name):                                       # before: code before issue 14; after: now; keep: recompute_attn=False
+    def step(name):                               # before: code before issue 14; after: now; keep: recompute_attn=False
         def run():
             model.recompute_attn = name != "keep"
-            with previous_code(name == "before"), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            amp = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+            with previous_code(name == "before"), amp:
                 loss = loss_fn(model(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,7 +151,8 @@ def measure_steps(args, classes: int, amp: str, dev) -> dict:
         for name in names[i % 3:] + names[:i % 3]:
             c0 = time.process_time()
             times[name] += time_steps(step(name), dev, 0, 1)[0]
-            cpu[name].append(time.process_time() - c0)    # CPU seconds of this process: what load on a shared CPU distorts least
+            # CPU seconds of this process: what load on a shared CPU distorts least
+            cpu[name].append(time.process_time() - c0)
     med, cmed = ({k: statistics.median(v) for k, v in d.items()} for d in (times, cpu))
     main = cmed if dev.type == "cpu" else med
     return dict(classes=classes, amp=amp, batch=args.batch, step_s=med, step_s_all=times, cpu_s=cmed, cpu_s_all=cpu,
@@ -163,16 +168,19 @@ def table(res: dict) -> str:
     by = {key(r): r for r in saved}
     amps = [m for m in a["amp"]]
     head = "| model | C | " + " | ".join(f"{m} MiB | {m} × plain | {m} × reference" for m in amps) + " |"
-    L = [f"Saved-for-backward bytes of one training forward (+ loss): {a['backbone']}, batch {a['batch']}, {a['img']} px "
-         f"(unique storages, parameters excluded)", "", head, "|---|---|" + "---|---|---|" * len(amps)]
+    L = [f"Saved-for-backward bytes of one training forward (+ loss): {a['backbone']}, batch {a['batch']}, {a['img']} "
+         "px (unique storages, parameters excluded)", "", head, "|---|---|" + "---|---|---|" * len(amps)]
     for i, C in enumerate(a["classes"]):
         for kind in ("weaktr_fast", "weaktr_fast_keep", "weaktr_fast_before", "weaktr_reference", "timm_vit"):
             if kind not in a["models"] or (kind == "timm_vit" and i): continue    # the plain ViT has no C: one row
             cells = []
             for m in amps:
                 r = by.get(key(dict(model=kind, classes=None if kind == "timm_vit" else C, amp=m)))
-                base = by.get(("timm_vit", None, m)); ref = by.get(("weaktr_reference", C, m))
-                if r is None: cells += ["–"] * 3; continue
+                base = by.get(("timm_vit", None, m))
+                ref = by.get(("weaktr_reference", C, m))
+                if r is None:
+                    cells += ["–"] * 3
+                    continue
                 cells += [f"{r['saved_mib']:.0f}", f"{r['saved_mib'] / base['saved_mib']:.2f}×" if base else "–",
                           f"{r['saved_mib'] / ref['saved_mib']:.2f}×" if ref else "–"]
             L.append(f"| {kind} | {C if kind != 'timm_vit' else '–'} | " + " | ".join(cells) + " |")
@@ -180,12 +188,15 @@ def table(res: dict) -> str:
         L += ["", f"Phase-1 train step of the fast path (AdamW): code before issue 14 (before), now (after), now with "
                   f"recompute_attn=False (keep), alternating steps "
                   f"({a['steps']} each after {a['warmup']} warm-up), median:", "",
-              "| C | amp | batch | variant | CPU s/step | wall s/step | img/s | throughput vs before |", "|---|---|---|---|---|---|---|---|"]
+              "| C | amp | batch | variant | CPU s/step | wall s/step | img/s | throughput vs before |",
+              "|---|---|---|---|---|---|---|---|"]
         for s in res["steps"]:
             for k in ("before", "after", "keep"):
-                L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {k} | {s['cpu_s'][k]:.2f} | {s['step_s'][k]:.1f} | "
-                         f"{s['img_per_s'][k]:.2f} | **{s['img_per_s'][k] / s['img_per_s']['before']:.2f}×** |")
-        L += ["", f"img/s and the ratio use {res['steps'][0]['timed_by']}; wall-clock times on a shared machine mostly measure its load."]
+                L.append(f"| {s['classes']} | {s['amp']} | {s['batch']} | {k} | {s['cpu_s'][k]:.2f} | "
+                         f"{s['step_s'][k]:.1f} | {s['img_per_s'][k]:.2f} | "
+                         f"**{s['img_per_s'][k] / s['img_per_s']['before']:.2f}×** |")
+        L += ["", f"img/s and the ratio use {res['steps'][0]['timed_by']}; wall-clock times on a shared machine mostly "
+                  "measure its load."]
     return "\n".join(L)
 
 
@@ -200,22 +211,27 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument("--steps", type=int, default=3, help="timed train steps per variant (0: no timing)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--step-amp", nargs="+", choices=list(AMP), default=["off"], help="autocast dtypes of the timed steps")
+    p.add_argument("--step-amp", nargs="+", choices=list(AMP), default=["off"],
+                   help="autocast dtypes of the timed steps")
     p.add_argument("--step-classes", type=int, default=20)
     add_process_args(p, "measurement")
     args = p.parse_args(argv)
     args.models = [k.strip() for k in args.models.split(",") if k.strip()]
-    if bad := [k for k in args.models if k not in MODELS]: p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
+    if bad := [k for k in args.models if k not in MODELS]:
+        p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     if args.threads: torch.set_num_threads(args.threads)
     dev = get_device(args.device)
     if args._child:                                       # one measurement in this fresh process, JSON on stdout
         what, C, amp = args._child.split(":")
         r = measure_steps(args, int(C), amp, dev) if what == "steps" else measure_saved(what, args, int(C), amp, dev)
-        print(json.dumps(r)); return
+        print(json.dumps(r))
+        return
     isolate = args.isolate == "yes" or (args.isolate == "auto" and dev.type != "cuda")
     one = lambda spec: run_child(__file__, spec) if isolate else (
-        lambda w, C, amp: measure_steps(args, int(C), amp, dev) if w == "steps" else measure_saved(w, args, int(C), amp, dev))(*spec.split(":"))
-    env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__, timm=timm.__version__,
+        lambda w, C, amp: measure_steps(args, int(C), amp, dev) if w == "steps"
+        else measure_saved(w, args, int(C), amp, dev))(*spec.split(":"))
+    env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+               timm=timm.__version__,
                python=platform.python_version(), device=str(dev), cpu_threads=torch.get_num_threads(),
                load_average_start=round(os.getloadavg()[0], 2))
     t0 = time.time()
@@ -225,7 +241,8 @@ def main(argv=None):
             for C in (args.classes if kind != "timm_vit" else [None]):
                 r = one(f"{kind}:{C or 0}:{amp}")
                 saved.append(r)
-                print(f"{kind:20s} C={C!s:4s} {amp:4s} saved {r['saved_mib']:8.1f} MiB in {r['tensors']} storages", flush=True)
+                print(f"{kind:20s} C={C!s:4s} {amp:4s} saved {r['saved_mib']:8.1f} MiB in {r['tensors']} storages",
+                      flush=True)
     steps = [one(f"steps:{args.step_classes}:{amp}") for amp in args.step_amp] if args.steps > 0 else []
     env.update(load_average_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - t0, 1))
     res = dict(args={k: v for k, v in vars(args).items() if k != "_child"}, env=env, saved=saved, steps=steps)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _timing import add_process_args, peak_rss_mib, rss_mib, run_child, sync, time_steps  # noqa: E402
+from _timing import add_process_args, peak_rss_mib, rss_mib, run_child, time_steps  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import timm  # noqa: E402
 
@@ -45,13 +45,15 @@ def measure(kind: str, args) -> dict:
     B, img = args.batch, args.img
     x = torch.randn(B, 3, img, img, device=dev)
     if dev.type == "cuda":
-        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
         mem0 = torch.cuda.memory_allocated(dev)
     else:
         rss0 = rss_mib()
     if kind == "timm_vit":
         model = timm.create_model(args.backbone, pretrained=False, num_classes=1000, img_size=img, drop_path_rate=0.1)
-        assert all(getattr(b.attn, "fused_attn", False) for b in model.blocks), "timm fused attention is off (TIMM_FUSED_ATTN?)"
+        assert all(getattr(b.attn, "fused_attn", False)
+                   for b in model.blocks), "timm fused attention is off (TIMM_FUSED_ATTN?)"
         target = torch.randint(0, 1000, (B,), device=dev)
         loss_fn = lambda out: F.cross_entropy(out.float(), target)
     else:
@@ -69,7 +71,8 @@ def measure(kind: str, args) -> dict:
             loss = loss_fn(model(x))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(opt); scaler.update()
+        scaler.step(opt)
+        scaler.update()
         return loss.detach()
 
     times, loss = time_steps(step, dev, args.warmup, args.steps)
@@ -80,7 +83,8 @@ def measure(kind: str, args) -> dict:
     med = statistics.median(times)
     return dict(model=kind, description=MODELS[kind], step_ms=1000 * med, step_ms_all=[1000 * t for t in times],
                 img_per_s=B / med, peak_mem_mib=peak, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                final_loss=float(loss), memory_kind="cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS rise")
+                final_loss=float(loss),
+                memory_kind="cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS rise")
 
 
 def table(results, args, dev) -> str:
@@ -112,7 +116,8 @@ def main(argv=None):
     add_process_args(p, "model")
     args = p.parse_args(argv)
     if args._child:
-        print(json.dumps(measure(args._child, args))); return
+        print(json.dumps(measure(args._child, args)))
+        return
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in MODELS]
     if unknown: p.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
@@ -124,7 +129,8 @@ def main(argv=None):
     print(md)
     if args.out:
         info = dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-                    device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+                    device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                    else platform.processor(),
                     cpu_threads=torch.get_num_threads(), wall_s=time.time() - t0)
         atomic_save_json(dict(args={k: v for k, v in vars(args).items() if k != "_child"}, env=info,
                               results=results, markdown=md), args.out)

@@ -40,7 +40,8 @@ from weaktr.evaluate import MS_RATIOS, InferCfg, predict, predict_windowed_refer
 from weaktr.learner import param_groups  # noqa: E402
 from weaktr.segmenter import create_segmenter  # noqa: E402
 
-PATHS = {"kit": "fused attention (SDPA), autocast --amp", "reference": "explicit attention, --ref-amp (reference: fp32)"}
+PATHS = {"kit": "fused attention (SDPA), autocast --amp",
+         "reference": "explicit attention, --ref-amp (reference: fp32)"}
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -71,7 +72,8 @@ def measure_train(path: str, B: int, args) -> dict:
     target[:, :, : img // 8] = 255                                       # a padded / ignored strip, as in real crops
     target = target.to(dev)
     if dev.type == "cuda":
-        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
         mem0 = torch.cuda.memory_allocated(dev)
     else:
         rss0 = rss_mib()
@@ -86,7 +88,8 @@ def measure_train(path: str, B: int, args) -> dict:
         loss, _ = seg_loss(logits.float(), target, clip)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(opt); scaler.update()
+        scaler.step(opt)
+        scaler.update()
         return loss.detach()
 
     times, loss = time_steps(step, dev, args.warmup, args.steps)
@@ -98,7 +101,8 @@ def measure_train(path: str, B: int, args) -> dict:
 
 
 def measure_eval(args) -> dict:
-    "Batched vs window-by-window multi-scale + flip + two-output prediction on random images; equal predictions asserted."
+    """Batched vs window-by-window multi-scale + flip + two-output prediction on random images; equal predictions
+    asserted."""
     dev = get_device(args.device)
     if args.threads: torch.set_num_threads(args.threads)
     win = args.img
@@ -111,21 +115,26 @@ def measure_eval(args) -> dict:
     images = [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g) for _ in range(args.eval_images)]
     out = dict(part="eval", image_hw=(H, W), window=win, stride=icfg.stride, base_size=base, ratios=MS_RATIOS,
                flip=True, two_output=True, window_batch=args.window_batch, images=len(images))
-    predict(model, images[0], icfg); sync(dev)                            # warm-up (kernels, allocator)
+    predict(model, images[0], icfg)
+    sync(dev)                                                             # warm-up (kernels, allocator)
     res = {}
     for name, fn in (("batched", predict), ("window_by_window", predict_windowed_reference)):
-        t0 = time.perf_counter(); probs = []
+        t0 = time.perf_counter()
+        probs = []
         for im in images:
             probs.append(fn(model, im, icfg).cpu())
-        sync(dev); dt = time.perf_counter() - t0
+        sync(dev)
+        dt = time.perf_counter() - t0
         res[name] = probs
-        out[f"{name}_s_per_img"] = dt / len(images); out[f"{name}_img_per_s"] = len(images) / dt
+        out[f"{name}_s_per_img"] = dt / len(images)
+        out[f"{name}_img_per_s"] = len(images) / dt
     diffs = [float((a - b).abs().max()) for a, b in zip(res["batched"], res["window_by_window"])]
     same = all(bool((a.argmax(0) == b.argmax(0)).all()) for a, b in zip(res["batched"], res["window_by_window"]))
     out.update(max_abs_prob_diff=max(diffs), identical_argmax=same,
                speedup=out["batched_img_per_s"] / out["window_by_window_img_per_s"])
     if not same or max(diffs) > args.tol:
-        raise AssertionError(f"batched and window-by-window predictions differ: max |dp| = {max(diffs):.3g}, argmax equal = {same}")
+        raise AssertionError(f"batched and window-by-window predictions differ: max |dp| = {max(diffs):.3g}, argmax "
+                             f"equal = {same}")
     return out
 
 
@@ -137,9 +146,10 @@ def _child(spec: str, args) -> dict:
 
 def table(results, args, dev) -> str:
     tr = [r for r in results if r["part"] == "train"]
-    lines = [f"Phase-2 training step: {args.backbone}, {args.img}px crops, K={args.classes}, GC loss, SGD; device={dev}; "
-             f"{args.steps} timed steps after {args.warmup} warm-up",
-             "", "| path | batch | amp | step (ms, median) | img/s | peak mem (MiB) | speed vs reference | mem vs reference |",
+    lines = [f"Phase-2 training step: {args.backbone}, {args.img}px crops, K={args.classes}, GC loss, SGD; "
+             f"device={dev}; {args.steps} timed steps after {args.warmup} warm-up",
+             "", "| path | batch | amp | step (ms, median) | img/s | peak mem (MiB) | speed vs reference | mem vs "
+                 "reference |",
              "|---|---|---|---|---|---|---|---|"]
     for r in tr:
         ref = next((q for q in tr if q["path"] == "reference" and q["batch"] == r["batch"]), None)
@@ -149,10 +159,12 @@ def table(results, args, dev) -> str:
                      f"{r['peak_mem_mib']:.0f} | {sp} | {mm} |")
     ev = next((r for r in results if r["part"] == "eval"), None)
     if ev:
-        lines += ["", f"Evaluation: {ev['images']} random {ev['image_hw'][0]}x{ev['image_hw'][1]} images, window {ev['window']}/"
-                      f"stride {ev['stride']}, base {ev['base_size']}, 6 ratios x flip x two outputs, window batch {ev['window_batch']}",
+        lines += ["", f"Evaluation: {ev['images']} random {ev['image_hw'][0]}x{ev['image_hw'][1]} images, window "
+                      f"{ev['window']}/stride {ev['stride']}, base {ev['base_size']}, 6 ratios x flip x two outputs, "
+                      f"window batch {ev['window_batch']}",
                   "", "| path | s / image | img/s |", "|---|---|---|",
-                  f"| window by window (reference order) | {ev['window_by_window_s_per_img']:.3f} | {ev['window_by_window_img_per_s']:.2f} |",
+                  f"| window by window (reference order) | {ev['window_by_window_s_per_img']:.3f} | "
+                  f"{ev['window_by_window_img_per_s']:.2f} |",
                   f"| batched | {ev['batched_s_per_img']:.3f} | {ev['batched_img_per_s']:.2f} |",
                   "", f"speed-up {ev['speedup']:.2f}x; max |p_batched - p_window| = {ev['max_abs_prob_diff']:.2e}, "
                       f"identical argmax: {ev['identical_argmax']}"]
@@ -166,19 +178,23 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--amp", choices=[*AMP, "auto"], default="auto", help="kit path autocast (auto: fp16 on cuda, off on cpu)")
-    p.add_argument("--ref-amp", choices=[*AMP, "auto"], default="off", help="reference path autocast (the reference: off)")
+    p.add_argument("--amp", choices=[*AMP, "auto"], default="auto",
+                   help="kit path autocast (auto: fp16 on cuda, off on cpu)")
+    p.add_argument("--ref-amp", choices=[*AMP, "auto"], default="off",
+                   help="reference path autocast (the reference: off)")
     p.add_argument("--classes", type=int, default=21, help="K (21 VOC, 91 COCO)")
     p.add_argument("--backbone", default="deit_small_patch16_224")
     p.add_argument("--paths", default="kit,reference", help=f"comma list of {list(PATHS)}")
     p.add_argument("--eval-images", type=int, default=2, help="images for the evaluation benchmark (0: skip it)")
-    p.add_argument("--eval-hw", type=int, nargs=2, default=None, help="evaluation image H W (default: 375x500 scaled by img/480)")
+    p.add_argument("--eval-hw", type=int, nargs=2, default=None,
+                   help="evaluation image H W (default: 375x500 scaled by img/480)")
     p.add_argument("--window-batch", type=int, default=16)
     p.add_argument("--tol", type=float, default=1e-4, help="max |dp| allowed between batched and window-by-window")
     add_process_args(p, "measurement")
     args = p.parse_args(argv)
     if args._child:
-        print(json.dumps(_child(args._child, args))); return
+        print(json.dumps(_child(args._child, args)))
+        return
     paths = [k.strip() for k in args.paths.split(",") if k.strip()]
     if [k for k in paths if k not in PATHS]: p.error(f"--paths: choose from {list(PATHS)}")
     dev = get_device(args.device)

@@ -7,14 +7,16 @@
     ./kit bench [args]                                    # the same, in the kit's environment
 
 What is measured (each sub-benchmark is its own script, run in a subprocess; a missing script is skipped with a note):
-  phase1  bench/bench_phase1.py  Phase-1 train step, img/s and peak memory: WeakTr (fast attention) vs the plain timm ViT
-                                 (and WeakTr with the reference attention path)
-  camgen  bench/bench_camgen.py  CAM generation img/s: batched path vs the per-image reference path (maps asserted equal)
+  phase1  bench/bench_phase1.py  Phase-1 train step, img/s and peak memory: WeakTr (fast attention) vs the plain
+                                 timm ViT (and WeakTr with the reference attention path)
+  camgen  bench/bench_camgen.py  CAM generation img/s: batched path vs the per-image reference path (maps asserted
+                                 equal)
   crf     bench/bench_crf.py     pseudo labels (threshold + dense CRF + PNG) img/s: N worker processes vs 1 (CPU only)
   phase2  bench/bench_phase2.py  Phase-2 train step (kit vs reference attention, fp32) and MS+flip evaluation img/s
                                  (batched windows vs window by window, predictions asserted equal)
-  memory  bench/bench_memory.py  Phase-1 saved-for-backward bytes (saved_tensors_hooks): WeakTr fast vs the plain timm ViT and
-                                 vs WeakTr's reference path; train-step img/s of the fast path vs its code before issue 14
+  memory  bench/bench_memory.py  Phase-1 saved-for-backward bytes (saved_tensors_hooks): WeakTr fast vs the plain timm
+                                 ViT and vs WeakTr's reference path; train-step img/s of the fast path vs its code
+                                 before issue 14
   demo    runs/demo/summary.json end-to-end CPU demo time (`--demo` runs it first); target: 15 min
 Targets are judged as ratios within one run on one card (see BENCHMARKS.md); absolute numbers depend on the machine
 and, on a shared machine, on its load (the load average is recorded).
@@ -40,7 +42,8 @@ DEMO_TARGET_S = 15 * 60
 
 # Sub-benchmark arguments: (mode, device type) -> argv. CPU rows always use the small settings.
 SETTINGS = {
-    "phase1": {"small": ["--backbone", "deit_tiny_patch16_224", "--batch", "8", "--img", "224", "--steps", "3", "--warmup", "1"],
+    "phase1": {"small": ["--backbone", "deit_tiny_patch16_224", "--batch", "8", "--img", "224", "--steps", "3",
+                         "--warmup", "1"],
                "full": ["--backbone", "deit_small_patch16_224", "--batch", "64", "--img", "224", "--amp", "bf16",
                         "--steps", "20", "--warmup", "3"]},
     "camgen": {"small": ["--preset", "cpu-small", "--images", "8", "--batch", "8"],
@@ -51,8 +54,10 @@ SETTINGS = {
                          "--warmup", "1", "--eval-images", "2"],
                "full": ["--backbone", "deit_small_patch16_224", "--img", "480", "--batches", "4", "16", "--amp", "fp16",
                         "--steps", "20", "--warmup", "3", "--eval-images", "10"]},
-    "memory": {"small": ["--batch", "8", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps", "3"],
-               "full": ["--batch", "64", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps", "10",
+    "memory": {"small": ["--batch", "8", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps",
+                         "3"],
+               "full": ["--batch", "64", "--img", "224", "--classes", "20", "90", "--amp", "off", "bf16", "--steps",
+                        "10",
                         "--warmup", "2", "--step-amp", "bf16"]},
 }
 SCRIPTS = dict(phase1="bench_phase1.py", camgen="bench_camgen.py", crf="bench_crf.py", phase2="bench_phase2.py",
@@ -72,9 +77,12 @@ def cpu_model() -> str:
 def environment() -> dict:
     import timm
     import torch
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__, timm=timm.__version__,
-                python=platform.python_version(), cpu=cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    gpus = [torch.cuda.get_device_name(i)
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+                timm=timm.__version__,
+                python=platform.python_version(), cpu=cpu_model(), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
                 gpus=gpus, cuda=torch.version.cuda, load_average_start=round(os.getloadavg()[0], 2))
 
 
@@ -90,14 +98,16 @@ def run_script(name: str, argv: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, str(script), *argv, "--out", str(out)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                "MPLBACKEND": "Agg"}
         t0 = time.time()
         print(f"== {rel}", flush=True)
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return dict(status="failed", command=rel, seconds=round(time.time() - t0, 1), error=f"timed out after {timeout:.0f} s")
+            return dict(status="failed", command=rel, seconds=round(time.time() - t0, 1),
+                        error=f"timed out after {timeout:.0f} s")
         dt = round(time.time() - t0, 1)
         print("\n".join("   " + l for l in r.stdout.strip().splitlines()[-14:]), flush=True)
         if r.returncode != 0 or not out.is_file():
@@ -118,15 +128,19 @@ def rows_phase1(r: dict) -> list[dict]:
     base, fast, ref = res.get("timm_vit"), res.get("weaktr_fast"), res.get("weaktr_reference")
     out = []
     if fast and base:
-        out.append(dict(bench="Phase-1 train step, img/s (WeakTr fast vs plain timm ViT)", setting=st, ours=_f(fast["img_per_s"]),
+        out.append(dict(bench="Phase-1 train step, img/s (WeakTr fast vs plain timm ViT)", setting=st,
+                        ours=_f(fast["img_per_s"]),
                         baseline=_f(base["img_per_s"]), ratio=fast["img_per_s"] / base["img_per_s"], better="higher"))
         kind = "GPU max allocated" if "cuda" in fast["memory_kind"] else "peak RSS rise"
-        out.append(dict(bench=f"Phase-1 train step, peak memory MiB ({kind})", setting=st, ours=_f(fast["peak_mem_mib"], 0),
+        out.append(dict(bench=f"Phase-1 train step, peak memory MiB ({kind})", setting=st,
+                        ours=_f(fast["peak_mem_mib"], 0),
                         baseline=_f(base["peak_mem_mib"], 0),
-                        ratio=fast["peak_mem_mib"] / base["peak_mem_mib"] if base["peak_mem_mib"] > 0 else None, better="lower"))
+                        ratio=fast["peak_mem_mib"] / base["peak_mem_mib"] if base["peak_mem_mib"] > 0 else None,
+                        better="lower"))
     if ref and base:
         out.append(dict(bench="Phase-1 train step, img/s (WeakTr reference attention vs plain timm ViT)", setting=st,
-                        ours=_f(ref["img_per_s"]), baseline=_f(base["img_per_s"]), ratio=ref["img_per_s"] / base["img_per_s"],
+                        ours=_f(ref["img_per_s"]), baseline=_f(base["img_per_s"]),
+                        ratio=ref["img_per_s"] / base["img_per_s"],
                         better="higher"))
     return out
 
@@ -135,14 +149,17 @@ def rows_camgen(r: dict) -> list[dict]:
     x = r["result"]
     st = (f"{x['backbone']}, {x['image_hw'][0]}x{x['image_hw'][1]}, scales {x['scales']} x flip, {x['images']} images, "
           f"batch {x['batch']}, {x['amp']}; max abs diff {x['max_abs_diff']:.1e}")
-    return [dict(bench="CAM generation, img/s (batched vs per-image reference)", setting=st, ours=_f(x["batched_img_s"], 2),
+    return [dict(bench="CAM generation, img/s (batched vs per-image reference)", setting=st,
+                 ours=_f(x["batched_img_s"], 2),
                  baseline=_f(x["reference_img_s"], 2), ratio=x["speedup"], better="higher")]
 
 
 def rows_crf(r: dict) -> list[dict]:
-    x = r["result"]; runs = x["runs"]
+    x = r["result"]
+    runs = x["runs"]
     one = next((q for q in runs if q["workers"] == 1), runs[0])
-    st = f"{x['images']} voc-mini images ({x['mean_kpx']} kpx), CRF {x['crf']}, {x['cpus']} CPUs, load {x['load_average']:.1f}"
+    st = (f"{x['images']} voc-mini images ({x['mean_kpx']} kpx), CRF {x['crf']}, {x['cpus']} CPUs, "
+          f"load {x['load_average']:.1f}")
     return [dict(bench=f"pseudo labels (threshold + CRF), img/s ({q['workers']} workers vs 1)", setting=st,
                  ours=_f(q["images_per_s"], 2), baseline=_f(one["images_per_s"], 2),
                  ratio=q["images_per_s"] / one["images_per_s"], better="higher") for q in runs if q is not one]
@@ -151,18 +168,22 @@ def rows_crf(r: dict) -> list[dict]:
 def rows_phase2(r: dict) -> list[dict]:
     res, a, out = r["result"]["results"], r["result"]["args"], []
     for kit in (q for q in res if q["part"] == "train" and q["path"] == "kit"):
-        ref = next((q for q in res if q["part"] == "train" and q["path"] == "reference" and q["batch"] == kit["batch"]), None)
+        ref = next((q for q in res if q["part"] == "train" and q["path"] == "reference" and q["batch"] == kit["batch"]),
+                   None)
         if not ref: continue
         st = f"{a['backbone']}, batch {kit['batch']}, {a['img']} px, kit amp {kit['amp']} / reference amp {ref['amp']}"
-        out.append(dict(bench="Phase-2 train step, img/s (kit vs reference attention)", setting=st, ours=_f(kit["img_per_s"]),
+        out.append(dict(bench="Phase-2 train step, img/s (kit vs reference attention)", setting=st,
+                        ours=_f(kit["img_per_s"]),
                         baseline=_f(ref["img_per_s"]), ratio=kit["img_per_s"] / ref["img_per_s"], better="higher"))
         out.append(dict(bench="Phase-2 train step, peak memory MiB", setting=st, ours=_f(kit["peak_mem_mib"], 0),
                         baseline=_f(ref["peak_mem_mib"], 0),
-                        ratio=kit["peak_mem_mib"] / ref["peak_mem_mib"] if ref["peak_mem_mib"] > 0 else None, better="lower"))
+                        ratio=kit["peak_mem_mib"] / ref["peak_mem_mib"] if ref["peak_mem_mib"] > 0 else None,
+                        better="lower"))
     ev = next((q for q in res if q["part"] == "eval"), None)
     if ev:
-        st = (f"{a['backbone']}, {ev['images']} images {ev['image_hw'][0]}x{ev['image_hw'][1]}, window {ev['window']}/{ev['stride']}, "
-              f"6 ratios x flip x 2 outputs, window batch {ev['window_batch']}; max abs prob diff {ev['max_abs_prob_diff']:.1e}")
+        st = (f"{a['backbone']}, {ev['images']} images {ev['image_hw'][0]}x{ev['image_hw'][1]}, window "
+              f"{ev['window']}/{ev['stride']}, 6 ratios x flip x 2 outputs, window batch {ev['window_batch']}; max abs "
+              f"prob diff {ev['max_abs_prob_diff']:.1e}")
         out.append(dict(bench="evaluation, img/s (batched windows vs window by window)", setting=st,
                         ours=_f(ev["batched_img_per_s"], 2), baseline=_f(ev["window_by_window_img_per_s"], 2),
                         ratio=ev["speedup"], better="higher"))
@@ -207,9 +228,9 @@ ROWS = dict(phase1=rows_phase1, camgen=rows_camgen, crf=rows_crf, phase2=rows_ph
 
 def section(key: str, title: str, env: dict, command: str, mode: str, records: dict, rows: list[dict]) -> str:
     L = [f"<!-- bench:{key}:start -->", f"## {title}", "",
-         f"{env['date']} · torch {env['torch']} · timm {env['timm']} · Python {env['python']} · {env['cpu_count']} CPUs "
-         f"(torch threads per benchmark: {env['bench_threads']}) · load average {env['load_average_start']} at the start, "
-         f"{env.get('load_average_end', '?')} at the end · mode `{mode}`", "",
+         f"{env['date']} · torch {env['torch']} · timm {env['timm']} · Python {env['python']} · {env['cpu_count']} "
+         f"CPUs (torch threads per benchmark: {env['bench_threads']}) · load average {env['load_average_start']} at "
+         f"the start, {env.get('load_average_end', '?')} at the end · mode `{mode}`", "",
          f"Command: `{command}`", "",
          "| benchmark | setting | ours | baseline | ours / baseline |", "|---|---|---|---|---|"]
     for r in rows:
@@ -253,24 +274,29 @@ def update_file(path: Path, key: str, text: str) -> None:
     pat = re.compile(rf"<!-- bench:{re.escape(key)}:start -->.*?<!-- bench:{re.escape(key)}:end -->", re.S)
     new = pat.sub(lambda m: text, old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new); os.replace(tmp, path)
+    tmp.write_text(new)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small settings everywhere (default)")
-    g.add_argument("--full", action="store_true", help="the issue's sizes on GPU devices (CPU rows keep the small settings)")
+    g.add_argument("--full", action="store_true",
+                   help="the issue's sizes on GPU devices (CPU rows keep the small settings)")
     ap.add_argument("--device", default="auto", help="auto (CPU, plus CUDA when present) | cpu | cuda | cuda:1 ...")
     ap.add_argument("--only", default=",".join(ALL), help=f"comma list of {list(ALL)}")
-    ap.add_argument("--demo", action="store_true", help="run the CPU demo first (python -m weaktr.pipeline --device cpu)")
+    ap.add_argument("--demo", action="store_true",
+                    help="run the CPU demo first (python -m weaktr.pipeline --device cpu)")
     ap.add_argument("--demo-dir", default="runs/demo", help="demo run folder (its summary.json is read)")
     ap.add_argument("--out", default="runs/bench", help="folder for results.json and the markdown sections")
-    ap.add_argument("--update", default=None, metavar="BENCHMARKS.md", help="replace this machine's sections in that file")
+    ap.add_argument("--update", default=None, metavar="BENCHMARKS.md",
+                    help="replace this machine's sections in that file")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per sub-benchmark")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads of the CPU benchmarks (default 1; 0 = torch's default). On a shared machine more "
-                         "threads than free cores make OpenMP spin: small ops ran 30x slower here with 2 threads at load 5")
+                    help="torch threads of the CPU benchmarks (default 1; 0 = torch's default). On a shared machine "
+                         "more threads than free cores make OpenMP spin: small ops ran 30x slower here with 2 threads "
+                         "at load 5")
     a = ap.parse_args(argv)
     mode = "full" if a.full else "quick"
     only = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -306,7 +332,8 @@ def main(argv=None) -> int:
                     print(f"== {shlex.join(cmd)}", flush=True)
                     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
                 rec, r = demo_row(demo_dir / "summary.json")
-                records[name] = rec; rows += r
+                records[name] = rec
+                rows += r
         env["load_average_end"] = round(os.getloadavg()[0], 2)
         if is_cpu: key, title = f"cpu-{slug(env['cpu'])}", f"CPU: {env['cpu']} ({env['cpu_count']} logical CPUs)"
         else:
@@ -323,7 +350,8 @@ def main(argv=None) -> int:
         for key, text in sections.items(): update_file(path, key, text)
         print(f"updated {path} ({', '.join(sections)})")
     print(f"wrote {out_dir / 'results.json'} in {all_json['wall_s']:.0f} s")
-    failed = [f"{d}:{n}" for d, v in all_json["devices"].items() for n, r in v["records"].items() if r["status"] == "failed"]
+    failed = [f"{d}:{n}" for d, v in all_json["devices"].items() for n,
+              r in v["records"].items() if r["status"] == "failed"]
     if failed: print(f"failed: {failed}")
     return 1 if failed else 0
 

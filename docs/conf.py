@@ -12,7 +12,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import docs as kitdocs                                       # noqa: E402  (tools/docs.py)
 
-_ini = configparser.ConfigParser(); _ini.read(ROOT / "settings.ini")
+_ini = configparser.ConfigParser()
+_ini.read(ROOT / "settings.ini")
 _s = _ini["DEFAULT"]
 project = _s["title"]
 author = _s["author"]

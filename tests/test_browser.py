@@ -35,13 +35,15 @@ def find_chromium() -> str | None:
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium not found (checked $WEAKTR_CHROMIUM, chromium, chromium-browser, google-chrome, "
-                             "/usr/bin/chromium): install it with `apt-get install -y chromium` to run the browser test")
+    CHROMIUM is None, reason="Chromium not found (checked $WEAKTR_CHROMIUM, chromium, chromium-browser, "
+                             "google-chrome, /usr/bin/chromium): install it with `apt-get install -y chromium` to run "
+                             "the browser test")
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def notebook_copy(dst: Path, train_seconds: float) -> Path:
@@ -50,7 +52,8 @@ def notebook_copy(dst: Path, train_seconds: float) -> Path:
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     src = "".join(cell["source"])
     assert "train_seconds: float =" in src, "explore.ipynb's parameters cell has no train_seconds"
-    cell["source"] = "\n".join(f"train_seconds: float = {train_seconds}  # (test)" if l.startswith("train_seconds") else l
+    cell["source"] = "\n".join(f"train_seconds: float = {train_seconds}  # (test)" if l.startswith("train_seconds")
+                               else l
                                for l in src.splitlines())
     dst.mkdir(parents=True, exist_ok=True)
     (dst / NB.name).write_text(json.dumps(nb))
@@ -82,7 +85,8 @@ def lab(tmp_path):
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "jlab-ws"), "OMP_NUM_THREADS": "2"}
     env.pop("MPLBACKEND", None)                                   # the kernel's own inline backend
     news = tmp_path / "jlab-settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    news.parent.mkdir(parents=True); news.write_text(json.dumps({"fetchNews": "false"}))   # no "news?" toast
+    news.parent.mkdir(parents=True)
+    news.write_text(json.dumps({"fetchNews": "false"}))                                    # no "news?" toast
     log = tmp_path / "jupyter.log"
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
@@ -120,7 +124,8 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
                     "do not run `playwright install`, the test uses the system Chromium")
     base, token, name, log = lab
     t_start = time.time()
-    shots = tmp_path / "screenshots"; shots.mkdir()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -149,11 +154,13 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             if os.environ.get("WEAKTR_EXPLORER_SCREENSHOT"):
                 shutil.copyfile(shots / "lab.png", os.environ["WEAKTR_EXPLORER_SCREENSHOT"])
             box, grid_box = page.locator("img.weaktr-main").bounding_box(), page.locator(".weaktr-grid").bounding_box()
-            assert grid_box["x"] > box["x"] + box["width"] * 0.9, ("the head grid is not beside the main view", box, grid_box)
-            assert box["y"] + box["height"] <= 800 and grid_box["y"] < 800, ("the view or the grid starts below the fold", box, grid_box)
-            im = non_blank(explorer.screenshot(path=str(shots / "explorer.png")), (600, 400))
+            assert grid_box["x"] > box["x"] + box["width"] * 0.9, ("the head grid is not beside the main view",
+                                                                   box, grid_box)
+            assert box["y"] + box["height"] <= 800 and grid_box["y"] < 800, ("the view or the grid starts below "
+                                                                             "the fold", box, grid_box)
+            non_blank(explorer.screenshot(path=str(shots / "explorer.png")), (600, 400))
             grid = page.locator(".weaktr-grid")
-            g = non_blank(grid.screenshot(path=str(shots / "grid.png")), (150, 150))
+            non_blank(grid.screenshot(path=str(shots / "grid.png")), (150, 150))
             n_cells = page.locator(".weaktr-grid button[class*='weaktr-cell-']").count()
             assert n_cells >= 4, f"only {n_cells} head buttons in the grid"
 
@@ -163,8 +170,8 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             def changed_after(action, what):
                 before_src, before_png = src(), main.screenshot()
                 action()
-                page.wait_for_function("(old) => { const i = document.querySelector('img.weaktr-main'); "
-                                       "return i && i.src !== old && i.naturalWidth > 100; }", arg=before_src, timeout=20_000)
+                page.wait_for_function("(old) => { const i = document.querySelector('img.weaktr-main'); return i && "
+                                       "i.src !== old && i.naturalWidth > 100; }", arg=before_src, timeout=20_000)
                 page.wait_for_timeout(200)
                 after_png = main.screenshot(path=str(shots / f"after_{what}.png"))
                 assert after_png != before_png, f"the main image looks the same after {what}"
@@ -184,26 +191,31 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
             # move the opacity slider with the keyboard
             handle = page.locator(".weaktr-opacity .noUi-handle")
             def slide():
-                handle.scroll_into_view_if_needed(); handle.focus()
+                handle.scroll_into_view_if_needed()
+                handle.focus()
                 for _ in range(4): page.keyboard.press("ArrowRight")
             changed_after(slide, "opacity_slider")
             # the toggle-state bug: switch layer 1 off, all heads on, then L1 again must switch layer 1 OFF
             page.locator(".weaktr-explorer .widget-toggle-buttons button", has_text="switch on/off").click()
             row1 = page.locator("button.weaktr-row-1")
             def wait_class(sel, cls, present):
-                page.wait_for_function("([sel, c, p]) => { const e = document.querySelector(sel); "
-                                       "return e && e.classList.contains(c) === p; }", arg=[sel, cls, present], timeout=20_000)
+                page.wait_for_function("([sel, c, p]) => { const e = document.querySelector(sel); return e && "
+                                       "e.classList.contains(c) === p; }", arg=[sel, cls, present], timeout=20_000)
             changed_after(lambda: (row1.scroll_into_view_if_needed(), row1.click()), "layer1_off")
-            wait_class("button.weaktr-cell-1-0", "mod-warning", True); wait_class("button.weaktr-row-1", "mod-active", False)
+            wait_class("button.weaktr-cell-1-0", "mod-warning", True)
+            wait_class("button.weaktr-row-1", "mod-active", False)
             changed_after(lambda: page.locator(".weaktr-explorer button", has_text="all heads on").click(), "all_on")
-            wait_class("button.weaktr-cell-1-0", "mod-warning", False); wait_class("button.weaktr-row-1", "mod-active", True)
+            wait_class("button.weaktr-cell-1-0", "mod-warning", False)
+            wait_class("button.weaktr-row-1", "mod-active", True)
             changed_after(lambda: row1.click(), "layer1_off_again")            # the old code switched it ON here
-            wait_class("button.weaktr-cell-1-0", "mod-warning", True); wait_class("button.weaktr-row-1", "mod-active", False)
+            wait_class("button.weaktr-cell-1-0", "mod-warning", True)
+            wait_class("button.weaktr-row-1", "mod-active", False)
             # the next image, then a second map beside the main view (side-by-side compare)
             changed_after(lambda: page.locator("button.weaktr-next").click(), "next_image")
             v2 = page.locator("img.weaktr-view2")
             before = v2.get_attribute("src")
-            page.locator(".weaktr-compare select").select_option(label="baseline: refined CAM, uniform head weights (no AAF)")
+            baseline = "baseline: refined CAM, uniform head weights (no AAF)"
+            page.locator(".weaktr-compare select").select_option(label=baseline)
             page.wait_for_function("(old) => document.querySelector('img.weaktr-view2').src !== old", arg=before,
                                    timeout=20_000)
             page.screenshot(path=str(shots / "compare.png"))

@@ -1,7 +1,6 @@
 """CAM generation + pseudo labels end to end on a few synthetic images (two image sizes), and the two run notebooks."""
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,11 @@ def synth(tmp_path_factory):
     for id in ("train_00001", "train_00004"):
         img, mask = root / "JPEGImages" / f"{id}.png", root / "SegmentationClass" / f"{id}.png"
         Image.open(img).convert("RGB").resize((64, 40), Image.BICUBIC).save(img)
-        m = Image.open(mask); pal = m.getpalette()
-        m = m.resize((64, 40), Image.NEAREST); m.putpalette(pal); m.save(mask)
+        m = Image.open(mask)
+        pal = m.getpalette()
+        m = m.resize((64, 40), Image.NEAREST)
+        m.putpalette(pal)
+        m.save(mask)
     return root
 
 
@@ -47,7 +49,8 @@ def phase1_run(tmp_path_factory):
 def test_generate_resume_pseudo_end_to_end(synth, phase1_run, tmp_path):
     torch.set_num_threads(1)
     gen_dir = tmp_path / "gen"
-    cfg = CamGenCfg(run_dir=str(gen_dir), checkpoint=str(phase1_run), data="synthetic", data_root=str(synth), split="train",
+    cfg = CamGenCfg(run_dir=str(gen_dir), checkpoint=str(phase1_run), data="synthetic", data_root=str(synth),
+                    split="train",
                     scales=(1.0, 0.8), amp="off", batch_size=4, num_workers=1, device="cpu")
     s1 = generate_cams(cfg)
     assert (s1["n_generated"], s1["n_skipped"]) == (6, 0)
@@ -55,7 +58,7 @@ def test_generate_resume_pseudo_end_to_end(synth, phase1_run, tmp_path):
     assert json.loads((gen_dir / "config.json").read_text())["checkpoint"] == str(phase1_run)
     ds = synthetic_dataset(synth, "train")
     model = tiny_weaktr(3)
-    for i in (0, 1):                                              # a 48 x 48 and a 64 x 40 image: the stored maps are the reference's
+    for i in (0, 1):                                # a 48 x 48 and a 64 x 40 image: the stored maps are the reference's
         s = ds[i]
         maps, ids = load_cams(gen_dir / "cams" / f"{s['id']}.npz")
         assert ids.tolist() == s["labels"].nonzero().flatten().tolist()
@@ -69,7 +72,8 @@ def test_generate_resume_pseudo_end_to_end(synth, phase1_run, tmp_path):
     s3 = generate_cams(cfg)                                       # one file lost: only it is made again
     assert (s3["n_generated"], s3["n_skipped"]) == (1, 5)
 
-    pcfg = PseudoCfg(run_dir=str(tmp_path / "ps"), cams_dir=str(gen_dir), data="synthetic", data_root=str(synth), split="train",
+    pcfg = PseudoCfg(run_dir=str(tmp_path / "ps"), cams_dir=str(gen_dir), data="synthetic", data_root=str(synth),
+                     split="train",
                      threshold_mode="fixed", threshold=0.5, crf="voc", workers=2)
     p1 = make_pseudo_labels(pcfg)
     assert (p1["n_written"], p1["n_skipped"], p1["n_scored"]) == (6, 0, 6)
@@ -89,7 +93,8 @@ def test_generate_resume_pseudo_end_to_end(synth, phase1_run, tmp_path):
 def _papermill(nb, out, **params):
     import papermill as pm
     env_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env_path}"   # the kernelspec runs `python`: the venv's
+    # the kernelspec runs `python`: the venv's
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env_path}"
     try:
         return pm.execute_notebook(str(RUNS / nb), str(out), parameters=params, cwd=str(RUNS), kernel_name="python3",
                                    progress_bar=False)

@@ -21,8 +21,11 @@ def iou_fg(a, b): return ((a == 1) & (b == 1)).sum() / ((a == 1) | (b == 1)).sum
 @pytest.mark.parametrize("cfg", [CRF_VOC_LABELS, CRF_COCO_LABELS])
 def test_label_crf_snaps_shifted_edge(cfg):
     img, gt = two_region()
-    noisy = np.roll(gt, 5, axis=1); noisy[:, :5] = 0                  # boundary 5 px too far right
-    rng = np.random.default_rng(1); flip = rng.random(gt.shape) < 0.1; noisy[flip] = 1 - noisy[flip]
+    noisy = np.roll(gt, 5, axis=1)
+    noisy[:, :5] = 0                                                  # boundary 5 px too far right
+    rng = np.random.default_rng(1)
+    flip = rng.random(gt.shape) < 0.1
+    noisy[flip] = 1 - noisy[flip]
     out = crf_from_labels(img, noisy, 2, cfg)
     assert out.dtype == np.int64 and out.shape == gt.shape
     assert iou_fg(out, gt) > iou_fg(noisy, gt) + 0.1 and iou_fg(out, gt) > 0.95
@@ -57,9 +60,11 @@ def test_real_voc_image():
     if not ids: pytest.skip(f"no masks under {root / 'SegmentationClass'}")
     img = np.asarray(Image.open(root / "JPEGImages" / f"{ids[0]}.jpg").convert("RGB"))
     gt = np.asarray(Image.open(root / "SegmentationClass" / f"{ids[0]}.png")).astype(np.int64)
-    keys = np.unique(gt[gt != 255]); compact = np.searchsorted(keys, np.where(gt == 255, keys[0], gt))
+    keys = np.unique(gt[gt != 255])
+    compact = np.searchsorted(keys, np.where(gt == 255, keys[0], gt))
     rng = np.random.default_rng(0)
-    noisy = compact.copy(); flip = rng.random(gt.shape) < 0.2
+    noisy = compact.copy()
+    flip = rng.random(gt.shape) < 0.2
     noisy[flip] = rng.integers(0, len(keys), flip.sum())
     out = crf_from_labels(img, noisy, len(keys), CRF_VOC_LABELS)
     v = gt != 255

@@ -3,7 +3,6 @@
 Tests that need the shared samples skip with the path they looked in.
 """
 import hashlib, json, shutil, time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +76,8 @@ def test_voc_palette_decoding_matches_raw_pil(voc, tmp_path):
         Image.fromarray(mask_to_rgb(raw)).save(tmp_path / "rgb.png")
         np.testing.assert_array_equal(read_mask(tmp_path / "rgb.png"), raw)
         # and our writer round-trips it value for value
-        write_mask(tmp_path / "w.png", raw); np.testing.assert_array_equal(read_mask(tmp_path / "w.png"), raw)
+        write_mask(tmp_path / "w.png", raw)
+        np.testing.assert_array_equal(read_mask(tmp_path / "w.png"), raw)
     assert seen_ignore                                                      # official val masks carry the 255 band
 
 
@@ -99,7 +99,8 @@ def test_voc_truncated_jpeg_raises_naming_file(voc, tmp_path):
     ids = (voc / "ImageSets/Segmentation/train.txt").read_text().split()[:2]
     root = _mini_copy(voc, tmp_path / "voc", ids)
     bad = root / "JPEGImages" / f"{ids[1]}.jpg"
-    data = bad.read_bytes(); bad.write_bytes(data[: len(data) // 3])
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
     ds = voc_dataset(root, "train")
     assert ds[0]["image"].size == Image.open(voc / "JPEGImages" / f"{ids[0]}.jpg").size
     with pytest.raises(DataError, match="truncated") as e: ds[1]
@@ -118,7 +119,8 @@ def test_voc_content_errors_name_the_file(voc, tmp_path):
     write_mask(mp, m[:-1])                                                # one row short
     with pytest.raises(DataError, match="but image") as e: ds[0]
     assert str(mp) in str(e.value)
-    m2 = m.copy(); m2[0, 0] = 21
+    m2 = m.copy()
+    m2[0, 0] = 21
     write_mask(mp, m2)
     with pytest.raises(DataError, match=r"value\(s\) \[21\] outside the class range 0..20"): ds[0]
     (root / "JPEGImages" / f"{ids[2]}.jpg").unlink()
@@ -153,7 +155,8 @@ def test_csv_labels_and_unknown_name(voc, tmp_path):
     (tmp_path / "l.txt").write_text("\n".join(ids) + "\n")
     ds = voc_dataset(voc, tmp_path / "l.txt", labels=str(tmp_path / "l.csv"))
     torch.testing.assert_close(ds.label_matrix(), voc_dataset(voc, tmp_path / "l.txt", labels="masks").label_matrix())
-    fd = folder_dataset(voc / "JPEGImages", tmp_path / "l.csv", masks_dir=voc / "SegmentationClass", names=list(VOC_CLASSES))
+    fd = folder_dataset(voc / "JPEGImages", tmp_path / "l.csv", masks_dir=voc / "SegmentationClass",
+                        names=list(VOC_CLASSES))
     assert fd.ids == ids and fd[0]["mask"] is not None
     (tmp_path / "bad.csv").write_text("image,labels\n" + rows[0] + "\n" + f"{ids[1]}.jpg,person;unicorn\n")
     with pytest.raises(DataError, match=r"bad.csv, line 3 \(image '.*'\): unknown class name 'unicorn'"):
@@ -173,7 +176,8 @@ def test_coco_mini_both_id_spaces(coco):
         a, b = d80[i], d90[i]
         assert a["id"] == b["id"] and a["image"].size == b["image"].size
         np.testing.assert_array_equal(to90[a["mask"]], b["mask"])
-        l80 = a["labels"].nonzero().flatten().numpy(); l90 = b["labels"].nonzero().flatten().numpy()
+        l80 = a["labels"].nonzero().flatten().numpy()
+        l90 = b["labels"].nonzero().flatten().numpy()
         np.testing.assert_array_equal(ids80[l80] - 1, l90)            # class index = category_id - 1
         assert [c + 1 for c in l80] == ref[a["id"]]
         assert not set((l90 + 1).tolist()) & set(COCO_UNUSED_IDS)
@@ -196,11 +200,14 @@ def test_coco_mini_wrong_mask_space_is_caught(coco):
 # ---------------------------------------------------------------- synthetic
 
 def _digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def test_synthetic_default_timing_consistency_and_loader(tmp_path, capsys):
-    t0 = time.perf_counter(); root = make_synthetic(tmp_path / "syn", **SYNTH_DEFAULT); dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    root = make_synthetic(tmp_path / "syn", **SYNTH_DEFAULT)
+    dt = time.perf_counter() - t0
     n = SYNTH_DEFAULT["n_train"] + SYNTH_DEFAULT["n_val"]
     with capsys.disabled(): print(f"\nSYNTH_DEFAULT: {n} images of {SYNTH_DEFAULT['size']} px generated in {dt:.2f} s")
     assert dt < 30
@@ -232,8 +239,10 @@ def test_synthetic_determinism(tmp_path):
     small = make_synthetic(tmp_path / "s", **{**kw, "n_train": 5})
     assert _digest(small)["JPEGImages/train_00004.png"] == da["JPEGImages/train_00004.png"]
     with pytest.raises(FileExistsError, match="other parameters"): make_synthetic(a, **{**kw, "seed": 1})
-    (tmp_path / "user").mkdir(); (tmp_path / "user" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not a synthetic dataset"): make_synthetic(tmp_path / "user", n_train=2, n_val=0)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+        make_synthetic(tmp_path / "user", n_train=2, n_val=0)
 
 
 # ---------------------------------------------------------------- transforms
@@ -248,7 +257,8 @@ def test_ms_flip_views_order_sizes_and_pil_bicubic(voc):
         assert x.shape == (3, round(H * s), round(W * s))
         torch.testing.assert_close(xf, x.flip(-1), rtol=0, atol=0)
         ref = np.asarray(img.resize((round(W * s), round(H * s)), Image.BICUBIC), np.float32) / 255
-        ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        ref = (torch.from_numpy(ref).permute(2, 0, 1)
+               - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="first scale must be 1.0"): ms_flip_views(img, (1.2, 1.0))
 
@@ -256,7 +266,8 @@ def test_ms_flip_views_order_sizes_and_pil_bicubic(voc):
 def _coded(H, W, seed, block=8):
     "Image whose red channel encodes the mask (10 * class, 250 for ignore)."
     g = np.random.default_rng(seed)
-    m = np.kron(g.integers(0, 21, (H // block + 1, W // block + 1)), np.ones((block, block), int))[:H, :W].astype(np.uint8)
+    m = np.kron(g.integers(0, 21, (H // block + 1, W // block + 1)),
+                np.ones((block, block), int))[:H, :W].astype(np.uint8)
     m[:3, :] = IGNORE_INDEX
     img = np.stack([np.where(m == 255, 250, m * 10), np.full_like(m, 77), np.full_like(m, 99)], -1).astype(np.uint8)
     return dict(id="coded", image=Image.fromarray(img), mask=m, labels=torch.zeros(20))
@@ -272,9 +283,12 @@ def test_seg_train_transform_keeps_mask_aligned():
     tf = seg_train_transform(crop_size=64, base_size=57, ratio_range=(1.0, 1.0), photometric=False)
     flips = 0
     for k in range(30):
-        s = _coded(57, 81, k); o = tf(s); x, m = o["image"], o["mask"]
+        s = _coded(57, 81, k)
+        o = tf(s)
+        x, m = o["image"], o["mask"]
         assert x.shape == (3, 64, 64) and m.shape == (64, 64) and m.dtype == torch.int64
-        red = _decode(x); pad = x.abs().sum(0) == 0
+        red = _decode(x)
+        pad = x.abs().sum(0) == 0
         assert (m[pad] == 255).all() and pad[57:].all()
         inside = ~pad
         exp = torch.where(m == 255, 250, m * 10)
@@ -286,12 +300,15 @@ def test_seg_train_transform_keeps_mask_aligned():
     tf = seg_train_transform(crop_size=96, base_size=57, ratio_range=(0.5, 2.0), photometric=False)
     agree, frac = [], []
     for k in range(20):
-        o = tf(_coded(57, 81, 100 + k, block=16)); red, m = _decode(o["image"]), o["mask"]
+        o = tf(_coded(57, 81, 100 + k, block=16))
+        red, m = _decode(o["image"]), o["mask"]
         mf = m[None, None].float()
         flat = (torch.nn.functional.max_pool2d(mf, 5, 1, 2) == -torch.nn.functional.max_pool2d(-mf, 5, 1, 2))[0, 0]
         valid = flat & (m != 255)                                   # pixels 2+ px away from any mask edge
-        valid[:2] = valid[-2:] = False; valid[:, :2] = valid[:, -2:] = False   # and from the crop border
-        agree.append((red[valid] == m[valid] * 10).float().mean().item()); frac.append(valid.float().mean().item())
+        valid[:2] = valid[-2:] = False
+        valid[:, :2] = valid[:, -2:] = False                                   # and from the crop border
+        agree.append((red[valid] == m[valid] * 10).float().mean().item())
+        frac.append(valid.float().mean().item())
     assert min(agree) > 0.99 and np.mean(frac) > 0.2, (agree, frac)
 
 
@@ -300,7 +317,8 @@ def test_seg_train_transform_photometric_and_eval():
     s = _coded(60, 70, 0)
     o = seg_train_transform(crop_size=48, base_size=60, ratio_range=(1.0, 1.0), flip_p=0.0)(s)
     assert o["image"].dtype == torch.float32 and o["mask"].shape == (48, 48)
-    lo = (0 - torch.tensor(SEG_MEAN)) / torch.tensor(SEG_STD); hi = (1 - torch.tensor(SEG_MEAN)) / torch.tensor(SEG_STD)
+    lo = (0 - torch.tensor(SEG_MEAN)) / torch.tensor(SEG_STD)
+    hi = (1 - torch.tensor(SEG_MEAN)) / torch.tensor(SEG_STD)
     assert ((o["image"] >= lo.view(3, 1, 1) - 1e-5) & (o["image"] <= hi.view(3, 1, 1) + 1e-5)).all()
     e = seg_eval_transform(base_size=30)(s)
     assert e["image"].shape == (3, 30, 35) and e["mask"].shape == (60, 70) and e["orig_size"] == (60, 70)
@@ -308,13 +326,16 @@ def test_seg_train_transform_photometric_and_eval():
 
 def test_cat_max_ratio_behaviour():
     g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(120, 120, dtype=torch.uint8); mask[80:115, 80:115] = 7; mask[:, :10] = 255
+    mask = torch.zeros(120, 120, dtype=torch.uint8)
+    mask[80:115, 80:115] = 7
+    mask[:, :10] = 255
     def frac(ratio, n=400):
         ok = 0
         for _ in range(n):
             t, l, h, w = cat_max_ratio_crop_box(mask, (48, 48), ratio, generator=g)
             assert (h, w) == (48, 48) and 0 <= t <= 72 and 0 <= l <= 72
-            c = mask[t:t + h, l:l + w]; c = c[c != 255]
+            c = mask[t:t + h, l:l + w]
+            c = c[c != 255]
             cnt = torch.bincount(c.long())
             ok += int((cnt > 0).sum() > 1 and cnt.max() / cnt.sum() < 0.75)
         return ok / n

@@ -1,6 +1,6 @@
 """DDP through torchrun (gloo, 2 CPU processes): ranks stay identical, match a 1-process run with the same global batch,
 only rank 0 writes, and a killed DDP run resumes bitwise (each rank gets its own RNG state back)."""
-import json, os, shutil, subprocess, sys, textwrap, time
+import json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,8 @@ def _run(cmd, env, timeout=120, fresh_dir=None):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         if r.returncode == 0 or attempt or GLOO_ABORT not in r.stderr: break
         if fresh_dir is not None: shutil.rmtree(fresh_dir, ignore_errors=True)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    assert r.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n"
+                               f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return time.time() - t
 
 
@@ -77,7 +78,8 @@ def test_ddp_two_ranks_match_single_process_and_resume(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    single.mkdir(); ddp.mkdir()
+    single.mkdir()
+    ddp.mkdir()
     _run([sys.executable, str(script), str(single), "first"], env)
     _run([*torchrun, str(script), str(ddp), "first"], env, fresh_dir=ddp)
     _run([*torchrun, str(script), str(ddp), "resume"], env)

@@ -26,7 +26,8 @@ def test_gc_parity(case):
 
 def _reference_transcription(loss, start_value, K):
     "The reference's formula, written out literally (valid only for H, W multiples of K)."
-    d = loss.detach().clone(); mu = d.mean()
+    d = loss.detach().clone()
+    mu = d.mean()
     if mu > start_value: return loss
     b, h, w = d.shape
     m = F.avg_pool2d(d.mean(0)[None, None], K, stride=K, padding=h % K, count_include_pad=False)[:, 0]
@@ -47,7 +48,8 @@ def test_non_divisible_windows_average_valid_pixels(shape, K):
     g = torch.Generator().manual_seed(K)
     loss = torch.rand(shape, generator=g) ** 3
     B, H, W = shape
-    mu = loss.mean(); mean_map = loss.mean(0)
+    mu = loss.mean()
+    mean_map = loss.mean(0)
     tau = torch.empty(H, W)
     for i in range(0, H, K):
         for j in range(0, W, K):
@@ -78,13 +80,15 @@ def test_identity_above_start_and_equality_boundary():
     # mu == start value: GC is on (the reference tests `mu > start`); a flat map equals its threshold,
     # and a pixel exactly at the threshold keeps its gradient (clamp passes at equality).
     loss = torch.full((1, 8, 8), 1.2, requires_grad=True)
-    out = clip_loss_map(loss, 1.2, 4); out.sum().backward()
+    out = clip_loss_map(loss, 1.2, 4)
+    out.sum().backward()
     assert torch.equal(out.detach(), loss.detach()) and torch.equal(loss.grad, torch.ones_like(loss))
     # exact tie: left window all 1.0 (mean 1 = tau exactly, mu = 0.5), right window 0 and one capped pixel
     loss = torch.tensor([[[1., 1., 0., 0.], [1., 1., 0., 0.]]])
     loss[0, 0, 3] = 0.8
     loss.requires_grad_()
-    out = clip_loss_map(loss, 1.2, 2); out.sum().backward()
+    out = clip_loss_map(loss, 1.2, 2)
+    out.sum().backward()
     tau_right = torch.maximum(torch.tensor(0.2), loss.detach().mean())
     assert torch.equal(out.detach()[0, :, :2], torch.ones(2, 2))
     assert torch.equal(out.detach()[0, 0, 3], tau_right)
@@ -95,7 +99,8 @@ def test_window_edges():
     "Each KxK window is judged on its own mean: a hot window keeps its (high) values, a cold one is capped."
     loss = torch.zeros(1, 8, 8)
     loss[0, :4, :4] = 3.0                                               # hot window, uniform: tau = 3, nothing capped
-    loss[0, 4:, 4:] = 0.1; loss[0, 7, 7] = 2.0                          # cold window with one outlier
+    loss[0, 4:, 4:] = 0.1
+    loss[0, 7, 7] = 2.0                                                 # cold window with one outlier
     mu = loss.mean()
     out = clip_loss_map(loss, 1.2, 4)
     assert torch.equal(out[0, :4, :4], loss[0, :4, :4])
@@ -107,7 +112,8 @@ def test_window_edges():
 def test_seg_loss_reduction_and_gc():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 32, 32, requires_grad=True)
-    target = torch.randint(0, 5, (2, 32, 32)); target[:, :, :8] = 255
+    target = torch.randint(0, 5, (2, 32, 32))
+    target[:, :, :8] = 255
     loss, lmap = seg_loss(logits, target)
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, ignore_index=255, reduction="none").mean())
     loss_gc, lmap2 = seg_loss(logits, target, ClipCfg(start_value=100.0, window=16))

@@ -1,4 +1,5 @@
-"""The documentation: README generated from nbs/index.ipynb, the method-notes references, and the built site in a browser.
+"""The documentation: README generated from nbs/index.ipynb, the method-notes references, and the built site in a
+browser.
 
 The browser test builds the site with `tools/docs.py --quick` (only a few notebooks executed: see QUICK_EXECUTE; the
 others render without outputs) into a temporary folder, serves it on 127.0.0.1 and opens every page in headless
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import functools, http.server, json, os, re, subprocess, sys, threading
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -79,7 +80,8 @@ def _notes_anchors() -> set[str]:
 def test_no_spec_section_references_left():
     "Nothing in nbs/ or weaktr/ cites the external specification's numbered sections any more."
     left = spec_refs.remaining(["nbs", "weaktr"])
-    assert not left, "numbered spec references left (run python tools/spec_refs.py, then ./kit export):\n" + "\n".join(left)
+    assert not left, ("numbered spec references left (run python tools/spec_refs.py, then ./kit export):\n"
+                      + "\n".join(left))
     for f in list((REPO / "nbs").rglob("*.ipynb")) + list((REPO / "weaktr").glob("*.py")):
         assert "weaktr-method.md" not in f.read_text(), f
 
@@ -198,7 +200,8 @@ def test_every_page_in_a_browser(site):
                         links: [...document.querySelectorAll('a[href]')].map(a => a.href)};
             }""")
             n_math += info["typeset"]
-            if info["typeset"] < info["math"]: problems.append(f"{p}: {info['math'] - info['typeset']} formulas not typeset")
+            if info["typeset"] < info["math"]:
+                problems.append(f"{p}: {info['math'] - info['typeset']} formulas not typeset")
             if info["raw"]: problems.append(f"{p}: {info['raw']} raw $$ / \\( / \\[ left in the text")
             problems += [f"{p}: image not loaded: {s}" for s in info["imgs"]]
             problems += [f"{p}: {e}" for e in errors]
@@ -209,7 +212,8 @@ def test_every_page_in_a_browser(site):
         target = unquote(u.path[len(urlparse(base).path):]) or "index.html"
         if target.endswith("/"): target += "index.html"
         if not (out / target).is_file():
-            problems.append(f"{p}: broken link {href}"); continue
+            problems.append(f"{p}: broken link {href}")
+            continue
         if u.fragment and target.endswith(".html"):
             tids = ids.get(target) or _ids((out / target).read_text())
             if unquote(u.fragment) not in tids: problems.append(f"{p}: missing anchor {href}")

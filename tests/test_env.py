@@ -1,6 +1,6 @@
-"""Each checkout imports its own weaktr whatever starts Python or the kernel, on one shared set of dependencies (issue 16,
-item 15): thin per-checkout venvs (tools/thin_venv.py, called by ./kit setup), and a CheckoutWarning when weaktr comes
-from another checkout than the working directory's."""
+"""Each checkout imports its own weaktr whatever starts Python or the kernel, on one shared set of dependencies
+(issue 16, item 15): thin per-checkout venvs (tools/thin_venv.py, called by ./kit setup), and a CheckoutWarning when
+weaktr comes from another checkout than the working directory's."""
 import importlib.util
 import json
 import os
@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("thin_venv", REPO / "tools" / "thin_venv.py")
-thin_venv = importlib.util.module_from_spec(spec); spec.loader.exec_module(thin_venv)
+thin_venv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(thin_venv)
 SHARED = thin_venv.shared_venv_of(sys.prefix)          # the venv that holds the dependencies of this test run
 
 
@@ -68,7 +69,8 @@ def test_scripts_and_kernel_spec_run_the_checkouts_python(two_checkouts):
     for script in ("jupyter", "papermill", "nbdev_export", "pytest"):
         first = (a / ".venv" / "bin" / script).read_text().splitlines()[0]
         assert first == f"#!{a / '.venv' / 'bin' / 'python'}" or str(a / ".venv") in first, (script, first)
-    r = _py(a, "from jupyter_client.kernelspec import KernelSpecManager as K; print(K().get_kernel_spec('python3').argv[0])", a)
+    r = _py(a, "from jupyter_client.kernelspec import KernelSpecManager as K; "
+               "print(K().get_kernel_spec('python3').argv[0])", a)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(a / ".venv" / "bin" / "python")
 
@@ -104,11 +106,13 @@ def test_checkout_warning_when_weaktr_comes_from_another_checkout(two_checkouts)
 
 def test_thin_venv_refuses_a_foreign_venv_and_replaces_the_old_link(tmp_path):
     c = _clone(tmp_path / "c")
-    (c / ".venv").mkdir(); (c / ".venv" / "mine.txt").write_text("user's own venv")
+    (c / ".venv").mkdir()
+    (c / ".venv" / "mine.txt").write_text("user's own venv")
     with pytest.raises(FileExistsError, match="not made by ./kit"):
         thin_venv.make_thin_venv(SHARED, c)
     assert (c / ".venv" / "mine.txt").read_text() == "user's own venv"
-    shutil.rmtree(c / ".venv"); (c / ".venv").symlink_to(SHARED)  # what the old kit left: a link to the shared venv
+    shutil.rmtree(c / ".venv")
+    (c / ".venv").symlink_to(SHARED)                              # what the old kit left: a link to the shared venv
     thin_venv.make_thin_venv(SHARED, c)
     assert not (c / ".venv").is_symlink() and (SHARED / "bin" / "python").exists()
     assert json.loads((c / ".venv" / thin_venv.MARK).read_text())["checkout"] == str(c.resolve())
@@ -128,7 +132,8 @@ def test_kit_setup_makes_the_thin_venv_and_leaves_the_shared_venv_alone(tmp_path
     r = subprocess.run(["./kit", "setup"], cwd=clone, env={**_env(), "WEAKTR_VENV": str(fake)}, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(p.name for p in fake_site.iterdir()) == before   # the shared venv got nothing (old kit: pip install -e)
+    # the shared venv got nothing (old kit: pip install -e)
+    assert sorted(p.name for p in fake_site.iterdir()) == before
     assert not (clone / ".venv").is_symlink()
     r = _py(clone, "import weaktr; print(weaktr.__file__)", Path("/"))
     assert r.returncode == 0 and r.stdout.strip() == str(clone / "weaktr" / "__init__.py"), r.stderr

@@ -1,5 +1,6 @@
-"""Fault injection for CAM generation and pseudo labels (issue 16): stale outputs after the checkpoint or the CAMs changed
-(item 4), CRF workers outliving a hard-killed parent (item 17), and the reference's fp16 numerics by default (AMP)."""
+"""Fault injection for CAM generation and pseudo labels (issue 16): stale outputs after the checkpoint or the CAMs
+changed (item 4), CRF workers outliving a hard-killed parent (item 17), and the reference's fp16 numerics by default
+(AMP)."""
 import json
 import os
 import shutil
@@ -31,9 +32,11 @@ def synth(tmp_path_factory):
 
 
 def _train_phase1(run: Path, seed: int, num_classes: int = 3):
-    "What (re-)training Phase 1 into `run` leaves behind: best.pt with new weights under the same path, and config.json."
+    """What (re-)training Phase 1 into `run` leaves behind: best.pt with new weights under the same path, and
+    config.json."""
     run.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(dict(format="weaktr.learner.best/1", model=tiny_weaktr(num_classes, seed=seed).state_dict(), epoch=0),
+    atomic_torch_save(dict(format="weaktr.learner.best/1", model=tiny_weaktr(num_classes, seed=seed).state_dict(),
+                           epoch=0),
                       run / "best.pt")
     (run / "config.json").write_text(json.dumps(dict(backbone="deit_tiny_patch16_224", pool="avg")))
 
@@ -44,7 +47,8 @@ def _snapshot(folder: Path, pattern: str) -> dict:
 
 def _gen_cfg(synth, tmp_path, **kw):
     return CamGenCfg(**{**dict(run_dir=str(tmp_path / "gen"), checkpoint=str(tmp_path / "phase1"), data="synthetic",
-                               data_root=str(synth), split="train", scales=(1.0,), amp="off", num_workers=0, device="cpu"), **kw})
+                               data_root=str(synth), split="train", scales=(1.0,), amp="off", num_workers=0,
+                               device="cpu"), **kw})
 
 
 # ---------------------------------------------------------------- item 4: stale CAMs and pseudo labels
@@ -57,8 +61,8 @@ def test_gen_cams_refuses_stale_cams_after_retraining(synth, tmp_path):
     before = _snapshot(tmp_path / "gen" / "cams", "*")
     config_before = (tmp_path / "gen" / "config.json").read_bytes()
 
-    _train_phase1(tmp_path / "phase1", seed=1)                     # re-trained into the same folder: same path, new weights
-    with pytest.raises(ResumeMismatch) as e:                       # the old code skipped all 6 images and kept the old maps
+    _train_phase1(tmp_path / "phase1", seed=1)                 # re-trained into the same folder: same path, new weights
+    with pytest.raises(ResumeMismatch) as e:                   # the old code skipped all 6 images and kept the old maps
         generate_cams(cfg)
     assert "checkpoint_sha256" in str(e.value) and "overwrite=True" in str(e.value)
     assert _snapshot(tmp_path / "gen" / "cams", "*") == before     # refused: nothing changed, not even the record
@@ -78,7 +82,8 @@ def test_gen_cams_refuses_stale_cams_after_retraining(synth, tmp_path):
     for i in (0, 3):
         smp = ds[i]
         maps, ids = load_cams(tmp_path / "gen" / "cams" / f"{smp['id']}.npz")
-        np.testing.assert_allclose(maps, cams_reference(new_model, smp["image"], smp["labels"], scales=(1.0,))[ids].numpy(),
+        np.testing.assert_allclose(maps, cams_reference(new_model, smp["image"], smp["labels"],
+                                                        scales=(1.0,))[ids].numpy(),
                                    atol=1e-5)
     assert generate_cams(cfg)["n_skipped"] == 6                    # same inputs again: plain resume
 
@@ -97,7 +102,8 @@ def test_gen_cams_record_ignores_paths_and_extends(synth, tmp_path):
                           (dict(refine=False), "refine"), (dict(scales=(1.0, 0.8)), "scales")):
         with pytest.raises(ResumeMismatch, match=field):
             generate_cams(replace(cfg, **change))
-    (moved / "JPEGImages" / "train_00002.png").write_bytes((moved / "JPEGImages" / "train_00002.png").read_bytes() + b"\0" * 7)
+    (moved / "JPEGImages" / "train_00002.png").write_bytes((moved / "JPEGImages" / "train_00002.png").read_bytes()
+                                                           + b"\0" * 7)
     with pytest.raises(ResumeMismatch, match="data_sha256"):       # the data list's content changed
         generate_cams(replace(cfg, data_root=str(moved)))
 
@@ -107,7 +113,8 @@ def test_pseudo_labels_refuse_stale_labels_after_cams_changed(synth, tmp_path):
     _train_phase1(tmp_path / "phase1", seed=0)
     gcfg = _gen_cfg(synth, tmp_path)
     generate_cams(gcfg)
-    pcfg = PseudoCfg(run_dir=str(tmp_path / "ps"), cams_dir=str(tmp_path / "gen"), data="synthetic", data_root=str(synth),
+    pcfg = PseudoCfg(run_dir=str(tmp_path / "ps"), cams_dir=str(tmp_path / "gen"), data="synthetic",
+                     data_root=str(synth),
                      split="train", threshold_mode="fixed", threshold=0.5, crf="none", workers=1)
     assert make_pseudo_labels(pcfg)["n_written"] == 6
     before = _snapshot(tmp_path / "ps" / "pseudo", "*")
@@ -162,9 +169,9 @@ def test_pseudo_workers_die_with_a_hard_killed_parent(synth, tmp_path):
         def slow_crf(*a, **k):                      # a long CRF, so the kill lands while the workers are busy
             time.sleep(300); return _crf(*a, **k)
         P.crf_label = slow_crf
-        P.make_pseudo_labels(P.PseudoCfg(run_dir={str(tmp_path / 'ps')!r}, cams_dir={str(tmp_path / 'gen')!r}, data="synthetic",
-                                         data_root={str(synth)!r}, split="train", threshold_mode="fixed", crf="voc",
-                                         workers=2, score=False))
+        P.make_pseudo_labels(P.PseudoCfg(run_dir={str(tmp_path / 'ps')!r}, cams_dir={str(tmp_path / 'gen')!r},
+                                         data="synthetic", data_root={str(synth)!r}, split="train",
+                                         threshold_mode="fixed", crf="voc", workers=2, score=False))
         """))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
@@ -173,14 +180,17 @@ def test_pseudo_workers_die_with_a_hard_killed_parent(synth, tmp_path):
     try:
         deadline = time.time() + 180
         while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
-            time.sleep(0.3); workers = _children(proc.pid)
-        assert len(workers) == 2, f"expected 2 pool workers, found {workers}; job output: {proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ''}"
+            time.sleep(0.3)
+            workers = _children(proc.pid)
+        out = proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ''
+        assert len(workers) == 2, f"expected 2 pool workers, found {workers}; job output: {out}"
         time.sleep(1.0)                                              # workers initialised and inside the slow CRF
         os.kill(proc.pid, signal.SIGKILL)                            # a hard kill of the main process
         proc.wait(timeout=30)
         deadline = time.time() + 10
         while time.time() < deadline and any(_alive(w) for w in workers): time.sleep(0.2)
-        assert not any(_alive(w) for w in workers), f"pool workers {[w for w in workers if _alive(w)]} outlived their killed parent"
+        alive = [w for w in workers if _alive(w)]
+        assert not alive, f"pool workers {alive} outlived their killed parent"
     finally:
         if proc.poll() is None: proc.kill()
         for w in workers:                                            # only the two processes this test caused
@@ -193,7 +203,8 @@ def test_pseudo_workers_die_with_a_hard_killed_parent(synth, tmp_path):
 # ---------------------------------------------------------------- AMP: the reference's numerics by default
 
 def test_amp_auto_is_the_references_fp16_even_where_bf16_is_supported(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # an A100/H100: the old "auto" picked bf16
+    # an A100/H100: the old "auto" picked bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert amp_dtype("auto", torch.device("cuda")) == torch.float16
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("bf16", torch.device("cuda")) == torch.bfloat16              # bf16 stays an option
@@ -209,7 +220,8 @@ def test_every_amp_mode_runs_cam_generation_on_cpu(synth, tmp_path):
         s = generate_cams(_gen_cfg(synth, tmp_path, run_dir=str(tmp_path / f"gen_{amp}"), amp=amp, scales=(1.0, 0.8)))
         assert s["amp"] == {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}[amp] and s["n_generated"] == 6
         with np.load(tmp_path / f"gen_{amp}" / "cams" / "train_00000.npz") as z: assert z["maps"].dtype == np.float32
-        maps[amp] = np.concatenate([load_cams(p)[0].ravel() for p in sorted((tmp_path / f"gen_{amp}" / "cams").glob("*.npz"))])
+        maps[amp] = np.concatenate([load_cams(p)[0].ravel()
+                                    for p in sorted((tmp_path / f"gen_{amp}" / "cams").glob("*.npz"))])
     d16, dbf = np.abs(maps["fp16"] - maps["off"]).max(), np.abs(maps["bf16"] - maps["off"]).max()
     print(f"max |CAM - fp32|: fp16 {d16:.4f}, bf16 {dbf:.4f}")
     assert 0 < d16 < 0.02 and d16 < dbf < 0.2

@@ -20,7 +20,8 @@ torch.set_num_threads(1)
 
 def _folder(root, rows, names=("cat", "dog"), n=3, size=(8, 6)):
     "An own-images folder: images/im<k>.png, labels.csv with `rows`, names.txt (unless names is None)."
-    root = Path(root); (root / "images").mkdir(parents=True)
+    root = Path(root)
+    (root / "images").mkdir(parents=True)
     for k in range(n):
         Image.fromarray(np.full((size[1], size[0], 3), 30 * k, np.uint8)).save(root / "images" / f"im{k}.png")
     (root / "labels.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
@@ -35,7 +36,9 @@ def _voc(root, sizes, mask_sizes=None):
     ids = [f"im{k}" for k in range(len(sizes))]
     for i, (W, H), (mW, mH) in zip(ids, sizes, mask_sizes or sizes):
         Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(root / "JPEGImages" / f"{i}.png")
-        m = np.zeros((mH, mW), np.uint8); m[: mH // 2] = 1; write_mask(root / "SegmentationClass" / f"{i}.png", m)
+        m = np.zeros((mH, mW), np.uint8)
+        m[: mH // 2] = 1
+        write_mask(root / "SegmentationClass" / f"{i}.png", m)
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
     return root
 
@@ -50,7 +53,7 @@ def test_smoke_default_synthetic_builds(tmp_path, monkeypatch):
     root = make_default_synthetic(smoke=True)
     meta = json.loads((root / "meta.json").read_text())
     assert meta["splits"] == dict(train=16, val=8) and root.parent == tmp_path / "data"
-    assert resolve_data_root(CamTrainCfg(data="synthetic", data_root="", smoke=True)) == root   # the run notebook's path
+    assert resolve_data_root(CamTrainCfg(data="synthetic", data_root="", smoke=True)) == root  # the run notebook's path
 
 
 # ------------------------------------------------------------ item 6: 16-bit PNGs
@@ -139,11 +142,13 @@ def test_mask_size_mismatch_named_at_check_and_first_read(tmp_path):
 
 @pytest.mark.parametrize("entry", ["../../outside/secret.jpg", "ABS"])
 def test_folder_csv_cannot_escape_the_image_folder(tmp_path, entry):
-    outside = tmp_path / "outside"; outside.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
     Image.new("RGB", (8, 6), (255, 0, 0)).save(outside / "secret.jpg")
     entry = str(outside / "secret.jpg") if entry == "ABS" else entry
     root = _folder(tmp_path / "a" / "b", ["im0.png,cat", f"{entry},dog"])
-    assert (root / "images" / "../../outside/secret.jpg").resolve() == (outside / "secret.jpg").resolve() or entry != "ABS"
+    assert (root / "images"
+            / "../../outside/secret.jpg").resolve() == (outside / "secret.jpg").resolve() or entry != "ABS"
     with pytest.raises(DataError, match=r"labels\.csv: image '.*secret\.jpg' is not a path inside the image folder"):
         open_dataset("folder", root)
 
@@ -156,11 +161,14 @@ def test_folder_needs_names_and_rejects_typos_and_empty_labels(tmp_path):
     with pytest.raises(DataError, match="class names are required.*'dgo'"):
         folder_dataset(root / "images", root / "labels.csv")
     (root / "names.txt").write_text("cat\ndog\n")
-    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): unknown class name 'dgo'"): open_dataset("folder", root)
+    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): unknown class name 'dgo'"):
+        open_dataset("folder", root)
     (root / "labels.csv").write_text("image,labels\nim0.png,cat\nim1.png,\nim2.png,dog\n")
-    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): empty 'labels' field"): open_dataset("folder", root)
+    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): empty 'labels' field"):
+        open_dataset("folder", root)
     (root / "labels.csv").write_text("image,labels\nim0.png,cat\nim1.png, ; \nim2.png,dog\n")
-    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): empty 'labels' field"): open_dataset("folder", root)
+    with pytest.raises(DataError, match=r"line 3 \(image 'im1.png'\): empty 'labels' field"):
+        open_dataset("folder", root)
     (root / "labels.csv").write_text("image,labels\nim0.png,cat\nim1.png,dog;cat\nim2.png,dog\n")
     ds = open_dataset("folder", root)
     assert ds.class_names == ("cat", "dog") and ds[1]["labels"].tolist() == [1.0, 1.0]
@@ -191,7 +199,7 @@ def test_npy_converter_needs_explicit_opt_in_and_warns(tmp_path):
     assert json.loads(out.read_text()) == {"im0": [1]}
 
 
-# ------------------------------------------------------------ items 7 and 9: the Learner keeps only good epochs, and keeps them
+# ------------------------------------------------ items 7 and 9: the Learner keeps only good epochs, and keeps them
 
 def _toy(n=48):
     g = torch.Generator().manual_seed(0)
@@ -218,9 +226,11 @@ def test_divergence_guard_stops_before_saving_a_diverged_epoch(tmp_path):
     from weaktr.learner import fit
     calls = []
     def explodes(model, batch):                       # 6 batches per epoch: call 16 = epoch 2, batch 4
-        loss, logs = _mse(model, batch); calls.append(1)
+        loss, logs = _mse(model, batch)
+        calls.append(1)
         return (loss * 5.9e26 if len(calls) >= 16 else loss), logs
-    with pytest.raises(FloatingPointError, match=r"training diverged at epoch 2, step 15 \(batch 4 of 6\): loss = .*e\+2[0-9] "
+    with pytest.raises(FloatingPointError,
+                       match=r"training diverged at epoch 2, step 15 \(batch 4 of 6\): loss = .*e\+2[0-9] "
                        r".*diverge_factor=1000.*the last good checkpoint .*last\.pt \(epoch 2\) is untouched"):
         fit(_model(), explodes, _toy(), _CFG, tmp_path / "run")
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -235,7 +245,9 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         if learner.epoch == 1 and learner.batch_idx == 5:
             with torch.no_grad(): learner.model[0].weight[0, 0] = float("inf")
     evals = []
-    with pytest.raises(FloatingPointError, match=r"parameters are not finite after epoch 1 .*'0\.weight'.*last\.pt \(epoch 1\) is untouched"):
+    with pytest.raises(FloatingPointError,
+                       match=r"parameters are not finite after epoch 1 .*'0\.weight'.*"
+                             r"last\.pt \(epoch 1\) is untouched"):
         fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=lambda m, e: evals.append(e) or {},
             callbacks=dict(on_batch_end=poison))
     assert evals == [0] and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
@@ -247,7 +259,8 @@ def test_failing_eval_keeps_the_trained_epoch(tmp_path):
     def eval_fn(model, epoch):
         if epoch == 1: raise DataError("mask x.png is 7x6 (WxH) but image x.jpg is 8x6")
         return dict(v=1.0)
-    with pytest.raises(RuntimeError, match=r"eval_fn failed after epoch 1 \(DataError: mask x\.png .*\); the trained epoch is kept"):
+    with pytest.raises(RuntimeError,
+                       match=r"eval_fn failed after epoch 1 \(DataError: mask x\.png .*\); the trained epoch is kept"):
         fit(_model(), _mse, _toy(), _CFG, tmp_path / "run", eval_fn=eval_fn)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
     assert read_metrics(tmp_path / "run")[-1]["eval_error"].startswith("DataError: mask x.png")
@@ -271,18 +284,22 @@ def test_phase1_cam_split_sizes_checked_before_training(tmp_path):
     write_mask(root / "SegmentationClass" / "train_00003.png", np.zeros((31, 32), np.uint8))
     cfg = CamTrainCfg(data="synthetic", data_root=str(root), train_split="train", val_split="val", cam_split="train",
                       img_size=32, batch_size=4, num_workers=0, progress=False)
-    with pytest.raises(DataError, match=r"mask .*SegmentationClass/train_00003\.png is 32x31 \(WxH\) but image .*train_00003\.png is 32x32"):
+    with pytest.raises(DataError,
+                       match=r"mask .*SegmentationClass/train_00003\.png is 32x31 \(WxH\) but image "
+                             r".*train_00003\.png is 32x32"):
         build_datasets(cfg, root)
 
 
 # ------------------------------------------------------------ item 10: range checks
 
-@pytest.mark.parametrize("field, value, rng", [("lr", -6e-4, "(0, inf)"), ("lr", 0.0, "(0, inf)"), ("min_lr", -1e-5, "[0, inf)"),
+@pytest.mark.parametrize("field, value, rng",
+                         [("lr", -6e-4, "(0, inf)"), ("lr", 0.0, "(0, inf)"), ("min_lr", -1e-5, "[0, inf)"),
                                               ("warmup_lr", -1e-6, "[0, inf)"), ("lr", float("nan"), "(0, inf)"),
                                               ("weight_decay", -0.1, "[0, inf)"), ("diverge_factor", 0.5, "(1, inf)")])
 def test_train_cfg_ranges(field, value, rng):
     from weaktr.learner import TrainCfg
-    with pytest.raises(ValueError, match=re.escape(f"TrainCfg.{field}: expected a finite number in {rng}, got {value!r}")):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"TrainCfg.{field}: expected a finite number in {rng}, got {value!r}")):
         TrainCfg(**{field: value})
 
 
@@ -294,4 +311,4 @@ def test_phase1_cfg_ranges(field, value, rng):
     from weaktr.train_cam import CamTrainCfg
     with pytest.raises(ValueError, match=rf"CamTrainCfg\.{field}: expected a finite number in {rng}, got {value!r}"):
         CamTrainCfg(data="synthetic", **{field: value})
-    CamTrainCfg(data="synthetic", drop_path=0.0, re_prob=1.0, min_lr=0.0, warmup_lr=0.0)     # the edges that are allowed
+    CamTrainCfg(data="synthetic", drop_path=0.0, re_prob=1.0, min_lr=0.0, warmup_lr=0.0)    # the edges that are allowed

@@ -1,7 +1,6 @@
 """Issue 16, Phase 2 and weight files: a refused train_seg resume leaves the finished run untouched (item 2),
 unreadable weight/checkpoint files raise an error naming the file with a hint (item 13), and SegTrainCfg
 range-checks its numbers with errors naming the field (item 10). Each test fails on the code before the fix."""
-import json
 import shutil
 from dataclasses import replace
 
@@ -69,7 +68,8 @@ def test_refused_resume_other_class_count_leaves_run_intact(finished, tmp_path):
     assert _snapshot(run) == before                                   # config.json / model.json not overwritten
     model, info = load_seg_checkpoint(run)                            # the old run is still evaluable
     assert info["n_cls"] == 4
-    s = evaluate_seg(EvalCfg(run_dir=str(tmp_path / "e"), checkpoint=str(run), data="synthetic", data_root=cfg.data_root,
+    s = evaluate_seg(EvalCfg(run_dir=str(tmp_path / "e"), checkpoint=str(run), data="synthetic",
+                             data_root=cfg.data_root,
                              ratios=(1.0,), flip=False, crf=False, n_fig=0, progress=False, device="cpu"))
     assert s["finished"] and s["n_cls"] == 4
 
@@ -87,7 +87,8 @@ def test_refused_resume_other_architecture_or_norm_leaves_run_intact(finished):
 def test_refused_run_with_bad_input_leaves_run_intact(finished, tmp_path):
     run, cfg = _copy_run(finished, "run_input")
     before = _snapshot(run)
-    empty = tmp_path / "no_labels"; empty.mkdir()
+    empty = tmp_path / "no_labels"
+    empty.mkdir()
     with pytest.raises(FileNotFoundError, match="have no pseudo label"):
         train_seg(replace(cfg, pseudo_dir=str(empty), resume=False))
     assert _snapshot(run) == before
@@ -95,7 +96,8 @@ def test_refused_run_with_bad_input_leaves_run_intact(finished, tmp_path):
 
 # --- item 13: unreadable files are named, with a hint ---------------------------------------------------------
 def _truncate(src, dst, keep=0.5):
-    b = src.read_bytes(); dst.write_bytes(b[: int(len(b) * keep)])
+    b = src.read_bytes()
+    dst.write_bytes(b[: int(len(b) * keep)])
     return dst
 
 
@@ -114,7 +116,8 @@ def test_truncated_weight_files(tmp_path):
     torch.manual_seed(0)
     vit = torch.nn.Linear(64, 64)
     sd = {"cls_token": torch.zeros(1, 1, 64), "w": vit.weight.detach().clone()}
-    torch.save({"model": sd}, tmp_path / "w.pth"); save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save({"model": sd}, tmp_path / "w.pth")
+    save_file(sd, str(tmp_path / "w.safetensors"))
     cut_pth = _truncate(tmp_path / "w.pth", tmp_path / "cut.pth")
     cut_st = _truncate(tmp_path / "w.safetensors", tmp_path / "cut.safetensors", keep=0.9)
     with pytest.raises(WeightFileError, match=rf"pretrained weights {cut_pth} .*download the ImageNet weights again"):
@@ -153,12 +156,15 @@ def test_pickled_objects_are_refused_with_a_clear_message(tmp_path):
     ("lr", -1e-4, "SegTrainCfg.lr must be > 0"), ("lr", 0.0, "SegTrainCfg.lr must be > 0"),
     ("lr", float("nan"), "SegTrainCfg.lr must be > 0"), ("lr", float("inf"), "SegTrainCfg.lr must be > 0"),
     ("min_lr", -1e-6, "SegTrainCfg.min_lr must be >= 0"), ("min_lr", 1e-3, "min_lr=0.001 is above lr=0.0001"),
-    ("enc_lr_scale", -0.1, "SegTrainCfg.enc_lr_scale must be >= 0"), ("poly_power", 0.0, "SegTrainCfg.poly_power must be > 0"),
-    ("momentum", 1.0, "SegTrainCfg.momentum must be >= 0 and < 1"), ("weight_decay", -0.01, "SegTrainCfg.weight_decay must be >= 0"),
+    ("enc_lr_scale", -0.1, "SegTrainCfg.enc_lr_scale must be >= 0"),
+    ("poly_power", 0.0, "SegTrainCfg.poly_power must be > 0"),
+    ("momentum", 1.0, "SegTrainCfg.momentum must be >= 0 and < 1"),
+    ("weight_decay", -0.01, "SegTrainCfg.weight_decay must be >= 0"),
     ("drop_path_rate", -0.1, "SegTrainCfg.drop_path_rate must be >= 0 and < 1"),
     ("drop_path_rate", 1.0, "SegTrainCfg.drop_path_rate must be >= 0 and < 1"),
     ("decoder_dropout", 1.2, "SegTrainCfg.decoder_dropout must be >= 0 and < 1"),
-    ("gc_start", 0.0, "SegTrainCfg.gc_start must be > 0"), ("cat_max_ratio", 1.5, "SegTrainCfg.cat_max_ratio must be > 0 and <= 1"),
+    ("gc_start", 0.0, "SegTrainCfg.gc_start must be > 0"),
+    ("cat_max_ratio", 1.5, "SegTrainCfg.cat_max_ratio must be > 0 and <= 1"),
     ("norm_eps", -1e-5, "SegTrainCfg.norm_eps must be >= 0"), ("norm", "in21k", "SegTrainCfg.norm: expected 'auto'"),
 ])
 def test_seg_cfg_ranges(field, value, msg):
@@ -170,4 +176,5 @@ def test_seg_cfg_reference_values_accepted():
     from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_DEMO, SEG_TRAIN_VOC
     for preset in (SEG_TRAIN_VOC, SEG_TRAIN_COCO, SEG_TRAIN_DEMO, SEG_SMOKE):
         SegTrainCfg(**preset)
-    SegTrainCfg(min_lr=0.0, weight_decay=0.0, momentum=0.0, drop_path_rate=0.0, decoder_dropout=0.0, norm_eps=0.0, cat_max_ratio=1.0)
+    SegTrainCfg(min_lr=0.0, weight_decay=0.0, momentum=0.0, drop_path_rate=0.0, decoder_dropout=0.0, norm_eps=0.0,
+                cat_max_ratio=1.0)

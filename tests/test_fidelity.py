@@ -1,13 +1,20 @@
 """Issue 15: the paths users start from follow the reference by default: a foreign position grid is resized with the
 reference's `--finetune` formula (Phase 1), and Phase 2 normalises with the statistics of the backbone family."""
 import json
+from dataclasses import replace
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
+import weaktr.train_seg as ts
+from weaktr.data import open_dataset, read_mask, write_mask
+from weaktr.evaluate import EvalCfg, MODEL_JSON, evaluate_seg, load_seg_checkpoint
 from weaktr.model import create_weaktr, load_pretrained, resize_pos_grid
+from weaktr.segmenter import NORMS, norm_stats, resolve_norm
+from weaktr.synth import make_synthetic
+from weaktr.transforms import SEG_MEAN, SEG_STD
 
 torch.set_num_threads(1)
 
@@ -87,14 +94,6 @@ def test_resize_pos_grid_non_square_target():
 
 
 # --- Phase-2 input normalisation (norm) ---------------------------------------------------------------------------
-from dataclasses import replace
-
-import weaktr.train_seg as ts
-from weaktr.data import open_dataset, read_mask, write_mask
-from weaktr.evaluate import EvalCfg, MODEL_JSON, evaluate_seg, load_seg_checkpoint
-from weaktr.segmenter import NORMS, norm_stats, resolve_norm
-from weaktr.synth import make_synthetic
-from weaktr.transforms import SEG_MEAN, SEG_STD
 
 
 @pytest.mark.parametrize("backbone,want", [
@@ -123,24 +122,32 @@ def test_dagger_preset_trains_with_vit_statistics():
     from weaktr.grid import load_preset
     p = load_preset(REPO_ROOT / "configs/voc_vit_s_dagger.yaml", "train_seg")
     assert p["norm"] == "vit"
-    cfg = ts.check_seg_cfg(cfg_from_flat(ts.SegTrainCfg, {**p, "init": "random", "init_path": "", "data": "synthetic", "data_root": "", "pseudo_dir": ""}))
+    cfg = ts.check_seg_cfg(cfg_from_flat(ts.SegTrainCfg, {**p, "init": "random", "init_path": "", "data": "synthetic",
+                                                          "data_root": "", "pseudo_dir": ""}))
     assert cfg.norm == "vit"
     voc = load_preset(REPO_ROOT / "configs/voc.yaml", "train_seg")
-    assert ts.check_seg_cfg(cfg_from_flat(ts.SegTrainCfg, {**voc, "init": "random", "init_path": "", "data": "synthetic", "data_root": "", "pseudo_dir": ""})).norm == "imagenet"
+    assert ts.check_seg_cfg(cfg_from_flat(ts.SegTrainCfg,
+                                          {**voc, "init": "random", "init_path": "", "data": "synthetic",
+                                           "data_root": "", "pseudo_dir": ""})).norm == "imagenet"
     assert "departure" not in (REPO_ROOT / "configs/voc_vit_s_dagger.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-    "A one-epoch train_seg run of a tiny timm `vit_*` encoder with norm='auto' (-> 'vit'), recording the transforms used."
+    """A one-epoch train_seg run of a tiny timm `vit_*` encoder with norm='auto' (-> 'vit'), recording the transforms
+    used."""
     d = tmp_path_factory.mktemp("norm")
     root = make_synthetic(d / "syn", n_train=4, n_val=2, size=32, num_classes=3)
     for id in open_dataset("synthetic", root, "train").ids:
         write_mask(d / "pseudo" / f"{id}.png", read_mask(root / "SegmentationClass" / f"{id}.png"))
     seen = {}
     orig_tf, orig_eval = ts.seg_train_transform, ts.evaluate_model
-    def spy_tf(*a, **kw): seen["train"] = (kw.get("mean"), kw.get("std")); return orig_tf(*a, **kw)
-    def spy_eval(m, ds, cfg, **kw): seen["val"] = (cfg.mean, cfg.std); return orig_eval(m, ds, cfg, **kw)
+    def spy_tf(*a, **kw):
+        seen["train"] = (kw.get("mean"), kw.get("std"))
+        return orig_tf(*a, **kw)
+    def spy_eval(m, ds, cfg, **kw):
+        seen["val"] = (cfg.mean, cfg.std)
+        return orig_eval(m, ds, cfg, **kw)
     ts.seg_train_transform, ts.evaluate_model = spy_tf, spy_eval
     try:
         cfg = ts.SegTrainCfg(**{**ts.SEG_SMOKE, "backbone": "vit_tiny_patch16_224", "crop_size": 32, "base_size": 32,
@@ -182,8 +189,11 @@ def test_legacy_model_json_means_imagenet(vit_run, tmp_path):
     "A model.json written before the norm field: the run was trained with the only statistics the stage had."
     import shutil
     d, root, *_ = vit_run
-    run = tmp_path / "old"; shutil.copytree(d / "run", run)
-    spec = json.loads((run / MODEL_JSON).read_text()); spec.pop("norm"); spec.pop("norm_stats")
+    run = tmp_path / "old"
+    shutil.copytree(d / "run", run)
+    spec = json.loads((run / MODEL_JSON).read_text())
+    spec.pop("norm")
+    spec.pop("norm_stats")
     (run / MODEL_JSON).write_text(json.dumps(spec))
     _, info = load_seg_checkpoint(run)
     assert info["norm"] == "imagenet" and not info["norm_recorded"]
@@ -192,7 +202,8 @@ def test_legacy_model_json_means_imagenet(vit_run, tmp_path):
 def test_auto_norm_follows_the_starting_weights():
     "The kit's stand-in backbone is named vit_tiny_patch16_224 but was pretrained with ImageNet statistics: auto knows."
     from weaktr.pretrain import asset_path
-    cfg = ts.check_seg_cfg(ts.SegTrainCfg(**{**ts.SEG_TRAIN_DEMO, "backbone": "vit_tiny_patch16_224", "init": "imagenet",
+    cfg = ts.check_seg_cfg(ts.SegTrainCfg(**{**ts.SEG_TRAIN_DEMO, "backbone": "vit_tiny_patch16_224",
+                                             "init": "imagenet",
                                              "init_path": str(asset_path())}))
     assert cfg.norm == "imagenet"
     assert ts.auto_norm("vit_small_patch16_384", "phase1")[0] == "imagenet"     # Phase-1 runs use ImageNet statistics

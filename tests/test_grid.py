@@ -35,7 +35,8 @@ def cams(tmp_path_factory):
 def test_grid_on_pseudo_labels_notebook(cams):
     tmp, root = cams
     out = tmp / "grid"
-    base = dict(cams_dir=str(tmp / "cams"), data="synthetic", data_root=str(root), split="train", threshold_mode="fixed",
+    base = dict(cams_dir=str(tmp / "cams"), data="synthetic", data_root=str(root), split="train",
+                threshold_mode="fixed",
                 workers=1)
     res = run_grid(NB, {"threshold": [0.4, 1.5], "crf": ["voc"]}, base, out, workers=2)
     assert res.column("status") == ["done", "failed"], res.to_markdown()
@@ -51,7 +52,8 @@ def test_grid_on_pseudo_labels_notebook(cams):
     # the bad point: recorded with the stage's message, the failing cell and the executed notebook
     assert "PseudoCfg.threshold=1.5" in bad["error"] and bad["error_type"] == "ValueError", bad
     nb = json.loads((out / bad["name"] / "pseudo_labels.ipynb").read_text())
-    assert bad["error_cell"] is not None and "cfg_from_flat(PseudoCfg" in "".join(nb["cells"][bad["error_cell"]]["source"])
+    assert bad["error_cell"] is not None
+    assert "cfg_from_flat(PseudoCfg" in "".join(nb["cells"][bad["error_cell"]]["source"])
     assert not (out / bad["name"] / "summary.json").exists()
     # the table: CSV + markdown + plot
     for f in ("results.csv", "results.md", "results.png", "results.json"): assert (out / f).is_file(), f
@@ -63,7 +65,8 @@ def test_grid_on_pseudo_labels_notebook(cams):
     # the CLI re-runs the finished point: skipped (the notebook is not executed again); the documented crf "none" stays
     # a string (issue 16 item 19: it became Python None and every CRF-off point failed) and that point runs
     mtime = (out / good["name"] / "pseudo_labels.ipynb").stat().st_mtime
-    cmd = [sys.executable, "-m", "weaktr.grid", str(NB), "--grid", "threshold=0.4", "--grid", "crf=voc,none", "--out", str(out),
+    cmd = [sys.executable, "-m", "weaktr.grid", str(NB), "--grid", "threshold=0.4", "--grid", "crf=voc,none", "--out",
+           str(out),
            "--base", f"cams_dir={tmp / 'cams'}", "--base", "data=synthetic", "--base", f"data_root={root}",
            "--base", "split=train", "--base", "threshold_mode=fixed", "--base", "workers=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=120,

@@ -1,4 +1,5 @@
-"Learner: bitwise resume after a kill, NaN stop with an intact checkpoint, schedules inside the loop, logs, checkpoints."
+"""Learner: bitwise resume after a kill, NaN stop with an intact checkpoint, schedules inside the loop, logs,
+checkpoints."""
 import hashlib, json, math, os, random, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -21,7 +22,9 @@ class NoisyToy(Dataset):
     "Random regression data; `aug` adds per-item noise from the torch RNG (like a random transform would)."
     def __init__(self, n=40, aug=False, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 6, generator=g); self.y = (2 * self.x[:, :1] - self.x[:, 1:2]).tanh(); self.aug = aug
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = (2 * self.x[:, :1] - self.x[:, 1:2]).tanh()
+        self.aug = aug
     def __len__(self): return len(self.x)
     def __getitem__(self, i):
         x = self.x[i]
@@ -32,7 +35,8 @@ class NoisyToy(Dataset):
 class EncDec(nn.Module):
     "Toy 'encoder/decoder' with dropout, a LayerNorm and a parameter that never gets a gradient."
     def __init__(self, seed=0):
-        super().__init__(); torch.manual_seed(seed)
+        super().__init__()
+        torch.manual_seed(seed)
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(0.3))
         self.decoder = nn.Linear(16, 1)
         self.unused_head = nn.Linear(16, 3)
@@ -77,7 +81,7 @@ def strip(recs): return [{k: v for k, v in r.items() if k not in TIME_KEYS} for 
     dict(),                                                                              # AdamW, fp32
     dict(optimizer="sgd", amp="bf16", grad_accum=2, clip_grad=0.5, decay_all=False,
          lr_scales={"encoder.": 0.1}, num_workers=1, schedule="poly", sched_unit="step", reference_lag=False),
-    dict(amp="fp16", drop_last=False, batch_size=6),                                      # GradScaler on CPU, short last batch
+    dict(amp="fp16", drop_last=False, batch_size=6),                               # GradScaler on CPU, short last batch
 ], ids=["adamw-fp32", "sgd-bf16-accum-clip-groups-worker", "adamw-fp16-scaler"])
 def test_resume_is_bitwise(tmp_path, over):
     cfg = {**BASE, **over}
@@ -87,7 +91,9 @@ def test_resume_is_bitwise(tmp_path, over):
         fit(EncDec(), mse_loss, NoisyToy(aug=aug), cfg, tmp_path / "b", eval_fn=val_eval,
             callbacks=dict(on_epoch_end=kill_after(1)))
     assert torch.load(tmp_path / "b/last.pt", weights_only=True)["epoch"] == 1
-    torch.manual_seed(1234); random.seed(1); np.random.seed(1)                          # disturb every global stream
+    torch.manual_seed(1234)
+    random.seed(1)
+    np.random.seed(1)                                                                   # disturb every global stream
     b = fit(EncDec(seed=7), mse_loss, NoisyToy(aug=aug), cfg, tmp_path / "b", eval_fn=val_eval, resume=True)
     assert_same_state(a, b)
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))     # no duplicated lines
@@ -100,18 +106,21 @@ def test_resume_in_a_fresh_process(tmp_path):
     cfg = {**BASE, "epochs": 2}
     a = fit(EncDec(), mse_loss, NoisyToy(), cfg, tmp_path / "a", eval_fn=val_eval)
     with pytest.raises(KeyboardInterrupt):
-        fit(EncDec(), mse_loss, NoisyToy(), cfg, tmp_path / "b", eval_fn=val_eval, callbacks=dict(on_epoch_end=kill_after(1)))
+        fit(EncDec(), mse_loss, NoisyToy(), cfg, tmp_path / "b", eval_fn=val_eval,
+            callbacks=dict(on_epoch_end=kill_after(1)))
     script = tmp_path / "resume.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_learner import EncDec, NoisyToy, mse_loss, val_eval, BASE
         from weaktr.learner import fit
-        L = fit(EncDec(seed=5), mse_loss, NoisyToy(), {{**BASE, "epochs": 2}}, sys.argv[1], eval_fn=val_eval, resume=True)
+        L = fit(EncDec(seed=5), mse_loss, NoisyToy(), {{**BASE, "epochs": 2}}, sys.argv[1], eval_fn=val_eval,
+                resume=True)
         torch.save(L.model.state_dict(), sys.argv[1] + "/final.pt")
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=600)   # a hang guard, not a speed check
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "b")], env=env, capture_output=True, text=True,
+                       timeout=600)   # a hang guard, not a speed check
     assert r.returncode == 0, r.stderr
     wb = torch.load(tmp_path / "b/final.pt", weights_only=True)
     assert all(torch.equal(v, wb[k]) for k, v in a.model.state_dict().items())
@@ -130,7 +139,8 @@ def test_checkpoint_contents_load_weights_only(tmp_path):
     vals = [h["val_mse"] for h in L.history]
     assert best["best"]["value"] == min(vals) and best["best"]["epoch"] == int(np.argmin(vals))
     assert set(best) == {"format", "model", "epoch", "step", "config", "best", "metrics"}
-    assert all(torch.equal(best["model"][k], v) for k, v in L.model.state_dict().items()) == (best["best"]["epoch"] == 2)
+    assert all(torch.equal(best["model"][k], v) for k,
+               v in L.model.state_dict().items()) == (best["best"]["epoch"] == 2)
     assert json.loads((tmp_path / "config.json").read_text())["amp"] == "fp16"
     with pytest.raises(ValueError, match="not a Learner checkpoint"):
         Learner(EncDec(), mse_loss, NoisyToy(), BASE, tmp_path).fit(resume=tmp_path / "best.pt")
@@ -142,12 +152,14 @@ def test_checkpoint_contents_load_weights_only(tmp_path):
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, bad):
     calls, saved = [], {}
     def loss_fn(model, batch):
-        loss, logs = mse_loss(model, batch); calls.append(1)
+        loss, logs = mse_loss(model, batch)
+        calls.append(1)
         return (loss * bad if len(calls) == 8 else loss), logs                       # epoch 1, batch 3 (5 per epoch)
     def snapshot(learner):
         saved["bytes"] = hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest()
         saved["w"] = {k: v.clone() for k, v in learner.model.state_dict().items()}
-    with pytest.raises(FloatingPointError, match=rf"epoch 1, step 7 \(batch 3 of 5\): loss = {bad}.*last.pt \(epoch 1\) is untouched"):
+    with pytest.raises(FloatingPointError,
+                       match=rf"epoch 1, step 7 \(batch 3 of 5\): loss = {bad}.*last.pt \(epoch 1\) is untouched"):
         fit(EncDec(), loss_fn, NoisyToy(), BASE, tmp_path, eval_fn=val_eval, callbacks=dict(on_epoch_end=snapshot))
     assert hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest() == saved["bytes"]
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -180,7 +192,8 @@ def test_cosine_matches_timm_scheduler(epochs, warmup, unit):
 
 def test_phase1_cosine_lag_inside_the_loop(tmp_path):
     "Per-epoch lrs the loop really used = lr_at with the lag = timm semantics; linear scaling by the global batch."
-    cfg = cfg_from_flat(TrainCfg, {**PHASE1_VOC_V1, **{k: v for k, v in BASE.items() if k not in ("lr", "lr_scale_by_batch")},
+    cfg = cfg_from_flat(TrainCfg, {**PHASE1_VOC_V1,
+                                   **{k: v for k, v in BASE.items() if k not in ("lr", "lr_scale_by_batch")},
                                    "epochs": 8, "warmup_epochs": 3, "batch_size": 64, "max_steps": None})
     seen = []
     L = fit(EncDec(), mse_loss, NoisyToy(128), cfg, tmp_path, callbacks=dict(
@@ -195,11 +208,13 @@ def test_phase1_cosine_lag_inside_the_loop(tmp_path):
 
 def test_phase2_poly_group_scales_inside_the_loop(tmp_path):
     "Update u (0-based) runs at poly(u / T) × scale; the encoder ends near its 1e-6 floor, the decoder near 1e-5."
-    cfg = {**PHASE2_VOC, **{k: BASE[k] for k in ("device", "progress", "plot", "log_every")}, "epochs": 3, "num_workers": 0,
+    cfg = {**PHASE2_VOC, **{k: BASE[k] for k in ("device", "progress", "plot", "log_every")}, "epochs": 3,
+           "num_workers": 0,
            "select_metric": None}
     seen = []
     L = fit(EncDec(), mse_loss, NoisyToy(18), cfg, tmp_path,                            # 18 / 4 -> 5 updates, last of 2
-            callbacks=dict(on_batch_end=lambda l: seen.append({g["group_name"]: g["lr"] for g in l.optimizer.param_groups})))
+            callbacks=dict(on_batch_end=lambda l: seen.append({g["group_name"]: g["lr"]
+                                                               for g in l.optimizer.param_groups})))
     T = 15
     assert len(seen) == T and L.step == T
     for u, lrs in enumerate(seen):
@@ -213,7 +228,9 @@ def test_phase2_poly_group_scales_inside_the_loop(tmp_path):
 
 def test_logs_plot_max_steps_and_cadence(tmp_path):
     evals = []
-    def ev(model, epoch): evals.append(epoch); return val_eval(model, epoch)
+    def ev(model, epoch):
+        evals.append(epoch)
+        return val_eval(model, epoch)
     cfg = {**BASE, "epochs": 5, "eval_every": 2, "plot": True, "select_metric": None}
     fit(EncDec(), mse_loss, NoisyToy(), cfg, tmp_path, eval_fn=ev)
     assert evals == [1, 3, 4]                                                            # every 2 epochs + the last
@@ -248,7 +265,8 @@ def test_user_dataloader_resume(tmp_path):
         return DataLoader(NoisyToy(aug=True), batch_size=8, sampler=RandomSampler(NoisyToy(), generator=g), generator=g)
     a = fit(EncDec(), mse_loss, loader(), BASE, tmp_path / "a", eval_fn=val_eval)
     with pytest.raises(KeyboardInterrupt):
-        fit(EncDec(), mse_loss, loader(), BASE, tmp_path / "b", eval_fn=val_eval, callbacks=dict(on_epoch_end=kill_after(2)))
+        fit(EncDec(), mse_loss, loader(), BASE, tmp_path / "b", eval_fn=val_eval,
+            callbacks=dict(on_epoch_end=kill_after(2)))
     b = fit(EncDec(), mse_loss, loader(), BASE, tmp_path / "b", eval_fn=val_eval, resume=True)
     assert_same_state(a, b)
 
@@ -270,8 +288,10 @@ def test_clear_errors(tmp_path):
 
 def test_config_name(tmp_path):
     "The TrainCfg goes to `config_name` (stages keep their own config.json); '' writes none."
-    (tmp_path / "a").mkdir(); (tmp_path / "a/config.json").write_text('{"stage": "mine"}')
-    Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": 1}, tmp_path / "a", config_name="train_config.json").fit()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/config.json").write_text('{"stage": "mine"}')
+    Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": 1}, tmp_path / "a",
+            config_name="train_config.json").fit()
     assert json.loads((tmp_path / "a/config.json").read_text()) == {"stage": "mine"}
     assert json.loads((tmp_path / "a/train_config.json").read_text())["epochs"] == 1
     Learner(EncDec(), mse_loss, NoisyToy(), {**BASE, "epochs": 1}, tmp_path / "b", config_name="").fit()

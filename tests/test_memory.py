@@ -1,5 +1,6 @@
 """Phase-1 activation memory (issue 14): the fast path keeps no copy of the attention stack for backward, and its
-gradients are the reference path's. Saved bytes are counted with bench/bench_memory.py's own counter (sizes, no timing)."""
+gradients are the reference path's. Saved bytes are counted with bench/bench_memory.py's own counter (sizes, no
+timing)."""
 import importlib.util
 
 import pytest
@@ -15,7 +16,8 @@ TINY = dict(img_size=64, embed_dim=64, depth=2, num_heads=2, reduction=2, drop_p
 
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_memory", REPO_ROOT / "bench" / "bench_memory.py")
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
     return m
 
 
@@ -38,7 +40,8 @@ def _pair(fusion="v3", **kw):
     ref.load_state_dict(fast.state_dict())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 64, 80, generator=g)
-    y = (torch.rand(2, 3, generator=g) > 0.5).float(); y[:, 0] = 1
+    y = (torch.rand(2, 3, generator=g) > 0.5).float()
+    y[:, 0] = 1
     return fast, ref, x, y
 
 
@@ -111,7 +114,7 @@ def test_fast_path_saves_no_attention_stack(amp):
     plain, fast = _saved("timm", amp), _saved("fast", amp)
     before = _saved("fast", amp, previous=True)
     assert before - fast >= 0.9 * stack                                # the stack (or its fp32 copy) is gone ...
-    assert fast <= 1.15 * plain * N / 65                               # ... and what is left is the plain ViT's, per token
+    assert fast <= 1.15 * plain * N / 65                            # ... and what is left is the plain ViT's, per token
     assert before > 1.15 * plain * N / 65                              # (which the previous code did not meet)
     if amp is not None:                                                # recompute_attn=False: the stack once, in bf16
         keep = _saved("fast", amp, recompute_attn=False)

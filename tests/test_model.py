@@ -55,12 +55,14 @@ def test_detach_table(impl, fusion):
     x, y = batch()
     for name, expected in TABLE.items():
         out = model(x)
-        assert grad_groups(model, F.multilabel_soft_margin_loss(getattr(out, name), y)) == expected, (fusion, impl, name)
+        loss = F.multilabel_soft_margin_loss(getattr(out, name), y)
+        assert grad_groups(model, loss) == expected, (fusion, impl, name)
     # finer: within the backbone, the class tokens and every block get a gradient from L_tok and L_coarse
     for name in ("cls_logits", "coarse_logits"):
         model.zero_grad(set_to_none=True)
         F.multilabel_soft_margin_loss(getattr(model(x), name), y).backward()
-        for pname in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight"):
+        for pname in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                      "blocks.1.mlp.fc2.weight"):
             p = dict(model.named_parameters())[pname]
             assert p.grad is not None and p.grad.abs().sum() > 0, (name, pname)
 
@@ -208,7 +210,9 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match=r"in the file but \(1, 3, 32\)"):
         load_official_checkpoint(tiny(embed_dim=32), path)
     # AAF reduction
-    with pytest.raises(ValueError, match=r"adaptive_attention_fusion.attn_head_ffn.0.weight has shape \(2, 4\) in the file but \(4, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"adaptive_attention_fusion.attn_head_ffn.0.weight has shape \(2, 4\) in "
+                             r"the file but \(4, 4\)"):
         load_official_checkpoint(tiny(reduction=1), path)
     # missing / unexpected keys
     sd = model.state_dict()
@@ -235,7 +239,8 @@ def test_create_from_checkpoint_infers_the_config(tmp_path, fusion, reduction):
 # ---------------------------------------------------------------- ImageNet weights
 def _vit(**kw):
     torch.manual_seed(1)
-    return timm.create_model(NAME, pretrained=False, num_classes=1000, **{k: v for k, v in TINY.items() if k != "reduction"}, **kw)
+    return timm.create_model(NAME, pretrained=False, num_classes=1000,
+                             **{k: v for k, v in TINY.items() if k != "reduction"}, **kw)
 
 
 @pytest.mark.parametrize("fmt", ["deit", "timm", "safetensors"])

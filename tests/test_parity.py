@@ -82,7 +82,8 @@ def test_parity(parity, impl, grad):
 def test_parity_via_checkpoint_file(parity, tmp_path):
     "The recorded weights saved as an official checkpoint: create_weaktr_from_checkpoint infers the tiny config."
     torch.save({"model": parity["state_dict"], "epoch": 0}, tmp_path / "checkpoint_best_mIoU.pth")
-    model = create_weaktr_from_checkpoint(tmp_path / "checkpoint_best_mIoU.pth", backbone="deit_tiny_patch16_224").eval()
+    model = create_weaktr_from_checkpoint(tmp_path / "checkpoint_best_mIoU.pth",
+                                          backbone="deit_tiny_patch16_224").eval()
     cfg = parity["config"]
     assert (model.num_classes, model.embed_dim, model.depth, model.num_heads) == \
         (cfg["num_classes"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"])

@@ -1,6 +1,7 @@
 """`python -m weaktr.pipeline --quick` end to end: every stage's executed notebook and summary, the re-run that skips
 finished stages, re-runs that must not lose finished work (a bad `-p` value, a value the notebook refuses), neutral
-parameters that re-run nothing, `--force`, and a failing stage that names its notebook and cell. (~5 min on a 2-core CPU.)"""
+parameters that re-run nothing, `--force`, and a failing stage that names its notebook and cell. (~5 min on a 2-core
+CPU.)"""
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ STAGES = MAIN_STAGES + ("ablation",)   # the quick preset runs the ablation note
 
 
 def _run(args, timeout=420):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MPLBACKEND": "Agg"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "weaktr.pipeline", *args], cwd=REPO_ROOT, env=env, capture_output=True,
@@ -43,7 +45,8 @@ def test_every_stage_ran_and_wrote_its_summary(quick_run):
         nb = d / st["notebook"]
         assert nb.is_file(), nb
         cells = json.loads(nb.read_text())["cells"]
-        assert any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells)   # executed by papermill
+        # executed by papermill
+        assert any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells)
         assert (d / "summary.json").is_file(), d
     s = json.loads((run_dir / "summary.json").read_text())
     for k in ("cls_map", "cam_miou_no_crf", "pseudo_miou", "seg_miou"):
@@ -66,9 +69,11 @@ def test_rerun_skips_finished_stages(quick_run):
 
 
 def test_bad_override_keeps_finished_work(quick_run):
-    "Issue 16 item 1: `-p train_cam.epochs=abc` on a re-run emptied 01_train_cam (checkpoints gone) before the notebook refused it."
+    """Issue 16 item 1: `-p train_cam.epochs=abc` on a re-run emptied 01_train_cam (checkpoints gone) before the
+    notebook refused it."""
     run_dir, _, _ = quick_run
-    snap = lambda: {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    snap = lambda: {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+                    if p.is_file()}
     before = snap()
     assert any(p.endswith(".pt") for p in before if p.startswith("01_train_cam/")), sorted(before)[:20]
     r, _ = _run(["--quick", "--run-dir", str(run_dir), "-p", "train_cam.epochs=abc"])
@@ -90,7 +95,8 @@ def test_neutral_parameters_rerun_nothing(quick_run):
 
 
 def test_failed_rerun_puts_the_finished_stage_back(quick_run):
-    "A new value the notebook refuses (a split that does not exist): the finished Phase-1 run comes back, the failed one is kept."
+    """A new value the notebook refuses (a split that does not exist): the finished Phase-1 run comes back, the failed
+    one is kept."""
     run_dir, _, _ = quick_run
     sdir = run_dir / "01_train_cam"
     files = sorted(p.name for p in sdir.iterdir())
@@ -110,7 +116,7 @@ def test_force_recomputes(quick_run):
     r, _ = _run(["--quick", "--run-dir", str(run_dir), "--stages", "gen_cams", "--force"])
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "02_gen_cams" / "summary.json").read_text())
-    assert s["n_generated"] == 32 and s.get("n_skipped", 0) == 0, s         # the quick set's 32 train images, recomputed
+    assert s["n_generated"] == 32 and s.get("n_skipped", 0) == 0, s        # the quick set's 32 train images, recomputed
     assert not (run_dir / "02_gen_cams.previous").exists()
     st = json.loads((run_dir / "03_pseudo_labels" / "pipeline.json").read_text())
     assert st["status"] == "done"                                        # same parameters downstream: still finished

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from weaktr.core import atomic_torch_save, shared_data
 from weaktr.decoder import ClipCfg, seg_loss
-from weaktr.segmenter import (Segmenter, combine_two, create_segmenter, load_official_segmenter,
+from weaktr.segmenter import (combine_two, create_segmenter, load_official_segmenter,
                               load_segmenter_encoder, resize_pos_embed)
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
@@ -28,7 +28,8 @@ def spec_table(K=21, D=384, L=12, grid=30):
          "decoder.decoder_norm.weight": (D,), "decoder.decoder_norm.bias": (D,),
          "decoder.mask_norm.weight": (K,), "decoder.mask_norm.bias": (K,)}
     def block(pre):
-        return {f"{pre}.norm1.weight": (D,), f"{pre}.norm1.bias": (D,), f"{pre}.norm2.weight": (D,), f"{pre}.norm2.bias": (D,),
+        return {f"{pre}.norm1.weight": (D,), f"{pre}.norm1.bias": (D,), f"{pre}.norm2.weight": (D,),
+                f"{pre}.norm2.bias": (D,),
                 f"{pre}.attn.qkv.weight": (3 * D, D), f"{pre}.attn.qkv.bias": (3 * D,),
                 f"{pre}.attn.proj.weight": (D, D), f"{pre}.attn.proj.bias": (D,),
                 f"{pre}.mlp.fc1.weight": (4 * D, D), f"{pre}.mlp.fc1.bias": (4 * D,),
@@ -75,13 +76,17 @@ def test_official_checkpoint_errors(tmp_path):
     m = tiny_model()
     sd = m.state_dict()
     atomic_torch_save({"model": sd, "n_cls": 5}, tmp_path / "ok.pth")
-    with pytest.raises(ValueError, match=r"checkpoint n_cls=5 but the model has n_cls=21.*decoder.cls_emb: file \(1, 5, 64\) vs model \(1, 21, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"checkpoint n_cls=5 but the model has n_cls=21.*decoder.cls_emb: file \(1, 5, 64\) "
+                             r"vs model \(1, 21, 64\)"):
         load_official_segmenter(tiny_model(K=21), tmp_path / "ok.pth")
     # without n_cls in the file, the shape check names the keys
     atomic_torch_save({"model": sd}, tmp_path / "no_ncls.pth")
     with pytest.raises(ValueError, match=r"decoder.cls_emb: file \(1, 5, 64\) vs model \(1, 21, 64\)"):
         load_official_segmenter(tiny_model(K=21), tmp_path / "no_ncls.pth")
-    bad = dict(sd); bad.pop("decoder.proj_patch"); bad["decoder.extra"] = torch.zeros(1)
+    bad = dict(sd)
+    bad.pop("decoder.proj_patch")
+    bad["decoder.extra"] = torch.zeros(1)
     atomic_torch_save({"model": bad, "n_cls": 5}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"missing keys \(1\): \['decoder.proj_patch'\]"):
         load_official_segmenter(tiny_model(), tmp_path / "bad.pth")
@@ -115,13 +120,15 @@ def test_forward_two_consistent_and_combined():
         # mid is the decoder's output after its first block, upsampled the same way
         tokens, grid = m.encode(F.pad(x, (0, 8, 0, 0)))
         masks_mid, _ = m.decoder(tokens, grid, return_mid=True)
-        torch.testing.assert_close(F.interpolate(masks_mid, size=(48, 48), mode="bilinear", align_corners=False)[..., :40], mid)
+        torch.testing.assert_close(F.interpolate(masks_mid, size=(48, 48), mode="bilinear",
+                                                 align_corners=False)[..., :40], mid)
 
 
 def test_gradients_reach_encoder_and_decoder():
     m = tiny_model().train()
     x = torch.randn(2, 3, 40, 56)
-    target = torch.randint(0, 5, (2, 40, 56)); target[:, :5] = 255
+    target = torch.randint(0, 5, (2, 40, 56))
+    target[:, :5] = 255
     loss, _ = seg_loss(m(x), target, ClipCfg(start_value=100.0, window=8))
     loss.backward()
     for name, p in m.named_parameters():
@@ -133,11 +140,13 @@ def test_pos_embed_resize_matches_reference_formula():
     "The Segmenter reference: F.interpolate(grid, size=(h, w), mode='bilinear') with the CLS row kept."
     pe = torch.randn(1, 1 + 30 * 30, 16)
     g = pe[0, 1:].reshape(1, 30, 30, -1).permute(0, 3, 1, 2)
-    ref = torch.cat([pe[:, :1], F.interpolate(g, size=(33, 45), mode="bilinear").permute(0, 2, 3, 1).reshape(1, 33 * 45, -1)], 1)
+    rows = F.interpolate(g, size=(33, 45), mode="bilinear").permute(0, 2, 3, 1).reshape(1, 33 * 45, -1)
+    ref = torch.cat([pe[:, :1], rows], 1)
     torch.testing.assert_close(resize_pos_embed(pe, (30, 30), (33, 45)), ref, rtol=0, atol=0)
     m = tiny_model(img_size=64)
     # a grid different from 4x4 (even with the same token count) uses a resized table
-    assert m.pos_embed_for((2, 8)).shape == (1, 17, 64) and not torch.equal(m.pos_embed_for((2, 8)), m.encoder.pos_embed)
+    assert m.pos_embed_for((2, 8)).shape == (1, 17, 64)
+    assert not torch.equal(m.pos_embed_for((2, 8)), m.encoder.pos_embed)
 
 
 def test_load_encoder_from_deit_distilled_and_safetensors(tmp_path):
@@ -146,17 +155,21 @@ def test_load_encoder_from_deit_distilled_and_safetensors(tmp_path):
     atomic_torch_save({"model": src.state_dict()}, tmp_path / "deit_d.pth")
     m = tiny_model(img_size=96)
     rep = load_segmenter_encoder(m, tmp_path / "deit_d.pth")
-    assert "dist_token" in rep.dropped and "head_dist.weight" in rep.dropped and rep.missing == [] and rep.unexpected == []
-    torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 0], src.pos_embed.detach()[:, 0])    # CLS row, dist row dropped
+    assert "dist_token" in rep.dropped and "head_dist.weight" in rep.dropped
+    assert rep.missing == [] and rep.unexpected == []
+    # CLS row, dist row dropped
+    torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 0], src.pos_embed.detach()[:, 0])
     grid = src.pos_embed.detach()[:, 2:]
     torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 1:],
-                               resize_pos_embed(torch.cat([src.pos_embed[:, :1], grid], 1).detach(), (14, 14), (6, 6))[:, 1:])
+                               resize_pos_embed(torch.cat([src.pos_embed[:, :1], grid], 1).detach(), (14, 14),
+                                                (6, 6))[:, 1:])
     # a timm state dict with a 21k-class head, as safetensors: head left at init, everything else loaded
     src2 = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=21843, **TINY)
     save_file({k: v.contiguous() for k, v in src2.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     head0 = m.encoder.head.weight.detach().clone()
     rep = load_segmenter_encoder(m, tmp_path / "vit.safetensors")
-    assert rep.missing == ["encoder.head.bias", "encoder.head.weight"] and sorted(rep.dropped) == ["head.bias", "head.weight"]
+    assert rep.missing == ["encoder.head.bias", "encoder.head.weight"]
+    assert sorted(rep.dropped) == ["head.bias", "head.weight"]
     assert torch.equal(m.encoder.head.weight, head0)
     assert torch.equal(m.encoder.blocks[1].attn.qkv.weight, src2.blocks[1].attn.qkv.weight)
 
@@ -178,7 +191,8 @@ def test_load_encoder_from_reference_phase1_checkpoint(tmp_path):
     assert rep.dropped == ["head.weight", "head.bias"]                                # the conv CAM head
     torch.testing.assert_close(m.encoder.cls_token.detach(), sd["cls_token"].mean(1, keepdim=True))
     torch.testing.assert_close(m.encoder.pos_embed.detach(),
-                               resize_pos_embed(torch.cat([sd["pos_embed"][:, :C].mean(1, keepdim=True), sd["pos_embed"][:, C:]], 1),
+                               resize_pos_embed(torch.cat([sd["pos_embed"][:, :C].mean(1, keepdim=True),
+                                                           sd["pos_embed"][:, C:]], 1),
                                                 (g, g), (10, 10)))
     for k in ("blocks.2.attn.qkv.weight", "blocks.0.mlp.fc1.bias", "patch_embed.proj.weight", "norm.weight"):
         assert torch.equal(m.encoder.state_dict()[k], sd[k]), k

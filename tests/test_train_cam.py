@@ -1,4 +1,5 @@
-"""Phase-1 training stage: a tiny run end to end, exact resume, overfitting a tiny batch, bad parameters, the papermill run notebook."""
+"""Phase-1 training stage: a tiny run end to end, exact resume, overfitting a tiny batch, bad parameters, the papermill
+run notebook."""
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ def test_tiny_run_files_metrics_checkpoints(synth, tmp_path):
     s = train_cam(tiny(synth, run))
     ep = epoch_lines(run)
     assert [r["epoch"] for r in ep] == [0, 1]
-    for r in ep:                                       # the three heads' mAPs (both kinds) and the CAM check, every epoch
+    for r in ep:                                     # the three heads' mAPs (both kinds) and the CAM check, every epoch
         missing = [k for k in EVAL_KEYS if k not in r]
         assert not missing, missing
         assert all(0 <= r[k] <= 1 for k in EVAL_KEYS if "map" in k or k == "cam_miou")
@@ -124,7 +125,8 @@ def test_bad_parameters_fail_clearly(synth, tmp_path):
 def _papermill(out, **params):
     import papermill as pm
     env_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env_path}"   # the kernelspec runs `python`: the venv's
+    # the kernelspec runs `python`: the venv's
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env_path}"
     try:
         return pm.execute_notebook(str(RUN_NB), str(out), parameters=params, cwd=str(RUN_NB.parent),
                                    kernel_name="python3", progress_bar=False)
@@ -151,13 +153,15 @@ def _param_and_first_cells():
     ("epochs = '3'", TypeError, "CamTrainCfg.epochs: expected int"),
     ("epoch = 3", TypeError, r"unknown parameter\(s\) \['epoch'\]"),           # a misspelt papermill -p name
     ("data = 'voc'", ValueError, "CamTrainCfg.data_root: required for data='voc'"),
-    ("data = 'voc'; data_root = '/no/such/voc'", FileNotFoundError, "CamTrainCfg.data_root: /no/such/voc is not a folder"),
+    ("data = 'voc'; data_root = '/no/such/voc'", FileNotFoundError,
+     "CamTrainCfg.data_root: /no/such/voc is not a folder"),
 ])
 def test_run_notebook_bad_parameter_fails_in_first_cell(injected, err, msg):
     "What papermill runs: the parameters cell, the injected overrides, then the first cell, which must raise."
     params, first = _param_and_first_cells()
     ns = {}
-    exec(params, ns); exec(injected, ns)
+    exec(params, ns)
+    exec(injected, ns)
     with pytest.raises(err, match=msg):
         exec(first, ns)
     assert "summary" not in ns
@@ -173,4 +177,5 @@ def test_run_notebook_parameters_mirror_the_config():
     exec(src, {}, params)
     assert set(params) - {"__annotations__"} == {f.name for f in dataclasses.fields(CamTrainCfg)}
     cfg = cfg_from_flat(CamTrainCfg, {k: v for k, v in params.items() if k != "__annotations__"})
-    assert {k: getattr(cfg, k) for k in CAM_TRAIN_DEMO} == {k: v for k, v in cfg_from_flat(CamTrainCfg, CAM_TRAIN_DEMO).__dict__.items() if k in CAM_TRAIN_DEMO}
+    flat = cfg_from_flat(CamTrainCfg, CAM_TRAIN_DEMO).__dict__
+    assert {k: getattr(cfg, k) for k in CAM_TRAIN_DEMO} == {k: v for k, v in flat.items() if k in CAM_TRAIN_DEMO}

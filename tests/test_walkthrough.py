@@ -22,7 +22,8 @@ def run_walkthrough(out: Path, **params) -> dict:
         os.environ["PATH"] = env_path
         if backend is not None: os.environ["MPLBACKEND"] = backend
     nb = json.loads(out.read_text())
-    return "\n".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+    return "\n".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                     for o in c.get("outputs", []))
 
 
 def test_walkthrough_quick_synthetic(tmp_path):

@@ -30,7 +30,8 @@ def wheel(tmp_path_factory):
     shutil.copytree(REPO_ROOT / "weaktr", src / "weaktr", ignore=shutil.ignore_patterns("__pycache__", "tmp_*"))
     shutil.copytree(REPO_ROOT / "nbs" / "runs", src / "nbs" / "runs")
     dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist),
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+                        str(dist),
                         str(src)], capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (whl,) = dist.glob("weaktr-*.whl")
@@ -50,7 +51,8 @@ def test_installed_wheel_runs_the_quick_pipeline_from_an_empty_directory(wheel, 
     py = venv / "bin" / "python"
     # reuse this environment's installed dependencies: when this interpreter is itself a venv, --system-site-packages
     # only reaches the base interpreter's, so its site-packages go on the new venv's path too (appended: the wheel wins)
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True,
                              text=True, check=True, timeout=120).stdout.strip()
     # sys.path, not site.getsitepackages(): under the checkout's thin .venv (tools/thin_venv.py) the packages live in
     # the shared venv, which the thin venv reaches through a .pth line (and a .pth line's own .pth files are not read)
@@ -59,13 +61,16 @@ def test_installed_wheel_runs_the_quick_pipeline_from_an_empty_directory(wheel, 
     r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], capture_output=True,
                        text=True, timeout=300, env=_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    work = tmp_path / "empty"; work.mkdir()
+    work = tmp_path / "empty"
+    work.mkdir()
     env = _env(PATH=str(venv / "bin") + os.pathsep + os.environ.get("PATH", ""))
-    r = subprocess.run([str(py), "-c", "import weaktr, weaktr.grid as g; print(weaktr.__file__); print(g.runs_notebook_dir())"],
+    r = subprocess.run([str(py), "-c", "import weaktr, weaktr.grid as g; print(weaktr.__file__); "
+                                       "print(g.runs_notebook_dir())"],
                        cwd=work, capture_output=True, text=True, timeout=300, env=env)
     pkg_file, nb_dir = r.stdout.split()
     assert Path(pkg_file).is_relative_to(venv) and Path(nb_dir) == Path(pkg_file).parent / "runs", r.stdout + r.stderr
-    r = subprocess.run([str(py), "-m", "weaktr.pipeline", "--quick", "--no-ablation", "--threads", "1", "--device", "cpu"],
+    r = subprocess.run([str(py), "-m", "weaktr.pipeline", "--quick", "--no-ablation", "--threads", "1", "--device",
+                        "cpu"],
                        cwd=work, capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     run_dir = work / "runs" / "demo"

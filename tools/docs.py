@@ -33,8 +33,8 @@ JCACHE = Path(os.environ.get("WEAKTR_DOCS_JCACHE", CACHE / "jupyter"))   # the e
 # name: (parameters injected after the `parameters` cell, why)
 DOCS_PARAMS: dict[str, tuple[dict, str]] = {
     "walkthrough.ipynb": ({"train_seconds": 45.0, "n_images": 12},
-                          "fine-tuning budget 45 s and 12 images (defaults: 60 s, 16 images; a reading group uses 120 s "
-                          "or a trained checkpoint)"),
+                          "fine-tuning budget 45 s and 12 images (defaults: 60 s, 16 images; a reading group uses 120 "
+                          "s or a trained checkpoint)"),
     "explore.ipynb": ({"train_seconds": 15.0},
                       "fine-tuning budget 15 s when `runs/demo` has no checkpoint (as the default); with `./kit demo` "
                       "run first, the page shows the demo's Phase-1 model"),
@@ -52,20 +52,22 @@ DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 
 
 def settings() -> configparser.SectionProxy:
-    cfg = configparser.ConfigParser(); cfg.read(ROOT / "settings.ini")
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "settings.ini")
     return cfg["DEFAULT"]
 
 
 def notebooks() -> list[Path]:
     "Every notebook the site shows: nbs/*.ipynb and nbs/runs/*.ipynb (files starting with _ or . skipped)."
-    out = [p for p in sorted(NBS.glob("*.ipynb")) + sorted((NBS / RUNS).glob("*.ipynb")) if not p.name[0] in "_."]
+    out = [p for p in sorted(NBS.glob("*.ipynb")) + sorted((NBS / RUNS).glob("*.ipynb")) if p.name[0] not in "_."]
     return out
 
 
 def write_if_changed(path: Path, text: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.read_text() == text: return False
-    path.write_text(text); return True
+    path.write_text(text)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ nbdev -> MyST-NB
@@ -73,7 +75,8 @@ def _directives(src: str) -> tuple[dict, str]:
     "nbdev `#| name value` lines at the top of a code cell -> ({name: value}, source without them)."
     lines, found = src.splitlines(), {}
     while lines and (m := DIRECTIVE.match(lines[0])):
-        found[m.group(1).replace("-", "_")] = m.group(2); lines.pop(0)
+        found[m.group(1).replace("-", "_")] = m.group(2)
+        lines.pop(0)
     return found, "\n".join(lines)
 
 
@@ -82,7 +85,7 @@ def _tags_for(d: dict) -> list[str]:
     false = lambda v: v.strip().lower() in ("false", "0", "no")
     if "default_exp" in d or "hide" in d or "exporti" in d: tags.append("remove-cell")
     if "eval" in d and false(d["eval"]): tags.append("skip-execution")
-    if any(f in d for f in ("slow", "gpu")): tags.append("skip-execution")   # settings.ini tst_flags: not on a CPU build
+    if any(f in d for f in ("slow", "gpu")): tags.append("skip-execution")  # settings.ini tst_flags: not on a CPU build
     if "echo" in d and false(d["echo"]): tags.append("remove-input")
     if "output" in d and false(d["output"]): tags.append("remove-output")
     if "include" in d and false(d["include"]): tags.append("remove-cell")
@@ -99,7 +102,8 @@ def code_cell(text: str, tags=()) -> dict:
 
 
 def definitions() -> dict[tuple[str, str], list[tuple[str, str]]]:
-    "(notebook path relative to nbs, cell id) -> [(module, exported name)], read from the `# %%` markers of weaktr/*.py."
+    """(notebook path relative to nbs, cell id) -> [(module, exported name)], read from the `# %%` markers of
+    weaktr/*.py."""
     out: dict = {}
     for py in sorted((ROOT / "weaktr").glob("*.py")):
         text = py.read_text()
@@ -109,12 +113,17 @@ def definitions() -> dict[tuple[str, str], list[tuple[str, str]]]:
         except Exception: names = set()
         cell = None
         for line in text.splitlines():
-            if m := re.match(r"# %% \.\./nbs/(\S+\.ipynb) #(\w+)", line): cell = (m.group(1), m.group(2)); continue
-            if line.startswith("# %% "): cell = None; continue
+            if m := re.match(r"# %% \.\./nbs/(\S+\.ipynb) #(\w+)", line):
+                cell = (m.group(1), m.group(2))
+                continue
+            if line.startswith("# %% "):
+                cell = None
+                continue
             m = re.match(r"(?:async\s+)?(?:def|class)\s+(\w+)|(\w+)\s*(?::[^=]*)?=", line)
             name = m and (m.group(1) or m.group(2))
             if cell and name in names and all(name != n for _, n in out.get(cell, [])):
-                out.setdefault(cell, []).append((mod, name)); names.discard(name)
+                out.setdefault(cell, []).append((mod, name))
+                names.discard(name)
     return out
 
 
@@ -161,7 +170,8 @@ def stage_notebook(nb_path: Path, defs: dict) -> dict:
                 cells.append(md_cell(_run_header(rel, nb)))
             continue
         if c["cell_type"] != "code":
-            cells.append(c); continue
+            cells.append(c)
+            continue
         d, body = _directives(src)
         tags += [t for t in _tags_for(d) if t not in tags]
         names = defs.get((rel, c.get("id", "")), [])
@@ -194,11 +204,11 @@ def _run_header(rel: str, nb: dict) -> str:
     pcell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     table = _param_table("".join(pcell["source"])) if pcell else ""
     return (f"```{{admonition}} A papermill recipe\n:class: tip\nThis page shows the run notebook `nbs/{rel}` as a "
-            f"recipe; it is not executed for the documentation. Run it with\n\n"
-            f"    papermill nbs/{rel} runs/<name>/{stem}.ipynb -p run_dir runs/<name> [-p NAME VALUE ...]\n\n"
-            f"or with a preset: `python -m weaktr.grid export-preset configs/voc.yaml {stem} > /tmp/p.yaml` and "
-            f"`-f /tmp/p.yaml`. `./kit demo` runs every stage in order on the synthetic data.\n```\n\n"
-            f"**Parameters** (the `parameters` cell; `papermill --help-notebook nbs/{rel}` prints the same):\n\n{table}")
+            f"recipe; it is not executed for the documentation. Run it with\n\n    papermill nbs/{rel} "
+            f"runs/<name>/{stem}.ipynb -p run_dir runs/<name> [-p NAME VALUE ...]\n\nor with a preset: `python -m "
+            f"weaktr.grid export-preset configs/voc.yaml {stem} > /tmp/p.yaml` and `-f /tmp/p.yaml`. `./kit demo` runs "
+            "every stage in order on the synthetic data.\n```\n\n**Parameters** (the `parameters` cell; `papermill "
+            f"--help-notebook nbs/{rel}` prints the same):\n\n{table}")
 
 
 # ------------------------------------------------------------------------------------------------ API reference
@@ -250,7 +260,7 @@ def _module_order(mod_name: str) -> tuple:
 def _entry(mod_name, name, obj, where, Renderer, level) -> list[str]:
     try:
         md = Renderer(obj, title_level=level)._repr_markdown_()
-    except Exception as e:                       # a constant or anything show_doc cannot render
+    except Exception:                       # a constant or anything show_doc cannot render
         md = ""
     md = re.sub(r"^---\s*\n\s*\n\[source\]\([^)]*\)\{[^}]*\}\s*\n", "", md.lstrip())
     md = re.sub(r"^\[source\]\([^)]*\)\{[^}]*\}\s*\n", "", md.lstrip())
@@ -307,8 +317,10 @@ def stage(verbose=True, touch: str | None = None) -> dict:
                 if f.is_file():
                     dst = STAGE / d / f.relative_to(NBS / d)
                     if not dst.exists() or dst.read_bytes() != f.read_bytes():
-                        dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dst)
-    keep = set(want) | {str(f.relative_to(STAGE)) for f in (STAGE / "images").rglob("*")} if (STAGE / "images").exists() else set(want)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(f, dst)
+    keep = set(want) | {str(f.relative_to(STAGE))
+                        for f in (STAGE / "images").rglob("*")} if (STAGE / "images").exists() else set(want)
     for f in list(STAGE.rglob("*.ipynb")) + list(STAGE.rglob("*.md")):
         r = f.relative_to(STAGE).as_posix()
         if r.startswith(".cache/") or r in keep: continue
@@ -339,7 +351,8 @@ def build(mode="full", clean=False, jobs=1, out=None, touch=None) -> Path:
     out = Path(out) if out else ROOT / settings().get("doc_path", "_docs")
     doctrees = CACHE / f"doctrees-{mode}"                       # per mode: the modes differ in configuration
     if clean:
-        shutil.rmtree(out, ignore_errors=True); shutil.rmtree(doctrees, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(doctrees, ignore_errors=True)
     t0 = time.time()
     stage(touch=touch)
     env = {**os.environ, "WEAKTR_DOCS_MODE": mode, "PYTHONPATH": os.pathsep.join(
@@ -397,8 +410,10 @@ def record(path: Path = ROOT / "results" / "docs_build.json") -> dict:
                builds={k: b["wall_s"] for k, b in kinds.items()},
                build_details=list(kinds.values()),
                notebooks={n: round(t, 1) for n, t in exec_times()})
-    path.parent.mkdir(exist_ok=True); path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"== docs: wrote {path.relative_to(ROOT)}"); return res
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"== docs: wrote {path.relative_to(ROOT)}")
+    return res
 
 
 def measure(path: Path = ROOT / "results" / "docs_build.json", touch: str = "05_metrics.ipynb",
@@ -413,7 +428,9 @@ def measure(path: Path = ROOT / "results" / "docs_build.json", touch: str = "05_
     global JCACHE
     builds, extra = {}, {}
     def timed(name, **kw):
-        t0 = time.time(); build(**kw); builds[name] = round(time.time() - t0, 1)
+        t0 = time.time()
+        build(**kw)
+        builds[name] = round(time.time() - t0, 1)
         print(f"== docs --measure: {name}: {builds[name]:.0f} s", flush=True)
     if not keep_cache: shutil.rmtree(JCACHE, ignore_errors=True)
     cached_before = dict(exec_times())
@@ -433,8 +450,10 @@ def measure(path: Path = ROOT / "results" / "docs_build.json", touch: str = "05_
         timed("quick (--quick, empty cache: what the browser test builds)", mode="quick", clean=True,
               out=CACHE / "quick-measure-site")
     finally:
-        shutil.rmtree(JCACHE, ignore_errors=True); shutil.rmtree(CACHE / "quick-measure-site", ignore_errors=True)
-        JCACHE = saved; os.environ.pop("WEAKTR_DOCS_JCACHE", None)
+        shutil.rmtree(JCACHE, ignore_errors=True)
+        shutil.rmtree(CACHE / "quick-measure-site", ignore_errors=True)
+        JCACHE = saved
+        os.environ.pop("WEAKTR_DOCS_JCACHE", None)
     import platform
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -446,7 +465,8 @@ def measure(path: Path = ROOT / "results" / "docs_build.json", touch: str = "05_
                note=(f"the machine was shared with other jobs (load average {load:.1f} on 2 cores at the end): "
                      "upper bounds" if load > 2.5 else "an otherwise idle machine"),
                builds=builds, notebooks=notebooks_s, **extra)
-    path.parent.mkdir(exist_ok=True); path.write_text(json.dumps(res, indent=1) + "\n")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"== docs --measure: wrote {path.relative_to(ROOT)}")
     return res
 
@@ -463,14 +483,16 @@ def screenshot(page: str, png: Path, site: Path | None = None, width: int = 1280
     chromium = os.environ.get("WEAKTR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     try:
         with sync_playwright() as pw:
-            b = pw.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu",
-                                                                   "--disable-background-networking"])
+            args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+            b = pw.chromium.launch(executable_path=chromium, args=args)
             pg = b.new_page(viewport={"width": width, "height": height})
             pg.goto(f"http://127.0.0.1:{srv.server_address[1]}/{page}", wait_until="load")
             pg.evaluate("() => (window.MathJax && MathJax.startup) ? MathJax.startup.promise : null")
             if anchor: pg.evaluate(f"document.getElementById({anchor!r})?.scrollIntoView()")
             pg.wait_for_timeout(500)
-            png.parent.mkdir(parents=True, exist_ok=True); pg.screenshot(path=str(png)); b.close()
+            png.parent.mkdir(parents=True, exist_ok=True)
+            pg.screenshot(path=str(png))
+            b.close()
     finally:
         srv.shutdown()
     print(f"== docs: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png} <- {page}")
@@ -500,13 +522,21 @@ def main(argv=None):
     if a.times:
         for nb, t in exec_times(): print(f"{t:8.1f} s  {nb}")
         return
-    if a.measure: measure(keep_cache=a.keep_cache); record(); return
-    if a.record: record(); return
+    if a.measure:
+        measure(keep_cache=a.keep_cache)
+        record()
+        return
+    if a.record:
+        record()
+        return
     if a.screenshot:
         page, _, anchor = a.screenshot[0].partition("#")
-        screenshot(page, Path(a.screenshot[1]).resolve(), site=a.out, anchor=anchor or None); return
+        screenshot(page, Path(a.screenshot[1]).resolve(), site=a.out, anchor=anchor or None)
+        return
     if a.clear_cache: shutil.rmtree(JCACHE, ignore_errors=True)
-    if a.stage_only: stage(); return
+    if a.stage_only:
+        stage()
+        return
     if a.execute: os.environ["WEAKTR_DOCS_EXECUTE"] = a.execute
     build("quick" if a.quick else "off" if a.no_exec else "full", clean=a.clean or a.clear_cache, jobs=a.jobs,
           out=a.out, touch=a.touch)

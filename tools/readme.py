@@ -27,7 +27,8 @@ DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 def _directives(src: str) -> tuple[dict, str]:
     lines, found = src.splitlines(), {}
     while lines and (m := DIRECTIVE.match(lines[0])):
-        found[m.group(1)] = m.group(2).strip().lower(); lines.pop(0)
+        found[m.group(1)] = m.group(2).strip().lower()
+        lines.pop(0)
     return found, "\n".join(lines)
 
 
@@ -52,12 +53,15 @@ def _outputs(outputs: list) -> list[str]:
         text.clear()
     for o in outputs:
         kind = o.get("output_type")
-        if kind == "stream": text.append("".join(o.get("text", ""))); continue
+        if kind == "stream":
+            text.append("".join(o.get("text", "")))
+            continue
         if kind == "error":
             raise RuntimeError(f"nbs/index.ipynb raised {o.get('ename')}: {o.get('evalue')}")
         data = o.get("data", {})
         if "text/markdown" in data:
-            flush(); out.append(fix_links("".join(data["text/markdown"]).strip()))
+            flush()
+            out.append(fix_links("".join(data["text/markdown"]).strip()))
         elif "text/plain" in data:
             text.append("".join(data["text/plain"]) + "\n")
     flush()
@@ -68,7 +72,8 @@ def execute(nb):
     "Run the notebook's cells in-process (execnb, cwd nbs/ like nbdev_test), outputs stored in the cells."
     from execnb.shell import CaptureShell
     cwd, env_backend = os.getcwd(), os.environ.get("MPLBACKEND")
-    os.chdir(NBS); os.environ["MPLBACKEND"] = "Agg"
+    os.chdir(NBS)
+    os.environ["MPLBACKEND"] = "Agg"
     sys.path.insert(0, str(ROOT))
     try:
         CaptureShell().run_all(nb, exc_stop=True)
@@ -88,7 +93,8 @@ def render(nb_path: Path = INDEX, run: bool = True) -> str:
     for c in nb.cells:
         src = "".join(c.source) if isinstance(c.source, list) else c.source
         if c.cell_type == "markdown":
-            parts.append(fix_links(src.strip())); continue
+            parts.append(fix_links(src.strip()))
+            continue
         if c.cell_type != "code": continue
         d, body = _directives(src)
         if "hide" in d or "default_exp" in d or d.get("include") == "false": continue
@@ -100,10 +106,15 @@ def render(nb_path: Path = INDEX, run: bool = True) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     text = render()
-    if "--stdout" in argv: print(text, end=""); return 0
+    if "--stdout" in argv:
+        print(text, end="")
+        return 0
     if "--check" in argv:
-        if README.exists() and README.read_text() == text: print("README.md matches nbs/index.ipynb"); return 0
-        print("README.md differs from what nbs/index.ipynb generates: run ./kit readme"); return 1
+        if README.exists() and README.read_text() == text:
+            print("README.md matches nbs/index.ipynb")
+            return 0
+        print("README.md differs from what nbs/index.ipynb generates: run ./kit readme")
+        return 1
     changed = not README.exists() or README.read_text() != text
     if changed: README.write_text(text)
     print(f"README.md {'written' if changed else 'unchanged'} from nbs/index.ipynb")

@@ -144,13 +144,15 @@ def _outside_links(text: str, f) -> str:
 def notes_href(nb: Path) -> str:
     "Relative link from a notebook to the method notes."
     nbs = ROOT / "nbs"
-    rel = Path(*([".."] * (len(nb.resolve().relative_to(nbs.resolve()).parts) - 1)), NOTES) if nb.resolve().is_relative_to(
+    rel = Path(*([".."] * (len(nb.resolve().relative_to(nbs.resolve()).parts) - 1)),
+               NOTES) if nb.resolve().is_relative_to(
         nbs.resolve()) else Path(NOTES)
     return "" if nb.name == NOTES and nb.parent.resolve() == nbs.resolve() else rel.as_posix()
 
 
 def _title_cell(nb) -> int:
-    "Index of the cell holding the notebook's `# Title` and `> subtitle` (nbdev makes the subtitle the module docstring)."
+    """Index of the cell holding the notebook's `# Title` and `> subtitle` (nbdev makes the subtitle the module
+    docstring)."""
     return next((i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"
                  and "".join(c["source"]).lstrip().startswith("# ")), -1)
 
@@ -172,14 +174,16 @@ def rewrite_notebook(path: Path) -> bool:
             c["source"] = new.splitlines(keepends=True) if isinstance(c["source"], list) else new
     out = json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
     if json.loads(out) == json.loads(text): return False
-    path.write_text(out); return True
+    path.write_text(out)
+    return True
 
 
 def rewrite_text(path: Path) -> bool:
     text = path.read_text()
     new = plain(text)
     if new == text: return False
-    path.write_text(new); return True
+    path.write_text(new)
+    return True
 
 
 SKIP_MARK = "spec_refs: skip"                                # a file holding this text is left alone (tests)
@@ -201,7 +205,8 @@ def remaining(paths) -> list[str]:
     out = []
     for f in files(paths):
         for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
-            if re.search(r"(?i)spec(?:ification)?\s*§|§\s?\d", line): out.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()[:120]}")
+            if re.search(r"(?i)spec(?:ification)?\s*§|§\s?\d", line):
+                out.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()[:120]}")
     return out
 
 
@@ -221,7 +226,8 @@ def main(argv=None):
         if check:
             text = f.read_text()
             if f.suffix == ".ipynb":
-                nb = json.loads(text); href = notes_href(f)
+                nb = json.loads(text)
+                href = notes_href(f)
                 srcs = [("".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]]
                 if any(_rewrite_cell(c["cell_type"], s, href, i == _title_cell(nb)) != s
                        for i, (c, s) in enumerate(zip(nb["cells"], srcs))):

@@ -38,7 +38,8 @@ VENV_OWN = ("python", "activate", "Activate.ps1", "pip")
 def site_packages(venv) -> Path:
     "The venv's lib/pythonX.Y/site-packages (exactly one expected)."
     found = sorted(Path(venv).glob("lib/python3*/site-packages"))
-    if len(found) != 1: raise FileNotFoundError(f"{venv}: expected one lib/python3.*/site-packages, found {[str(p) for p in found]}")
+    if len(found) != 1:
+        raise FileNotFoundError(f"{venv}: expected one lib/python3.*/site-packages, found {[str(p) for p in found]}")
     return found[0]
 
 
@@ -50,13 +51,15 @@ def shared_venv_of(prefix=None) -> Path:
 
 
 def _version(checkout: Path) -> str:
-    cfg = configparser.ConfigParser(delimiters=["="]); cfg.read(checkout / "settings.ini", encoding="utf-8")
+    cfg = configparser.ConfigParser(delimiters=["="])
+    cfg.read(checkout / "settings.ini", encoding="utf-8")
     return cfg["DEFAULT"].get("version", "0") if "DEFAULT" in cfg else "0"
 
 
 def _write(path: Path, text: str, mode: int | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     if mode is not None: os.chmod(tmp, mode)
     os.replace(tmp, path)
 
@@ -77,21 +80,24 @@ def make_thin_venv(shared,            # the shared venv holding the dependencies
     dest = Path(dest) if dest is not None else checkout / ".venv"
     shared_py = shared / "bin" / "python"
     if not shared_py.exists(): raise FileNotFoundError(f"shared venv {shared}: no bin/python")
-    if not (checkout / "weaktr" / "__init__.py").is_file(): raise FileNotFoundError(f"{checkout} is not a weaktr checkout (no weaktr/__init__.py)")
+    if not (checkout / "weaktr" / "__init__.py").is_file():
+        raise FileNotFoundError(f"{checkout} is not a weaktr checkout (no weaktr/__init__.py)")
     want = dict(shared=str(shared), checkout=str(checkout))
-    if dest.is_symlink(): dest.unlink()                                 # the old kit's link to the shared venv (target untouched)
+    if dest.is_symlink(): dest.unlink()                       # the old kit's link to the shared venv (target untouched)
     elif dest.exists():
         if not (dest / MARK).is_file():
-            raise FileExistsError(f"{dest} exists and was not made by ./kit (no {MARK}): move it away, then rerun ./kit setup")
+            raise FileExistsError(f"{dest} exists and was not made by ./kit (no {MARK}): move it away, then rerun "
+                                  "./kit setup")
         if json.loads((dest / MARK).read_text()) != want or not (dest / "bin" / "python").exists():
-            shutil.rmtree(dest)                                         # made for another shared venv or checkout: remake
+            shutil.rmtree(dest)                                       # made for another shared venv or checkout: remake
     if not (dest / "bin" / "python").exists():
         subprocess.run([str(shared_py), "-m", "venv", "--without-pip", str(dest)], check=True)
     dest = dest.resolve()
     site, shared_site = site_packages(dest), site_packages(shared)
 
     # sys.path: this checkout, then the shared packages (their .pth files too, except another clone's editable weaktr)
-    _write(site / "_weaktr_thin.py", f'''"Added by tools/thin_venv.py: the shared venv's packages behind this checkout's weaktr."
+    _write(site / "_weaktr_thin.py",
+           f'''"Added by tools/thin_venv.py: the shared venv's packages behind this checkout's weaktr."
 import os, site, sys
 SHARED_SITE = {str(shared_site)!r}
 SKIP = {SKIP_PTH!r}
@@ -122,7 +128,8 @@ add_shared()
         try: head = src.read_bytes()[:512]
         except OSError: continue
         if not head.startswith(b"#!") or str(shared / "bin" / "python").encode() not in head: continue
-        text = src.read_text(errors="surrogateescape").replace(str(shared / "bin" / "python"), str(dest / "bin" / "python"))
+        old, new = str(shared / "bin" / "python"), str(dest / "bin" / "python")
+        text = src.read_text(errors="surrogateescape").replace(old, new)
         _write(dest / "bin" / src.name, text, 0o755)
 
     # Jupyter: our own python3 kernel spec; everything else of the shared share/jupyter and etc/jupyter linked
@@ -144,9 +151,11 @@ add_shared()
 
 if __name__ == "__main__":
     if not 2 <= len(sys.argv) <= 3 or sys.argv[1] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[1]); sys.exit(2)
+        print(__doc__.split("\n\n")[1])
+        sys.exit(2)
     try:
         d = make_thin_venv(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else Path(__file__).resolve().parents[1])
     except (FileNotFoundError, FileExistsError, subprocess.CalledProcessError) as e:
-        print(f"weaktr: could not make the checkout's thin venv: {e}", file=sys.stderr); sys.exit(1)
+        print(f"weaktr: could not make the checkout's thin venv: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"== weaktr: {d} (this checkout's python, on top of {Path(sys.argv[1]).resolve()})")

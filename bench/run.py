@@ -9,8 +9,8 @@
 What is measured (each sub-benchmark is its own script, run in a subprocess; a missing script is skipped with a note):
   phase1  bench/bench_phase1.py  Phase-1 train step, img/s and peak memory: WeakTr (fast attention) vs the plain
                                  timm ViT (and WeakTr with the reference attention path)
-  camgen  bench/bench_camgen.py  CAM generation img/s: batched path vs the per-image reference path (maps asserted
-                                 equal)
+  camgen  bench/bench_camgen.py  CAM generation img/s: batched path vs the per-image reference path (maps
+                                 asserted equal)
   crf     bench/bench_crf.py     pseudo labels (threshold + dense CRF + PNG) img/s: N worker processes vs 1 (CPU only)
   phase2  bench/bench_phase2.py  Phase-2 train step (kit vs reference attention, fp32) and MS+flip evaluation img/s
                                  (batched windows vs window by window, predictions asserted equal)

@@ -102,8 +102,8 @@ def test_gen_cams_record_ignores_paths_and_extends(synth, tmp_path):
                           (dict(refine=False), "refine"), (dict(scales=(1.0, 0.8)), "scales")):
         with pytest.raises(ResumeMismatch, match=field):
             generate_cams(replace(cfg, **change))
-    (moved / "JPEGImages" / "train_00002.png").write_bytes((moved / "JPEGImages" / "train_00002.png").read_bytes()
-                                                           + b"\0" * 7)
+    png = moved / "JPEGImages" / "train_00002.png"
+    png.write_bytes(png.read_bytes() + b"\0" * 7)
     with pytest.raises(ResumeMismatch, match="data_sha256"):       # the data list's content changed
         generate_cams(replace(cfg, data_root=str(moved)))
 

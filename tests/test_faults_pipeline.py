@@ -49,8 +49,8 @@ def _resuming_notebook(path: Path) -> Path:
     nb.cells = [nbformat.v4.new_code_cell('run_dir: str = "runs/toy"  # output folder\nx: float = 1.0  # must be >= 0\n'
                                           'mode: str = "a"  # "a" or "b"\nprogress: bool = True  # result-neutral',
                                           metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell('import json, pathlib\nif x < 0: raise ValueError(f"x must be >= 0, got '
-                                          '{x}")'),
+                nbformat.v4.new_code_cell('import json, pathlib\n'
+                                          'if x < 0: raise ValueError(f"x must be >= 0, got {x}")'),
                 nbformat.v4.new_code_cell('out = pathlib.Path(run_dir); out.mkdir(parents=True, exist_ok=True)\nres = '
                                           'out / "result.txt"\ncomputed = not res.exists()\nif computed: '
                                           'res.write_text(str(x * 2))\n(out / '

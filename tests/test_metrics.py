@@ -15,8 +15,8 @@ def test_confusion_matches_sklearn(K):
     pred = rng.integers(0, K, (64, 80))
     v = gt != 255
     ref = sk_confusion(gt[v], pred[v], labels=np.arange(K))
-    np.testing.assert_array_equal(confusion_matrix(torch.from_numpy(pred), gt.astype(np.uint8) if K < 255 else gt, K),
-                                  ref)
+    g = gt.astype(np.uint8) if K < 255 else gt
+    np.testing.assert_array_equal(confusion_matrix(torch.from_numpy(pred), g, K), ref)
 
 
 def test_miou_direct_tp_fp_fn_dataset_level():

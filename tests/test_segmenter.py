@@ -160,9 +160,8 @@ def test_load_encoder_from_deit_distilled_and_safetensors(tmp_path):
     # CLS row, dist row dropped
     torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 0], src.pos_embed.detach()[:, 0])
     grid = src.pos_embed.detach()[:, 2:]
-    torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 1:],
-                               resize_pos_embed(torch.cat([src.pos_embed[:, :1], grid], 1).detach(), (14, 14),
-                                                (6, 6))[:, 1:])
+    want = resize_pos_embed(torch.cat([src.pos_embed[:, :1], grid], 1).detach(), (14, 14), (6, 6))[:, 1:]
+    torch.testing.assert_close(m.encoder.pos_embed.detach()[:, 1:], want)
     # a timm state dict with a 21k-class head, as safetensors: head left at init, everything else loaded
     src2 = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=21843, **TINY)
     save_file({k: v.contiguous() for k, v in src2.state_dict().items()}, str(tmp_path / "vit.safetensors"))

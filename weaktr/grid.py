@@ -350,10 +350,9 @@ def kernel_env():
     kernel inherits them)."""
     old = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH")}
     bin_dir, pkg = str(Path(sys.executable).parent), _package_parent()
-    os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in (old["PATH"] or "").split(os.pathsep) if p
-                                                      and p != bin_dir])
-    os.environ["PYTHONPATH"] = os.pathsep.join([pkg] + [p for p in (old["PYTHONPATH"] or "").split(os.pathsep) if p
-                                                        and p != pkg])
+    def first(head, var):                      # `head`, then the old value's entries without it
+        return os.pathsep.join([head] + [p for p in (old[var] or "").split(os.pathsep) if p and p != head])
+    os.environ["PATH"], os.environ["PYTHONPATH"] = first(bin_dir, "PATH"), first(pkg, "PYTHONPATH")
     try: yield
     finally:
         for k, v in old.items():

@@ -417,8 +417,8 @@ class Learner:
         self.epoch, self.step = 0, 0          # epochs completed, optimizer updates done
         self._ref_losses, self._saved_epoch = [], None   # divergence guard's reference losses; epochs done in last.pt
         self.batch_idx, self.loss, self.logs, self.lr, self.grad_norm = 0, None, {}, self.base_lr, None
-        self.metrics, self.best, self.history = {}, dict(name=cfg.select_metric, mode=cfg.select_mode, value=None,
-                                                         epoch=None), []
+        self.metrics, self.history = {}, []
+        self.best = dict(name=cfg.select_metric, mode=cfg.select_mode, value=None, epoch=None)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _make_loader(self, data, collate_fn) -> DataLoader:

@@ -147,15 +147,16 @@ def _device_of(model) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
-@torch.no_grad()
-def predict_windowed_reference(model: Segmenter,  # in eval mode
-                               image,             # PIL RGB, (H, W, 3) uint8 array or (3, H, W) uint8 tensor
-                               cfg: InferCfg | None = None, # None: InferCfg()
-                              ) -> torch.Tensor:  # (K, H, W) float32 probabilities (sum 1, or 1 + mid_weight)
-    "Sliding-window multi-scale/flip prediction exactly in the reference's order: one view, then one window, at a time."
+def _setup(model, image, cfg):
+    "The opening both predictors share: (cfg or InferCfg(), the model's device, the image as (3, H, W) on it)."
     cfg = cfg if cfg is not None else InferCfg()
     dev = _device_of(model)
-    img = image_tensor(image).to(dev)
+    return cfg, dev, image_tensor(image).to(dev)
+
+@torch.no_grad()
+def predict_windowed_reference(model: Segmenter, image, cfg: InferCfg | None = None) -> torch.Tensor:
+    "`predict` (same arguments, same (K, H, W) result) exactly in the reference's order: one view, then one window."
+    cfg, dev, img = _setup(model, image, cfg)
     H, W = img.shape[-2:]
     K, ws, two = model.n_cls, cfg.window, cfg.two_output
     seg_maps = [torch.zeros((K, H, W), device=dev) for _ in range(1 + two)]
@@ -179,9 +180,7 @@ def predict(model: Segmenter,  # in eval mode
             cfg: InferCfg | None = None, # None: InferCfg()
            ) -> torch.Tensor:  # (K, H, W) float32 probabilities (sum 1, or 1 + mid_weight)
     "Sliding-window multi-scale/flip prediction with all windows of all views batched (`window_batch` per forward)."
-    cfg = cfg if cfg is not None else InferCfg()
-    dev = _device_of(model)
-    img = image_tensor(image).to(dev)
+    cfg, dev, img = _setup(model, image, cfg)
     H, W = img.shape[-2:]
     K, ws, two = model.n_cls, cfg.window, cfg.two_output
     n_out = 1 + two

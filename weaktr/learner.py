@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+from fastcore.basics import patch
 
 from .core import (get_device, seed_everything, seed_worker, atomic_path, atomic_torch_save,
                          atomic_write_text, atomic_save_json, cfg_from_flat, cfg_to_dict)
@@ -353,7 +354,7 @@ def save_figure(fig: Figure, path):
     "Write a figure as PNG atomically."
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=90)
 
-# %% ../nbs/09_learner.ipynb #089d963a
+# %% ../nbs/09_learner.ipynb #4aafc9f0
 _EVENTS = ("on_fit_begin", "on_batch_end", "on_epoch_end", "on_fit_end")
 _RESERVED = {"kind", "epoch", "step", "lr", "time", "epoch_time_s", "eval_time_s", "grad_norm", "eval_error"}
 _REF_BATCHES = 20   # the divergence guard's reference: median |loss| of the run's first 20 batches
@@ -420,7 +421,6 @@ class Learner:
         self.metrics, self.history = {}, []
         self.best = dict(name=cfg.select_metric, mode=cfg.select_mode, value=None, epoch=None)
 
-    # -- plumbing -------------------------------------------------------------------------------------------------
     def _make_loader(self, data, collate_fn) -> DataLoader:
         cfg = self.cfg
         if isinstance(data, DataLoader):
@@ -454,123 +454,7 @@ class Learner:
         "The training autocast context (a no-op when `amp='off'`)."
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
-    def _reduce_means(self, sums: dict, count: int) -> dict:
-        "Means of summed logs over all ranks (sum of sums / sum of counts)."
-        keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=self._comm_device)
-        if self.dist.is_distributed: dist.all_reduce(t)
-        n = t[-1].item()
-        return {k: t[i].item() / n for i, k in enumerate(keys)} if n else {}
-
-    def _log(self, rec: dict):
-        if not self.is_main: return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
-
-    def _kept(self) -> str:
-        "Which checkpoint a stop leaves in place, for the messages."
-        last = self.run_dir / "last.pt"
-        if self._saved_epoch is None or not last.exists(): return "no checkpoint was written yet"
-        # epoch = epochs done, as in last.pt
-        return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"
-
-    def _any_rank(self, flag: bool) -> bool:
-        "True on every rank if `flag` is True on any."
-        if not self.dist.is_distributed: return flag
-        t = torch.tensor([float(flag)], device=self._comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
-
-    def _check_loss(self, loss_v: float, epoch: int, i: int, n: int):
-        """Stop before backward on a non-finite loss, or on a divergent one: |loss| > diverge_factor × median |loss| of
-        the first batches."""
-        f, refs = self.cfg.diverge_factor, self._ref_losses
-        ref = float(np.median(refs)) if refs else None
-        finite = math.isfinite(loss_v)
-        diverged = finite and bool(f) and ref is not None and abs(loss_v) > f * max(ref, 1e-12)
-        if not self._any_rank(not finite or diverged):
-            if len(refs) < _REF_BATCHES: refs.append(abs(loss_v))
-            return
-        where = f"at epoch {epoch}, step {self.step} (batch {i + 1} of {n})"
-        if not finite or not diverged:
-            raise FloatingPointError(f"loss is not finite {where}: loss = {loss_v} on rank {self.rank} (a non-finite "
-                                     f"loss on any rank stops all); stopped before backward, {self._kept()}")
-        raise FloatingPointError(f"training diverged {where}: loss = {loss_v:.4g} on rank {self.rank} exceeds "
-                                 f"TrainCfg.diverge_factor={f:g} x the run's reference loss {ref:.4g} (median of its "
-                                 f"first {len(refs)} batches); stopped before backward, {self._kept()}. Lower lr or "
-                                 "set clip_grad (or raise diverge_factor, 0 = off, if such a loss is expected)")
-
-    def _check_params(self, epoch: int):
-        "Never save non-finite weights: FloatingPointError naming the epoch and the kept checkpoint."
-        bad = [k for k, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-        if self._any_rank(bool(bad)):
-            raise FloatingPointError(f"parameters are not finite after epoch {epoch} (e.g. {bad[:3]} on rank "
-                                     f"{self.rank}): the diverged state is not saved, {self._kept()}. Lower lr or set "
-                                     "clip_grad")
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def _gather_rng(self) -> list:
-        s = rng_state(self.generator)
-        if not self.dist.is_distributed: return [s]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, s)
-        return out
-
-    def checkpoint(self) -> dict:
-        "The full training state (every rank must call it: RNG states are gathered); loads with `weights_only=True`."
-        return dict(format="weaktr.learner/1", model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scaler=self.scaler.state_dict(),
-                    scheduler=dict(schedule=self.cfg.schedule, base_lr=self.base_lr,
-                                   steps_per_epoch=self.steps_per_epoch,
-                                   epoch=self.epoch, step=self.step),
-                    epoch=self.epoch, step=self.step, rng=self._gather_rng(), world_size=self.world_size,
-                    config=cfg_to_dict(self.cfg), best=dict(self.best), metrics=dict(self.metrics),
-                    guard=dict(ref_losses=list(self._ref_losses)))
-
-    def _save(self, improved: bool):
-        ckpt = self.checkpoint()
-        if self.is_main:
-            if improved:
-                atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
-                                   "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
-            atomic_torch_save(ckpt, self.run_dir / "last.pt")
-            if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
-        self._saved_epoch = self.epoch           # every rank: the stop messages name it
-
-    def load_checkpoint(self, path):
-        "Restore a `last.pt` written by `checkpoint()` (model, optimizer, scaler, counters, best, RNG of this rank)."
-        path = Path(path)
-        if not path.exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("format") != "weaktr.learner/1":
-            raise ValueError(f"{path} is not a Learner checkpoint (format {ck.get('format')!r}; best.pt holds weights "
-                             "only)")
-        diff = sorted(k for k, v in cfg_to_dict(self.cfg).items() if ck["config"].get(k) != v)
-        if diff:
-            warnings.warn(f"resuming {path} with a changed config: "
-                          + ", ".join(f"{k}: {ck['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff))
-        if ck["scheduler"]["steps_per_epoch"] != self.steps_per_epoch:
-            warnings.warn(f"{path} was written with {ck['scheduler']['steps_per_epoch']} updates per epoch, the loader "
-                          f"now gives {self.steps_per_epoch}")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.scaler.is_enabled() and ck["scaler"]: self.scaler.load_state_dict(ck["scaler"])
-        elif self.scaler.is_enabled() != bool(ck["scaler"]):
-            warnings.warn("amp changed between fp16 and not: GradScaler state not restored")
-        self.epoch, self.step = ck["epoch"], ck["step"]
-        self._ref_losses, self._saved_epoch = list(ck.get("guard", {}).get("ref_losses", [])), ck["epoch"]
-        self.best, self.metrics = dict(ck["best"]), dict(ck["metrics"])
-        if len(ck["rng"]) == self.world_size: set_rng_state(ck["rng"][self.rank], self.generator)
-        else:
-            warnings.warn(f"{path} holds RNG states of {len(ck['rng'])} ranks, this job has {self.world_size}: "
-                          "reseeding (not bitwise)")
-            self._seed(offset=1000 * self.epoch)
-
-    def _seed(self, offset: int = 0):
-        seed_everything(self.cfg.seed + self.rank + offset)
-        if self.generator is not None: self.generator.manual_seed(self.cfg.seed + self.rank + offset)
-
-    # -- the loop -------------------------------------------------------------------------------------------------
+    # -- the loop (steps 1 and 3 of the anatomy; the methods it calls follow, one topic per cell) --
     def fit(self,
             # True: run_dir/last.pt (must exist); "auto": if it exists; a path: that file
             resume: bool | str | os.PathLike = False,
@@ -627,99 +511,233 @@ class Learner:
         self._trigger("on_fit_end")
         return self
 
-    def _train_epoch(self, epoch: int) -> dict:
-        cfg, model, loader = self.cfg, self.train_model, self.loader
-        if hasattr(loader.sampler, "set_epoch"): loader.sampler.set_epoch(epoch)
-        if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"):
-            loader.batch_sampler.set_epoch(epoch)
-        model.train()
-        n, acc, spe = len(loader), cfg.grad_accum, self.steps_per_epoch
-        ep_sums, ep_n, win_sums, win_n = defaultdict(float), 0, defaultdict(float), 0
-        self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(loader, total=n, desc=f"epoch {epoch}", leave=False, disable=not (self.is_main and cfg.progress))
+# %% ../nbs/09_learner.ipynb #e6ede19b
+@patch
+def _reduce_means(self: Learner, sums: dict, count: int) -> dict:
+    "Means of summed logs over all ranks (sum of sums / sum of counts)."
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=self._comm_device)
+    if self.dist.is_distributed: dist.all_reduce(t)
+    n = t[-1].item()
+    return {k: t[i].item() / n for i, k in enumerate(keys)} if n else {}
+
+@patch
+def _log(self: Learner, rec: dict):
+    if not self.is_main: return
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(self.run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+
+@patch
+def _kept(self: Learner) -> str:
+    "Which checkpoint a stop leaves in place, for the messages."
+    last = self.run_dir / "last.pt"
+    if self._saved_epoch is None or not last.exists(): return "no checkpoint was written yet"
+    # epoch = epochs done, as in last.pt
+    return f"the last good checkpoint {last} (epoch {self._saved_epoch}) is untouched"
+
+@patch
+def _any_rank(self: Learner, flag: bool) -> bool:
+    "True on every rank if `flag` is True on any."
+    if not self.dist.is_distributed: return flag
+    t = torch.tensor([float(flag)], device=self._comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+@patch
+def _check_loss(self: Learner, loss_v: float, epoch: int, i: int, n: int):
+    """Stop before backward on a non-finite loss, or on a divergent one: |loss| > diverge_factor × median |loss| of
+    the first batches."""
+    f, refs = self.cfg.diverge_factor, self._ref_losses
+    ref = float(np.median(refs)) if refs else None
+    finite = math.isfinite(loss_v)
+    diverged = finite and bool(f) and ref is not None and abs(loss_v) > f * max(ref, 1e-12)
+    if not self._any_rank(not finite or diverged):
+        if len(refs) < _REF_BATCHES: refs.append(abs(loss_v))
+        return
+    where = f"at epoch {epoch}, step {self.step} (batch {i + 1} of {n})"
+    if not finite or not diverged:
+        raise FloatingPointError(f"loss is not finite {where}: loss = {loss_v} on rank {self.rank} (a non-finite "
+                                 f"loss on any rank stops all); stopped before backward, {self._kept()}")
+    raise FloatingPointError(f"training diverged {where}: loss = {loss_v:.4g} on rank {self.rank} exceeds "
+                             f"TrainCfg.diverge_factor={f:g} x the run's reference loss {ref:.4g} (median of its "
+                             f"first {len(refs)} batches); stopped before backward, {self._kept()}. Lower lr or "
+                             "set clip_grad (or raise diverge_factor, 0 = off, if such a loss is expected)")
+
+@patch
+def _check_params(self: Learner, epoch: int):
+    "Never save non-finite weights: FloatingPointError naming the epoch and the kept checkpoint."
+    bad = [k for k, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if self._any_rank(bool(bad)):
+        raise FloatingPointError(f"parameters are not finite after epoch {epoch} (e.g. {bad[:3]} on rank "
+                                 f"{self.rank}): the diverged state is not saved, {self._kept()}. Lower lr or set "
+                                 "clip_grad")
+
+# %% ../nbs/09_learner.ipynb #33bba54f
+@patch
+def _gather_rng(self: Learner) -> list:
+    s = rng_state(self.generator)
+    if not self.dist.is_distributed: return [s]
+    out = [None] * self.world_size
+    dist.all_gather_object(out, s)
+    return out
+
+@patch
+def checkpoint(self: Learner) -> dict:
+    "The full training state (every rank must call it: RNG states are gathered); loads with `weights_only=True`."
+    return dict(format="weaktr.learner/1", model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                scheduler=dict(schedule=self.cfg.schedule, base_lr=self.base_lr,
+                               steps_per_epoch=self.steps_per_epoch,
+                               epoch=self.epoch, step=self.step),
+                epoch=self.epoch, step=self.step, rng=self._gather_rng(), world_size=self.world_size,
+                config=cfg_to_dict(self.cfg), best=dict(self.best), metrics=dict(self.metrics),
+                guard=dict(ref_losses=list(self._ref_losses)))
+
+@patch
+def _save(self: Learner, improved: bool):
+    ckpt = self.checkpoint()
+    if self.is_main:
+        if improved:
+            atomic_torch_save({**{k: ckpt[k] for k in ("model", "epoch", "step", "config", "best", "metrics")},
+                               "format": "weaktr.learner.best/1"}, self.run_dir / "best.pt")
+        atomic_torch_save(ckpt, self.run_dir / "last.pt")
+        if self.cfg.plot: save_figure(plot_metrics(self.run_dir), self.run_dir / "metrics.png")
+    self._saved_epoch = self.epoch           # every rank: the stop messages name it
+
+@patch
+def load_checkpoint(self: Learner, path):
+    "Restore a `last.pt` written by `checkpoint()` (model, optimizer, scaler, counters, best, RNG of this rank)."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != "weaktr.learner/1":
+        raise ValueError(f"{path} is not a Learner checkpoint (format {ck.get('format')!r}; best.pt holds weights "
+                         "only)")
+    diff = sorted(k for k, v in cfg_to_dict(self.cfg).items() if ck["config"].get(k) != v)
+    if diff:
+        warnings.warn(f"resuming {path} with a changed config: "
+                      + ", ".join(f"{k}: {ck['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff))
+    if ck["scheduler"]["steps_per_epoch"] != self.steps_per_epoch:
+        warnings.warn(f"{path} was written with {ck['scheduler']['steps_per_epoch']} updates per epoch, the loader "
+                      f"now gives {self.steps_per_epoch}")
+    self.model.load_state_dict(ck["model"])
+    self.optimizer.load_state_dict(ck["optimizer"])
+    if self.scaler.is_enabled() and ck["scaler"]: self.scaler.load_state_dict(ck["scaler"])
+    elif self.scaler.is_enabled() != bool(ck["scaler"]):
+        warnings.warn("amp changed between fp16 and not: GradScaler state not restored")
+    self.epoch, self.step = ck["epoch"], ck["step"]
+    self._ref_losses, self._saved_epoch = list(ck.get("guard", {}).get("ref_losses", [])), ck["epoch"]
+    self.best, self.metrics = dict(ck["best"]), dict(ck["metrics"])
+    if len(ck["rng"]) == self.world_size: set_rng_state(ck["rng"][self.rank], self.generator)
+    else:
+        warnings.warn(f"{path} holds RNG states of {len(ck['rng'])} ranks, this job has {self.world_size}: "
+                      "reseeding (not bitwise)")
+        self._seed(offset=1000 * self.epoch)
+
+@patch
+def _seed(self: Learner, offset: int = 0):
+    seed_everything(self.cfg.seed + self.rank + offset)
+    if self.generator is not None: self.generator.manual_seed(self.cfg.seed + self.rank + offset)
+
+# %% ../nbs/09_learner.ipynb #a8048fd3
+@patch
+def _train_epoch(self: Learner, epoch: int) -> dict:
+    cfg, model, loader = self.cfg, self.train_model, self.loader
+    if hasattr(loader.sampler, "set_epoch"): loader.sampler.set_epoch(epoch)
+    if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "set_epoch"):
+        loader.batch_sampler.set_epoch(epoch)
+    model.train()
+    n, acc, spe = len(loader), cfg.grad_accum, self.steps_per_epoch
+    ep_sums, ep_n, win_sums, win_n = defaultdict(float), 0, defaultdict(float), 0
+    self.optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, total=n, desc=f"epoch {epoch}", leave=False, disable=not (self.is_main and cfg.progress))
+    try:
+        for i, batch in enumerate(bar):
+            u = i // acc                                   # update index within the epoch
+            group = min(acc, n - u * acc)                  # micro-steps in this update (the last one may be short)
+            updates = (i + 1) % acc == 0 or i + 1 == n
+            self.lr = lr_at(cfg, epoch, u, spe, self.base_lr)
+            set_lr(self.optimizer, self.lr)
+            batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+            sync = model.no_sync() if (self.dist.is_distributed and not updates) else nullcontext()
+            with sync:
+                with self.autocast(): loss, logs = self.loss_fn(model, batch)
+                loss_v = float(loss.detach())
+                self._check_loss(loss_v, epoch, i, n)
+                self.scaler.scale(loss / group).backward()
+            if updates:
+                if cfg.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    self.grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+            self.batch_idx, self.loss, self.logs = i, loss_v, {k: _plain(v) for k, v in logs.items()}
+            for d in (ep_sums, win_sums):
+                d["loss"] += loss_v
+                for k, v in self.logs.items(): d[k] += v
+            ep_n += 1
+            win_n += 1
+            if updates and self.step % cfg.log_every == 0:
+                rec = dict(kind="step", epoch=epoch, step=self.step, lr=self.lr,
+                           **self._reduce_means(win_sums, win_n))
+                if self.grad_norm is not None: rec["grad_norm"] = self.grad_norm
+                rec["time"] = time.time()
+                self._log(rec)
+                win_sums, win_n = defaultdict(float), 0
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{self.lr:.3g}")
+            self._trigger("on_batch_end")
+            if updates and cfg.max_steps is not None and self.step >= cfg.max_steps: break
+    finally:
+        bar.close()
+    return self._reduce_means(ep_sums, ep_n)
+
+# %% ../nbs/09_learner.ipynb #dc133ba0
+@patch
+def _evaluate(self: Learner, epoch: int) -> tuple[dict | None, BaseException | None]:
+    "eval_fn on rank 0 -> (metrics, None), or (None, the error) on every rank if it raised."
+    metrics, err = None, None
+    if self.is_main:
+        self.model.eval()
         try:
-            for i, batch in enumerate(bar):
-                u = i // acc                                   # update index within the epoch
-                group = min(acc, n - u * acc)                  # micro-steps in this update (the last one may be short)
-                updates = (i + 1) % acc == 0 or i + 1 == n
-                self.lr = lr_at(cfg, epoch, u, spe, self.base_lr)
-                set_lr(self.optimizer, self.lr)
-                batch = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
-                sync = model.no_sync() if (self.dist.is_distributed and not updates) else nullcontext()
-                with sync:
-                    with self.autocast(): loss, logs = self.loss_fn(model, batch)
-                    loss_v = float(loss.detach())
-                    self._check_loss(loss_v, epoch, i, n)
-                    self.scaler.scale(loss / group).backward()
-                if updates:
-                    if cfg.clip_grad is not None:
-                        self.scaler.unscale_(self.optimizer)
-                        self.grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                self.batch_idx, self.loss, self.logs = i, loss_v, {k: _plain(v) for k, v in logs.items()}
-                for d in (ep_sums, win_sums):
-                    d["loss"] += loss_v
-                    for k, v in self.logs.items(): d[k] += v
-                ep_n += 1
-                win_n += 1
-                if updates and self.step % cfg.log_every == 0:
-                    rec = dict(kind="step", epoch=epoch, step=self.step, lr=self.lr,
-                               **self._reduce_means(win_sums, win_n))
-                    if self.grad_norm is not None: rec["grad_norm"] = self.grad_norm
-                    rec["time"] = time.time()
-                    self._log(rec)
-                    win_sums, win_n = defaultdict(float), 0
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{self.lr:.3g}")
-                self._trigger("on_batch_end")
-                if updates and cfg.max_steps is not None and self.step >= cfg.max_steps: break
-        finally:
-            bar.close()
-        return self._reduce_means(ep_sums, ep_n)
+            with torch.no_grad():
+                metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
+        except Exception as e: err = e
+        finally: self.model.train()
+    if self.dist.is_distributed:
+        box = [metrics, None if err is None else f"{type(err).__name__}: {err}"]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+        if box[1] is not None and err is None: err = RuntimeError(f"eval_fn failed on rank 0: {box[1]}")
+    return metrics, err
 
-    def _evaluate(self, epoch: int) -> tuple[dict | None, BaseException | None]:
-        "eval_fn on rank 0 -> (metrics, None), or (None, the error) on every rank if it raised."
-        metrics, err = None, None
-        if self.is_main:
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    metrics = {k: _plain(v) for k, v in (self.eval_fn(self.model, epoch) or {}).items()}
-            except Exception as e: err = e
-            finally: self.model.train()
-        if self.dist.is_distributed:
-            box = [metrics, None if err is None else f"{type(err).__name__}: {err}"]
-            dist.broadcast_object_list(box, src=0)
-            metrics = box[0]
-            if box[1] is not None and err is None: err = RuntimeError(f"eval_fn failed on rank 0: {box[1]}")
-        return metrics, err
+@patch
+def _save_unevaluated(self: Learner, epoch: int, rec: dict, err: BaseException):
+    """eval_fn raised after epoch `epoch` trained: log and save that epoch (not evaluated), then raise naming the
+    checkpoint."""
+    rec.update(eval_error=f"{type(err).__name__}: {err}"[:500], time=time.time())
+    self.metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
+    self.history.append(rec)
+    self._log(rec)
+    self.epoch = epoch + 1
+    self._save(False)
+    raise RuntimeError(f"eval_fn failed after epoch {epoch} ({type(err).__name__}: {err}); the trained epoch is "
+                       f"kept: {self.run_dir / 'last.pt'} holds {self.epoch} epochs done (epoch {epoch} not "
+                       "evaluated). Fix the cause and resume to continue from there") from err
 
-    def _save_unevaluated(self, epoch: int, rec: dict, err: BaseException):
-        """eval_fn raised after epoch `epoch` trained: log and save that epoch (not evaluated), then raise naming the
-        checkpoint."""
-        rec.update(eval_error=f"{type(err).__name__}: {err}"[:500], time=time.time())
-        self.metrics = {k: v for k, v in rec.items() if k not in ("kind", "time")}
-        self.history.append(rec)
-        self._log(rec)
-        self.epoch = epoch + 1
-        self._save(False)
-        raise RuntimeError(f"eval_fn failed after epoch {epoch} ({type(err).__name__}: {err}); the trained epoch is "
-                           f"kept: {self.run_dir / 'last.pt'} holds {self.epoch} epochs done (epoch {epoch} not "
-                           "evaluated). Fix the cause and resume to continue from there") from err
-
-    def _update_best(self, ev: dict, epoch: int) -> bool:
-        name = self.cfg.select_metric
-        if name is None: return False
-        if name not in ev:
-            raise KeyError(f"TrainCfg.select_metric={name!r} is not among the eval_fn metrics {sorted(ev)}")
-        v, b = ev[name], self.best["value"]
-        if v is None or (isinstance(v, float) and math.isnan(v)): return False
-        if b is None or (v > b if self.cfg.select_mode == "max" else v < b):
-            self.best.update(value=v, epoch=epoch)
-            return True
-        return False
+@patch
+def _update_best(self: Learner, ev: dict, epoch: int) -> bool:
+    name = self.cfg.select_metric
+    if name is None: return False
+    if name not in ev:
+        raise KeyError(f"TrainCfg.select_metric={name!r} is not among the eval_fn metrics {sorted(ev)}")
+    v, b = ev[name], self.best["value"]
+    if v is None or (isinstance(v, float) and math.isnan(v)): return False
+    if b is None or (v > b if self.cfg.select_mode == "max" else v < b):
+        self.best.update(value=v, epoch=epoch)
+        return True
+    return False
 
 # %% ../nbs/09_learner.ipynb #0669492b
 def fit(model: nn.Module, loss_fn: Callable, train_data, cfg: TrainCfg | dict | None = None, run_dir="runs/debug",

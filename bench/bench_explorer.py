@@ -11,7 +11,9 @@ in a fresh process so that its peak-RSS rise is its own.
 Presets: `demo` = `weaktr.explorer.demo_model` (the shipped pretrained ViT, D=128, 4 blocks x 4 heads, patch 8)
 with C=8 synthetic classes; `deit-s` = a random-init `deit_small_patch16_224` WeakTr (C=6). Targets of issue 12
 (2-core CPU): every control <= 0.3 s, a new image <= 0.5 s, a 1280 x 960 upload <= 1.5 s and <= 500 MB extra.
-`--baseline` adds the upload at max_side=448 (the explorer's working size before issue 12).
+`--baseline` adds the upload at max_side=448 (the explorer's working size before issue 12). `checkpoint_b` loads a
+second checkpoint (the same model's weights, saved to a temporary .pt) for the side-by-side compare, then times new
+images with it beside. Results: `--out results/bench_explorer_<preset>.json`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,20 @@ from _timing import add_process_args, peak_rss_mib, rss_mib, run_child  # noqa: 
 
 CONTROLS = ("map", "class", "opacity", "threshold", "colormap", "head click", "head off", "layer toggle",
             "all heads on", "image click", "compare", "attn mass")
+
+
+def git_commit() -> str | None:
+    "The checkout's commit (+ '-dirty' with uncommitted changes), or None outside git."
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def timed(fn):
@@ -82,7 +98,7 @@ def measure_controls(ex, repeats: int) -> dict:
         "head off": lambda i: (setattr(ex.click_mode, "value", "toggle"), ex._cells[0, 0][1].click()),
         "layer toggle": lambda i: setattr(ex._rows[1], "value", not ex._rows[1].value),
         "all heads on": lambda i: ex.all_on.click(),
-        "image click": lambda i: ex.click_grid.children[(i * 7) % len(ex.click_grid.children)].click(),
+        "image click": lambda i: setattr(ex.click_grid, "index", (i * 7) % len(ex.click_grid.options)),
         "compare": lambda i: setattr(ex.compare, "value", ("refined_uniform", "rollout")[i % 2]),
         "attn mass": lambda i: setattr(ex.mass, "value", (0.6, 0.0)[i % 2]),
     }
@@ -110,6 +126,15 @@ def child(spec: dict) -> dict:
         ts = [timed(lambda: setattr(ex.index, "value", i)) for i in range(1, 1 + spec["repeats"])]   # uncached items
         res["new_image_s"], res["new_image_cpu_s"] = float(np.median([t[0] for t in ts])), float(np.median([t[1] for t in ts]))
         res["next_button_s"], res["next_button_cpu_s"] = timed(ex.next_btn.click)
+    elif what == "checkpoint_b":                                # a second checkpoint of the same model, beside
+        path = Path(tempfile.mkdtemp()) / "b.pt"
+        torch.save({"model": ex.model.state_dict()}, path)
+        res["checkpoint_mib"] = path.stat().st_size / 2**20
+        res["load_b_s"], res["load_b_cpu_s"] = timed(lambda: ex.load_compare_checkpoint(path))
+        assert ex.compare.value == "ckpt_b" and ex.model2 is not None, ex.messages[-1]
+        ts = [timed(lambda: setattr(ex.index, "value", i)) for i in range(1, 1 + spec["repeats"])]   # A and B analyse
+        res["new_image_with_b_s"] = float(np.median([t[0] for t in ts]))
+        res["new_image_with_b_cpu_s"] = float(np.median([t[1] for t in ts]))
     elif what == "upload":
         data = photo()
         import gc; gc.collect()
@@ -133,14 +158,14 @@ def main(argv=None):
     if a._child:
         print(json.dumps(child(json.loads(a._child)))); return
     base = dict(preset=a.preset, threads=a.threads, repeats=a.repeats, max_side="auto")
-    specs = [dict(base, what=w) for w in ("controls", "new_image", "upload")]
+    specs = [dict(base, what=w) for w in ("controls", "new_image", "upload", "checkpoint_b")]
     if a.baseline: specs.append(dict(base, what="upload", max_side=448))
     load0 = os.getloadavg()[0]
     results = [run_child(__file__, json.dumps(s)) for s in specs]
     meta = dict(date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(), threads=a.threads,
                 load_start=round(load0, 2), load_end=round(os.getloadavg()[0], 2), preset=a.preset,
-                command="python bench/bench_explorer.py " + " ".join(sys.argv[1:]))
+                command="python bench/bench_explorer.py " + " ".join(sys.argv[1:]), commit=git_commit())
     out = dict(meta=meta, results=results)
     if a.out: Path(a.out).write_text(json.dumps(out, indent=1))
     if a.markdown:
@@ -157,6 +182,12 @@ def main(argv=None):
                 (f"1280×960 JPEG upload: fed {up['fed'][0]}×{up['fed'][1]}, grid {up['grid'][0]}×{up['grid'][1]}",
                  f"{up['upload_s']:.2f}", f"{up['upload_cpu_s']:.2f}", "≤ 1.5 s"),
                 ("1280×960 upload: memory rise (MiB)", mem(up), "", "≤ 500 MB")]
+        if ("checkpoint_b", "auto") in r:
+            b = r["checkpoint_b", "auto"]
+            rows += [(f"load checkpoint B ({b['checkpoint_mib']:.0f} MiB) and show it beside", f"{b['load_b_s']:.2f}",
+                      f"{b['load_b_cpu_s']:.2f}", ""),
+                     ("new image with checkpoint B beside (A and B analyse it)", f"{b['new_image_with_b_s']:.3f}",
+                      f"{b['new_image_with_b_cpu_s']:.3f}", "")]
         if ("upload", 448) in r:
             b = r["upload", 448]
             rows += [(f"baseline (old fixed max_side=448): upload, fed {b['fed'][0]}×{b['fed'][1]}, grid {b['grid'][0]}×{b['grid'][1]}",

@@ -195,8 +195,9 @@ def _weights_table(an, title: str, z=None) -> str:
             fg = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
             off = z is not None and z.shape == wg.shape and not z[k, hd]
             val = f"{wg[k, hd]:.2f}".removeprefix("0")                       # ".63": fits a 22-px cell
-            tds.append(f'<td title="layer {k}, head {hd}: w = {wg[k, hd]:.3f}" style="{cell}; background:{_hex((r, g, b))};'
-                       f' color:{fg}{"; text-decoration:line-through; opacity:0.5" if off else ""}">{val}</td>')
+            strike = "; text-decoration:line-through; opacity:0.5" if off else ""
+            tds.append(f'<td title="layer {k}, head {hd}: w = {wg[k, hd]:.3f}" '
+                       f'style="{cell}; background:{_hex((r, g, b))}; color:{fg}{strike}">{val}</td>')
         rows.append(f'<tr><td style="{cell}; width:16px; color:#555">{k}</td>{"".join(tds)}</tr>')
     return (f'<div style="margin-right:6px"><div style="font-size:11px; font-weight:600">{html.escape(title)}</div>'
             f'<table style="border-collapse:collapse; border-spacing:0">{"".join(rows)}</table>'
@@ -348,6 +349,8 @@ class HeadExplorer:
         self.view2_title = W.HTML(); self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
         self.view2.add_class("weaktr-view2")
         self.view2_heads = W.HTML()                                      # head weights of A and B (compare mode)
+        self.view2_title.add_class("weaktr-view2-title")
+        self.view2_heads.add_class("weaktr-view2-heads")
         self.view_row = W.HBox([self.view_stack, self.colorbar,
                                 W.VBox([self.view2_title, self.view2, self.view2_heads], layout=W.Layout(**fixed))],
                                layout=W.Layout(align_items="flex-start"))
@@ -736,7 +739,7 @@ class HeadExplorer:
 
     # -- hover readout ------------------------------------------------------------------------------------------
     def _head_shares(self, src):
-        "Per patch, the switched-on head contributing most to the fusion the map comes from: (m (P,), share (P,)) or None."
+        "Per patch, the switched-on head contributing most to the map's fusion: (m (P,), share (P,)), or None."
         an = self.analysis
         if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"): return None
         C = an.num_classes
@@ -862,7 +865,7 @@ class HeadExplorer:
                           self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value, self.crf.value)
 
     def view_title(self, source: str | None = None, an=None) -> str:
-        "Plain-text title of a view (of `an`, default: the main analysis; no reprs: only ints, names and rounded floats)."
+        "Plain-text title of a view (of `an`, default: the main analysis; no reprs: ints, names, rounded floats)."
         an, src = an or self.analysis, source or self.source.value
         name = an.class_names[self.cls_dd.value]
         k, hd = min(int(self.layer.value), an.depth - 1), min(int(self.head.value), an.num_heads - 1)
@@ -947,7 +950,7 @@ class HeadExplorer:
         if grid: self._refresh_grid()
 
     def _iou(self, m, mask, src):
-        "IoU of a map's region (threshold, or attention mass) with the GT class region; None without GT / for patch maps."
+        "IoU of a map's region (threshold or attention mass) with the GT class region; None without GT, patch maps."
         if mask is None or src in _PATCH_SOURCES: return None
         mass = None if src == "pseudo" else (self.mass.value or None)
         return map_iou(m, mask, self.cls_dd.value, self.threshold.value, mass)

@@ -113,7 +113,7 @@ def test_widget_wiring(deit_s, synth, tmp_path):
     act("all on", ex.all_on.click)
     assert ex.head_mask is None
     h, w = ex.analysis.grid
-    act("click on the image", lambda: setattr(ex.click_grid, "index", 3 * w + 4))  # the button over patch (3, 4)
+    act("click on the image", lambda: setattr(ex.click_grid, "index", 3 * w + 4))   # the button over patch (3, 4)
     np.testing.assert_allclose(ex.current_map(), affinity_row(ex.analysis, (3, 4)))
     act("opacity", lambda: setattr(ex.alpha, "value", 0.2))
     act("colormap", lambda: setattr(ex.cmap, "value", "magma"))
@@ -275,7 +275,8 @@ def test_hover_readout_at_deit_s_size(deit_s, synth):
     an = ex.analysis
     (h, w), C, L = an.grid, an.num_classes, an.depth
     assert (h, w) == (21, 28) and len(ex.click_grid.options) == h * w
-    ex.click_mode.value = "toggle"; ex._rows[4].value = False           # layer 4 off: the summary must skip it
+    ex.click_mode.value = "toggle"
+    ex._rows[4].value = False                                           # layer 4 off: the summary must skip it
     ex.source.value = "cross"
     m, tips, cls = ex.current_map(), ex.click_grid.tooltips, ex.cls_dd.value
     assert len(tips) == h * w and "GT:" not in tips[0]                  # an upload has no GT
@@ -306,15 +307,18 @@ def test_second_checkpoint_beside(deit_s, synth, tmp_path):
     assert np.isclose(ex.iou2, map_iou(mb, anb.mask, ex.cls_dd.value, ex.threshold.value))
     assert f"IoU B {ex.iou2:.2f} vs A {ex.iou:.2f}" in ex.view2_title.value
     assert ex.view2_heads.value.count("<table") == 2
-    ex.compare.value = "gt"; assert ex.view2_heads.value == ""          # the weight tables only beside B
+    ex.compare.value = "gt"
+    assert ex.view2_heads.value == ""                                   # the weight tables only beside B
     ex.compare.value = "ckpt_b"
     (tmp_path / "notes.pt").write_text("hello\n")
     for bad, why in ((tmp_path / "notes.pt", "is not a PyTorch checkpoint"), (tmp_path / "missing.pt", "not found")):
-        ex.ckpt_text.value = str(bad); ex.ckpt2_btn.click()
+        ex.ckpt_text.value = str(bad)
+        ex.ckpt2_btn.click()
         kind, text = ex.messages[-1]
         assert kind == "error" and why in text and "Traceback" not in text and "\n" not in text, ex.messages[-1]
     assert ex.model2 is not None and ex.compare.value == "ckpt_b"        # B is kept after a bad file
     big = create_weaktr("deit_tiny_patch16_224", C + 1, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     torch.save({"model": big.state_dict()}, tmp_path / "c7.pt")
-    ex.ckpt_text.value = str(tmp_path / "c7.pt"); ex.ckpt2_btn.click()
+    ex.ckpt_text.value = str(tmp_path / "c7.pt")
+    ex.ckpt2_btn.click()
     assert ex.messages[-1][0] == "error" and "has C=7 classes but the model shown has C=6" in ex.messages[-1][1]

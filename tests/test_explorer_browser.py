@@ -19,7 +19,7 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS, lab, non_blank  # noqa: F401  
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium not found (checked $WEAKTR_CHROMIUM, chromium, chromium-browser, google-chrome, "
-                             "/usr/bin/chromium): install it with `apt-get install -y chromium` to run the browser test")
+                             "/usr/bin/chromium): `apt-get install -y chromium` to run the browser test")
 
 UNDER = """([x, y]) => { const e = document.elementFromPoint(x, y); const b = e && e.closest('button');
     if (!b) return null; const a = getComputedStyle(b, '::after');
@@ -39,10 +39,11 @@ def checkpoint_b(folder) -> str:
     return str(path)
 
 
-def test_hover_and_checkpoint_b(lab, tmp_path):
+def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture imported above)
     from playwright.sync_api import sync_playwright
     base, token, name, log = lab
-    shots = tmp_path / "screenshots"; shots.mkdir()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
     ckpt = checkpoint_b(tmp_path / "nbs")
     (tmp_path / "nbs" / "notes.pt").write_text("hello\n")
     t0 = time.time()
@@ -100,8 +101,8 @@ def test_hover_and_checkpoint_b(lab, tmp_path):
             page.locator("button.weaktr-load-b").click()
             page.wait_for_function("(old) => document.querySelector('img.weaktr-view2').src !== old", arg=before,
                                    timeout=30_000)
-            page.wait_for_function("() => document.querySelector('.weaktr-view2-title').innerText.includes('checkpoint B')",
-                                   timeout=20_000)
+            page.wait_for_function("() => document.querySelector('.weaktr-view2-title').innerText"
+                                   ".includes('checkpoint B')", timeout=20_000)
             assert page.locator(".weaktr-view2-heads table").count() == 2
             page.locator(".weaktr-compare select").select_option(label="checkpoint B: the same view")
             page.locator(".weaktr-source select").select_option(label="fused CAM S·ReLU(M)")
@@ -119,8 +120,10 @@ def test_hover_and_checkpoint_b(lab, tmp_path):
             assert "Traceback" not in status and len(status.strip().splitlines()) == 1, status
             assert "checkpoint B" in page.locator(".weaktr-view2-title").inner_text()
         except Exception:
-            try: page.screenshot(path=str(shots / "failure.png"))
-            except Exception: pass
+            try:
+                page.screenshot(path=str(shots / "failure.png"))
+            except Exception:
+                pass
             print(f"screenshots in {shots}; jupyter log tail:\n{log.read_text()[-2000:]}")
             raise
         finally:

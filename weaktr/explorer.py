@@ -592,7 +592,8 @@ class HeadExplorer:
     def _update_compare_options(self, select=None):
         "The 'beside it' menu: GT (if any), the image, checkpoint B (if loaded), every map; keeps the choice if it can."
         an = self.analysis
-        if an is None: return
+        if an is None:
+            return
         opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
                ([("checkpoint B: the same view", "ckpt_b")] if self.model2 is not None else []) + \
                [(v, k) for k, v in SOURCES.items()]
@@ -613,7 +614,8 @@ class HeadExplorer:
             self._msg("checkpoint B dropped")
             return False
         path = str(path).strip()
-        if not path: raise ValueError("type the path of checkpoint B (a run folder or a .pt file) first")
+        if not path:
+            raise ValueError("type the path of checkpoint B (a run folder or a .pt file) first")
         model = load_explorer_model(path, self.device)       # errors name the file and say what it is
         if model.num_classes != self.model.num_classes:
             raise ValueError(f"checkpoint B {path} has C={model.num_classes} classes but the model shown has "
@@ -636,7 +638,8 @@ class HeadExplorer:
         an = analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
                            max_side=side, device=self.device)
         self.cache2[key] = an
-        while len(self.cache2) > self.cache_size: self.cache2.popitem(last=False)
+        while len(self.cache2) > self.cache_size:
+            self.cache2.popitem(last=False)
         return an
 
     def _view_b(self):
@@ -691,7 +694,8 @@ class HeadExplorer:
         cols = " ".join(f"{(min(c + step, w) - c) * cell}px" for c in range(0, w, step))
         self.main.layout.width, self.main.layout.height = f"{Wd}px", f"{H}px"
         with self._batch():
-            if len(self.click_grid.options) != gr * gc: self.click_grid.options = [("", i) for i in range(gr * gc)]
+            if len(self.click_grid.options) != gr * gc:
+                self.click_grid.options = [("", i) for i in range(gr * gc)]
             self.click_grid.index = None
         self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
         self.hover_css.value = _click_css(self._uid, rows, cols, (gr // 2) * gc + 1)
@@ -699,8 +703,10 @@ class HeadExplorer:
 
     def _grid_clicked(self, i):
         "The click overlay's index changed (a click in the browser): pick that patch, then clear the selection."
-        if i is None: return
-        with self._batch(): self.click_grid.index = None            # a second click on the same patch is a new change
+        if i is None:
+            return
+        with self._batch():
+            self.click_grid.index = None                             # a second click on the same patch is a new change
         self.click_view(i)
 
     def patch_of(self, i: int) -> tuple[int, int]:
@@ -741,7 +747,8 @@ class HeadExplorer:
     def _head_shares(self, src):
         "Per patch, the switched-on head contributing most to the map's fusion: (m (P,), share (P,)), or None."
         an = self.analysis
-        if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"): return None
+        if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"):
+            return None
         C = an.num_classes
         row = C + patch_index(an, (self.patch_r.value, self.patch_c.value)) if src == "affinity" else self.cls_dd.value
         contrib = effective_weights(an, self.head_mask)[:, None] * an.attn_stack[:, row, C:]   # (M, P): w_m A_m[row, p]
@@ -770,12 +777,15 @@ class HeadExplorer:
         out = []
         for i in range(gr * gc):
             r, c = self.patch_of(i)
-            if m.dtype.kind in "iub": t = f"patch ({r}, {c}) · {name}: {label(at(m, r, c))}"
+            if m.dtype.kind in "iub":
+                t = f"patch ({r}, {c}) · {name}: {label(at(m, r, c))}"
             else:
                 v = float(m[r, c])
                 t = f"patch ({r}, {c}) · {name}" + ("" if src in _PATCH_SOURCES else f" '{cname}'") + f" = {v:.3g}"
-                if mx > 0: t += f" ({100 * max(v, 0) / mx:.0f} % of the max)"
-            if an.mask is not None: t += f" · GT: {label(at(an.mask, r, c))}"
+                if mx > 0:
+                    t += f" ({100 * max(v, 0) / mx:.0f} % of the max)"
+            if an.mask is not None:
+                t += f" · GT: {label(at(an.mask, r, c))}"
             if shares is not None:
                 j = shares[0][r * w + c]
                 t += (f" · top head here: L{j % L} h{j // L} ({100 * shares[1][r * w + c]:.0f} % of the fused "
@@ -951,7 +961,8 @@ class HeadExplorer:
 
     def _iou(self, m, mask, src):
         "IoU of a map's region (threshold or attention mass) with the GT class region; None without GT, patch maps."
-        if mask is None or src in _PATCH_SOURCES: return None
+        if mask is None or src in _PATCH_SOURCES:
+            return None
         mass = None if src == "pseudo" else (self.mass.value or None)
         return map_iou(m, mask, self.cls_dd.value, self.threshold.value, mass)
 
@@ -959,9 +970,15 @@ class HeadExplorer:
         "The panel beside the main view: the GT, the plain image, a second map, or checkpoint B's view (a compare)."
         an, key, cls = self.analysis, self.compare.value, self.cls_dd.value
         self.iou2, heads = None, ""
-        if key == "ckpt_b" and self.model2 is None: key = "image"
+        if key == "ckpt_b" and self.model2 is None:
+            key = "image"
         if key == "ckpt_b":
-            anb, m2, patch, notes = self._view_b()
+            try:
+                anb, m2, patch, notes = self._view_b()
+            except (ValueError, TypeError, RuntimeError) as e:          # e.g. an image smaller than B's patch
+                self._msg(f"checkpoint B cannot show this image: {readable_error(e)}", "warn")
+                key = "image"
+        if key == "ckpt_b":
             src = self.source.value
             png, _ = self._render(m2, src, 0.6, an=anb, patch=patch)
             name = Path(getattr(self.model2, "checkpoint_path", "") or "B").name

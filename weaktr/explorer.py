@@ -182,11 +182,10 @@ def model_summary(model) -> str:
     return line
 
 def _weights_table(an, title: str, z=None) -> str:
-    "An L x nh table of AAF head weights coloured by value (viridis), struck through where switched off."
+    "An L x nh table of AAF head weights coloured on their (0, 1) range (viridis), struck through where switched off."
     wg = an.head_weight_grid()
-    hi = float(wg.max()) or 1.0
-    cols = colorize(wg / hi, "viridis")
-    cell = "width:22px; height:13px; padding:0; text-align:center; font-size:9px; line-height:13px"
+    cols = colorize(wg, "viridis")                                   # one absolute scale: A and B compare by colour
+    cell = "width:19px; height:13px; padding:0; text-align:center; font-size:9px; line-height:13px"
     rows = []
     for k in range(an.depth):
         tds = []
@@ -198,16 +197,17 @@ def _weights_table(an, title: str, z=None) -> str:
             strike = "; text-decoration:line-through; opacity:0.5" if off else ""
             tds.append(f'<td title="layer {k}, head {hd}: w = {wg[k, hd]:.3f}" '
                        f'style="{cell}; background:{_hex((r, g, b))}; color:{fg}{strike}">{val}</td>')
-        rows.append(f'<tr><td style="{cell}; width:16px; color:#555">{k}</td>{"".join(tds)}</tr>')
+        rows.append(f'<tr><td style="{cell}; width:14px; color:#555">{k}</td>{"".join(tds)}</tr>')
     return (f'<div style="margin-right:6px"><div style="font-size:11px; font-weight:600">{html.escape(title)}</div>'
             f'<table style="border-collapse:collapse; border-spacing:0">{"".join(rows)}</table>'
             f'<div style="font-size:10px; color:#555">Σw {float(wg.sum()):.2f}</div></div>')
 
-def _weights_pair_html(an, anb, z=None) -> str:
-    "Head weights of checkpoint A (the main view) and B side by side, rows = layers, columns = heads."
-    return ('<div style="font-size:11px; margin-top:4px">AAF head weights w (rows = layers, columns = heads)</div>'
-            f'<div style="display:flex; align-items:flex-start">{_weights_table(an, "A", z)}'
-            f'{_weights_table(anb, "B", z)}</div>')
+def _weights_pair_html(an, anb, z=None, width: int = 240) -> str:
+    "Head weights of checkpoint A (the main view) and B side by side (B wraps below if `width` px is too narrow)."
+    return (f'<div style="max-width:{width}px"><div style="font-size:11px; line-height:1.3; margin-top:4px">AAF head '
+            'weights w, rows = layers, columns = heads (colour: 0 → 1)</div>'
+            f'<div style="display:flex; flex-wrap:wrap; align-items:flex-start">{_weights_table(an, "A", z)}'
+            f'{_weights_table(anb, "B", z)}</div></div>')
 
 _PATCH_SOURCES = ("affinity", "head_affinity")          # maps of one query patch
 _HEADLESS_SOURCES = ("coarse", "gradcam", "rollout", "refined_uniform", "pseudo", "gt", "image")  # no head summary
@@ -700,6 +700,7 @@ class HeadExplorer:
         self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
         self.hover_css.value = _click_css(self._uid, rows, cols, (gr // 2) * gc + 1)
         self.view_stack.layout.width, self.view_stack.layout.height = f"{Wd}px", f"{H}px"
+        self.view2.layout.width = f"{round(Wd * 0.6)}px"                # the panel beside keeps its size
 
     def _grid_clicked(self, i):
         "The click overlay's index changed (a click in the browser): pick that patch, then clear the selection."
@@ -987,7 +988,7 @@ class HeadExplorer:
             iou_a = self._iou(self.current_map() if m is None else m, an.mask, src)
             if self.iou2 is not None and iou_a is not None:
                 t += f" · IoU B {self.iou2:.2f} vs A {iou_a:.2f}"
-            heads = _weights_pair_html(an, anb, self.mask_grid())
+            heads = _weights_pair_html(an, anb, self.mask_grid(), round(self.base.shape[1] * 0.6))
         elif key == "gt":
             png, _ = self._render(an.mask, "gt", 0.6)
             t = "ground truth"

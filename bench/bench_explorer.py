@@ -130,6 +130,8 @@ def child(spec: dict) -> dict:
         path = Path(tempfile.mkdtemp()) / "b.pt"
         torch.save({"model": ex.model.state_dict()}, path)
         res["checkpoint_mib"] = path.stat().st_size / 2**20
+        from weaktr.explorer import load_explorer_model
+        res["load_b_model_only_cpu_s"] = timed(lambda: load_explorer_model(path))[1]   # file -> model, no drawing
         res["load_b_s"], res["load_b_cpu_s"] = timed(lambda: ex.load_compare_checkpoint(path))
         assert ex.compare.value == "ckpt_b" and ex.model2 is not None, ex.messages[-1]
         ts = [timed(lambda: setattr(ex.index, "value", i)) for i in range(1, 1 + spec["repeats"])]   # A and B analyse
@@ -144,7 +146,30 @@ def child(spec: dict) -> dict:
         res.update(upload_s=dt, upload_cpu_s=dc, rss_rise_mib=rss_mib() - rss0,
                    peak_rise_mib=max(peak_rss_mib() - rss0, 0.0) if peak_rss_mib() > peak0 else None,
                    grid=list(ex.analysis.grid), fed=list(ex.analysis.image.shape[1::-1]))
+        res["upload_parts_cpu_s"] = upload_parts(ex, data)
     return res
+
+
+def upload_parts(ex, data: bytes) -> dict:
+    "Where an upload's time goes, each part re-run once after the measured upload: CPU seconds (median of 3)."
+    from weaktr.viz import prepare_image, analyze_image
+    key = ex._shown_key
+    full = prepare_image(Image.open(io.BytesIO(data)), 1, None)[0]
+    def cpu(fn):
+        return float(np.median([timed(fn)[1] for _ in range(3)]))
+    def redraw():
+        ex._grid_key = None                                      # the thumbnails are redrawn too
+        ex._refresh(grid=True)
+    def layout():
+        ex.click_grid.options = []                               # the click overlay rebuilt for the new grid
+        ex._layout_view()
+    return {"JPEG decode to RGB (full size)": cpu(lambda: Image.open(io.BytesIO(data)).convert("RGB")),
+            "model pass at the working size (analyze_image)":
+                cpu(lambda: analyze_image(ex.model, full, None, None, ex.class_names(), max_side=ex.max_side)),
+            "display copy (resize to the view)": cpu(lambda: full.resize(ex.base.shape[1::-1], Image.LANCZOS)),
+            "click overlay + hover CSS (_layout_view)": cpu(layout),
+            "drawing: view, beside, readouts, thumbnails (_refresh)": cpu(redraw),
+            "all (the widget path, cache cleared)": cpu(lambda: (ex.cache.pop(key, None), ex._show_item(key)))}
 
 
 def main(argv=None):
@@ -186,6 +211,7 @@ def main(argv=None):
             b = r["checkpoint_b", "auto"]
             rows += [(f"load checkpoint B ({b['checkpoint_mib']:.0f} MiB) and show it beside", f"{b['load_b_s']:.2f}",
                       f"{b['load_b_cpu_s']:.2f}", ""),
+                     ("… of which reading the file into a model", "", f"{b['load_b_model_only_cpu_s']:.2f}", ""),
                      ("new image with checkpoint B beside (A and B analyse it)", f"{b['new_image_with_b_s']:.3f}",
                       f"{b['new_image_with_b_cpu_s']:.3f}", "")]
         if ("upload", 448) in r:
@@ -195,6 +221,8 @@ def main(argv=None):
                      ("baseline: memory rise (MiB)", mem(b), "", "")]
         print("| measurement | wall s | CPU s | target |\n|---|---|---|---|")
         for row in rows: print("| " + " | ".join(row) + " |")
+        parts = up["upload_parts_cpu_s"]
+        print("\n1280×960 upload, CPU s per part: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
         print("\nper control, median wall / CPU s: " + ", ".join(f"{k} {c[k]:.3f} / {cc[k]:.3f}" for k in c))
     print(json.dumps(meta))
 

@@ -73,6 +73,15 @@ def build(preset: str, max_side):
     return head_explorer(model.eval(), ds, max_side=max_side, export_dir=tempfile.mkdtemp()).explorer
 
 
+def build_like(model):
+    "A fresh randomly initialised WeakTr of the same preset (the cost of building one before its weights are loaded)."
+    from weaktr.explorer import demo_model
+    from weaktr.model import create_weaktr
+    if model.depth == 12:
+        return create_weaktr("deit_small_patch16_224", model.num_classes, drop_path_rate=0.0)
+    return demo_model(model.num_classes, pretrained=False)
+
+
 def photo(W=1280, H=960, seed=0) -> bytes:
     "A 1280 x 960 JPEG with photo-like smooth structure and noise."
     rng = np.random.default_rng(seed)
@@ -132,6 +141,8 @@ def child(spec: dict) -> dict:
         res["checkpoint_mib"] = path.stat().st_size / 2**20
         from weaktr.explorer import load_explorer_model
         res["load_b_model_only_cpu_s"] = timed(lambda: load_explorer_model(path))[1]   # file -> model, no drawing
+        res["load_b_torch_load_cpu_s"] = timed(lambda: torch.load(path, map_location="cpu", weights_only=True))[1]
+        res["load_b_build_random_init_cpu_s"] = timed(lambda: build_like(ex.model))[1]   # what the load overwrites
         res["load_b_s"], res["load_b_cpu_s"] = timed(lambda: ex.load_compare_checkpoint(path))
         assert ex.compare.value == "ckpt_b" and ex.model2 is not None, ex.messages[-1]
         ts = [timed(lambda: setattr(ex.index, "value", i)) for i in range(1, 1 + spec["repeats"])]   # A and B analyse
@@ -212,6 +223,9 @@ def main(argv=None):
             rows += [(f"load checkpoint B ({b['checkpoint_mib']:.0f} MiB) and show it beside", f"{b['load_b_s']:.2f}",
                       f"{b['load_b_cpu_s']:.2f}", ""),
                      ("… of which reading the file into a model", "", f"{b['load_b_model_only_cpu_s']:.2f}", ""),
+                     ("… … torch.load of the file alone", "", f"{b['load_b_torch_load_cpu_s']:.2f}", ""),
+                     ("… … building a randomly initialised model alone", "",
+                      f"{b['load_b_build_random_init_cpu_s']:.2f}", ""),
                      ("new image with checkpoint B beside (A and B analyse it)", f"{b['new_image_with_b_s']:.3f}",
                       f"{b['new_image_with_b_cpu_s']:.3f}", "")]
         if ("upload", 448) in r:

@@ -322,3 +322,17 @@ def test_second_checkpoint_beside(deit_s, synth, tmp_path):
     ex.ckpt_text.value = str(tmp_path / "c7.pt")
     ex.ckpt2_btn.click()
     assert ex.messages[-1][0] == "error" and "has C=7 classes but the model shown has C=6" in ex.messages[-1][1]
+    # a B of another shape (2 x 2 heads, patch 8): A's head mask does not apply, the query patch maps by position
+    small = create_weaktr("deit_tiny_patch16_224", C, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": small.state_dict()}, tmp_path / "small.pt")
+    assert ex.load_compare_checkpoint(str(tmp_path / "small.pt"))
+    ex.click_mode.value = "toggle"
+    ex._cells[7, 2][1].click()                                          # one of A's 72 heads off
+    t = ex.view2_title.value
+    assert "B has 2 × 2 heads: all on" in t and "heads off" not in t, t
+    anb, mb, patch, notes = ex._view_b()
+    np.testing.assert_allclose(mb, fused_map(anb, ex.cls_dd.value, None, "refined"))
+    h, w = ex.analysis.grid
+    ex.click_grid.index = (h - 1) * w + (w - 1)                         # A's last patch: B's last patch
+    hb, wb = anb.grid
+    assert ex.source.value == "affinity" and ex._view_b()[2] == (hb - 1, wb - 1) and (hb, wb) != (h, w)

@@ -646,7 +646,8 @@ class HeadExplorer:
         "Checkpoint B's map of the main view's settings: (analysis, map, patch on B's grid, notes)."
         an, anb, notes = self.analysis, self.analyze_b(self._shown_key), []
         (h, w), (hb, wb) = an.grid, anb.grid
-        patch = (min(hb - 1, int(self.patch_r.value * hb / h)), min(wb - 1, int(self.patch_c.value * wb / w)))
+        patch = (min(hb - 1, int((self.patch_r.value + 0.5) * hb / h)),       # B's patch under the middle of A's
+                 min(wb - 1, int((self.patch_c.value + 0.5) * wb / w)))
         z = self.head_mask
         if z is not None and z.shape != (anb.depth, anb.num_heads):
             z = None
@@ -885,8 +886,9 @@ class HeadExplorer:
              "affinity": f"patch ({r}, {c}) → patches, fused affinity",
              "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches"}.get(src, f"{SOURCES[src]} · '{name}'")
         if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
-        if self.head_mask is not None and src not in ("head", "head_affinity", "coarse"):
-            t += f" · {int((~self.head_mask).sum())} heads off"
+        z = self.head_mask
+        if z is not None and z.shape == (an.depth, an.num_heads) and src not in ("head", "head_affinity", "coarse"):
+            t += f" · {int((~z).sum())} heads off"                      # (a checkpoint B of another L x nh: all on)
         return t
 
     def current_figure(self):

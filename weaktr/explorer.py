@@ -365,8 +365,10 @@ class HeadExplorer:
         self.row_pos = W.HBox([self.layer, self.head, self.patch_r, self.patch_c])
         self.export_view_btn = W.Button(description="export view PNG", icon="download", layout=lay("150px"))
         self.export_grid_btn = W.Button(description="export grid PNG", icon="th", layout=lay("150px"))
+        self.export_pair_btn = W.Button(description="export view + beside", icon="columns", layout=lay("170px"),
+                                        tooltip="the main view and the panel beside it in one PNG (settings recorded)")
         self.export_html = W.HTML(); self.export_html.add_class("weaktr-export")
-        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_html])
+        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_pair_btn, self.export_html])
         self.left = W.VBox([self.title_main, self.view_row, self.click_shows, self.info, self.row_pos, self.row_export,
                             self.hover_css])
         # head grid: rows = layers, columns = heads
@@ -400,6 +402,7 @@ class HeadExplorer:
         self.all_on.on_click(lambda b: self._act(self.set_head_mask, None))
         self.export_view_btn.on_click(lambda b: self._act(self.export_view))
         self.export_grid_btn.on_click(lambda b: self._act(self.export_grid))
+        self.export_pair_btn.on_click(lambda b: self._act(self.export_pair))
         self.ckpt_btn.on_click(lambda b: self._act(self.load_checkpoint, self.ckpt_text.value))
         self.ckpt2_btn.on_click(lambda b: self._act(self.load_compare_checkpoint, self.ckpt_text.value))
         self.ckpt2_drop.on_click(lambda b: self._act(self.load_compare_checkpoint, None))
@@ -1008,6 +1011,7 @@ class HeadExplorer:
         self.view2_heads.value = heads
         self.view2_title.value = (f'<div style="font-size:12px; line-height:1.35; max-width:{round(self.base.shape[1] * 0.6)}px">'
                                   f'{html.escape(t)}</div>')
+        self._view2_text = t                                             # the plain title, for the pair export
 
     def _update_info(self, m, region):
         an, cls, src = self.analysis, self.cls_dd.value, self.source.value
@@ -1096,6 +1100,30 @@ class HeadExplorer:
         fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
                              selected=(self.layer.value, self.head.value), sqrt=self.sqrt.value)
         return self._export(fig, f"{self._stem()}_grid.png")
+
+    def pair_figure(self):
+        "The main view and the panel beside it (GT, a second map, checkpoint B) as one Figure, with their titles."
+        from matplotlib.figure import Figure
+        import textwrap
+        ims = [np.asarray(Image.open(io.BytesIO(v)).convert("RGB")) for v in (self.main.value, self.view2.value)]
+        titles = [self.view_title(), getattr(self, "_view2_text", "")]
+        if self.iou is not None and not np.isnan(self.iou):
+            titles[0] += f" · IoU {self.iou:.2f}"
+        ratios = [im.shape[1] / im.shape[0] for im in ims]
+        fig = Figure(figsize=(3.4 * sum(ratios), 3.4 + 0.7), dpi=100)
+        axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=ratios, wspace=0.05))
+        for ax, im, t, r in zip(axes, ims, titles, ratios):
+            ax.imshow(im)
+            ax.set_axis_off()
+            ax.set_title(textwrap.fill(t, max(20, int(52 * r))), fontsize=8, loc="left")
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.8)
+        return fig
+
+    def export_pair(self) -> Path:
+        "Write the main view and the panel beside it side by side (export_dir/<id>_<class>_<map>_vs_<beside>.png)."
+        if self.analysis is None:
+            raise ValueError("no image is shown: nothing to export")
+        return self._export(self.pair_figure(), f"{self._stem()}_{self.source.value}_vs_{self.compare.value}.png")
 
 def head_explorer(model,                      # a WeakTr, or a checkpoint path (run folder / .pt)
                   dataset=None,               # SegDataset: images with labels and GT masks (optional)

@@ -183,17 +183,52 @@ def upload_parts(ex, data: bytes) -> dict:
             "all (the widget path, cache cleared)": cpu(lambda: (ex.cache.pop(key, None), ex._show_item(key)))}
 
 
+def upload_ab(a, spec: dict):
+    "The 1280 x 960 upload, this checkout and `a.against` alternately (fresh processes), `a.rounds` rounds."
+    import subprocess
+    other = Path(a.against).resolve()
+    scripts = {"this": Path(__file__).resolve(), "against": other / "bench" / "bench_explorer.py"}
+    commits = {"this": git_commit(), "against": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=other,
+                                                               capture_output=True, text=True).stdout.strip()}
+    runs = {k: [] for k in scripts}
+    load0 = os.getloadavg()[0]
+    for _ in range(a.rounds):
+        for k, script in scripts.items():
+            cmd = [sys.executable, str(script), "--threads", str(a.threads), "--_child", json.dumps(spec)]
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=script.parents[1])
+            if res.returncode != 0: raise RuntimeError(f"{k} ({script}) failed:\n{res.stderr[-3000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            runs[k].append({x: r[x] for x in ("upload_s", "upload_cpu_s", "peak_rise_mib", "rss_rise_mib")})
+    med = {k: {m: float(np.median([r[m] for r in v])) for m in ("upload_s", "upload_cpu_s")} for k, v in runs.items()}
+    meta = dict(date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cpus=os.cpu_count(), torch=torch.__version__,
+                threads=a.threads, load_start=round(load0, 2), load_end=round(os.getloadavg()[0], 2),
+                preset=a.preset, rounds=a.rounds, commits=commits,
+                command="python bench/bench_explorer.py " + " ".join(sys.argv[1:]))
+    out = dict(meta=meta, medians=med, runs=runs)
+    if a.out: Path(a.out).write_text(json.dumps(out, indent=1))
+    for k in scripts:
+        print(f"{k} ({commits[k]}): upload median {med[k]['upload_s']:.3f} s wall, {med[k]['upload_cpu_s']:.3f} s CPU "
+              f"over {a.rounds} rounds")
+    print(json.dumps(meta))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["demo", "deit-s"], default="demo")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", action="store_true", help="also the upload at the old fixed max_side=448")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--against", default=None, metavar="CHECKOUT",
+                    help="A/B: alternate the upload measurement of this checkout and of another checkout's "
+                         "bench/bench_explorer.py (each in a fresh process importing its own weaktr), --rounds times")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the --against comparison")
     add_process_args(ap)
     a = ap.parse_args(argv)
     if a._child:
         print(json.dumps(child(json.loads(a._child)))); return
     base = dict(preset=a.preset, threads=a.threads, repeats=a.repeats, max_side="auto")
+    if a.against:
+        return upload_ab(a, dict(base, what="upload"))
     specs = [dict(base, what=w) for w in ("controls", "new_image", "upload", "checkpoint_b")]
     if a.baseline: specs.append(dict(base, what="upload", max_side=448))
     load0 = os.getloadavg()[0]

@@ -196,7 +196,8 @@ def upload_ab(a, spec: dict):
         for k, script in scripts.items():
             cmd = [sys.executable, str(script), "--threads", str(a.threads), "--_child", json.dumps(spec)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=script.parents[1])
-            if res.returncode != 0: raise RuntimeError(f"{k} ({script}) failed:\n{res.stderr[-3000:]}")
+            if res.returncode != 0:
+                raise RuntimeError(f"{k} ({script}) failed:\n{res.stderr[-3000:]}")
             r = json.loads(res.stdout.strip().splitlines()[-1])
             runs[k].append({x: r[x] for x in ("upload_s", "upload_cpu_s", "peak_rise_mib", "rss_rise_mib")})
     med = {k: {m: float(np.median([r[m] for r in v])) for m in ("upload_s", "upload_cpu_s")} for k, v in runs.items()}
@@ -205,7 +206,8 @@ def upload_ab(a, spec: dict):
                 preset=a.preset, rounds=a.rounds, commits=commits,
                 command="python bench/bench_explorer.py " + " ".join(sys.argv[1:]))
     out = dict(meta=meta, medians=med, runs=runs)
-    if a.out: Path(a.out).write_text(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
     for k in scripts:
         print(f"{k} ({commits[k]}): upload median {med[k]['upload_s']:.3f} s wall, {med[k]['upload_cpu_s']:.3f} s CPU "
               f"over {a.rounds} rounds")

@@ -90,6 +90,23 @@ def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture
                                    arg=f"patch ({r}, {c})", timeout=20_000)
             page.wait_for_function("""([x, y]) => { const b = document.elementFromPoint(x, y).closest('button');
                 return b && b.title.includes('patch affinity row'); }""", arg=[x, y], timeout=20_000)
+            # the same patch clicked again (the overlay's selection was cleared): a new status line, now naming
+            # the map shown since the first click (its affinity row)
+            page.mouse.click(x, y)
+            page.wait_for_function("(rc) => document.querySelector('.weaktr-status').innerText.includes(rc)",
+                                   arg=f"patch ({r}, {c}): patch affinity row", timeout=20_000)
+            # in the lower half of the view the strip moves to the top (it never hides the hovered patch)
+            y2 = b["y"] + 0.8 * b["height"]
+            page.mouse.move(x, y2)
+            page.wait_for_timeout(200)
+            strip = page.evaluate("""([x, y]) => { const b = document.elementFromPoint(x, y).closest('button');
+                const a = getComputedStyle(b, '::after'); return [a.top, a.bottom]; }""", [x, y2])
+            assert strip[0] == "0px", f"the readout strip is not at the top while hovering the lower half: {strip}"
+            page.mouse.move(x, y)
+            page.wait_for_timeout(200)
+            strip = page.evaluate("""([x, y]) => { const b = document.elementFromPoint(x, y).closest('button');
+                const a = getComputedStyle(b, '::after'); return [a.top, a.bottom]; }""", [x, y])
+            assert strip[1] == "0px" and strip[0] != "0px", f"the strip is not at the bottom (upper half): {strip}"
 
             # checkpoint B beside the main view
             page.mouse.move(b["x"] + b["width"] + 200, y)

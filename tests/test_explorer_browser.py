@@ -5,7 +5,8 @@ mouse over the main view and checks that the transparent patch button under the 
 (patch, map value, class, top head) both as its title and as the CSS strip drawn over the view, and that a click
 there picks the same patch; then loads a second checkpoint as B through the checkpoint field and checks the panel
 beside the view (B's map, both IoUs, both head-weight tables) and a bad file's one-line message.
-$WEAKTR_EXPLORER_SHOTS names a folder to copy the hover and compare screenshots to (nbs/images uses them).
+Last, the docs' compare view (learned vs uniform head weights, layer 1 off, a query patch). $WEAKTR_EXPLORER_SHOTS
+names a folder to copy the hover, checkpoint-B and compare screenshots to (nbs/images/explorer_*.png are these).
 
 Needs the Python package `playwright` and Chromium (`apt-get install -y chromium`); skips only without Chromium.
 """
@@ -34,9 +35,8 @@ def checkpoint_b(folder) -> str:
     torch.manual_seed(7)
     m = create_weaktr("deit_tiny_patch16_224", C, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                       reduction=2, drop_path_rate=0.0)
-    path = folder / "b.pt"
-    torch.save({"model": m.state_dict()}, path)
-    return str(path)
+    torch.save({"model": m.state_dict()}, folder / "b.pt")
+    return "b.pt"                                                       # relative to the kernel's folder (the lab's)
 
 
 def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture imported above)
@@ -129,13 +129,35 @@ def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture
             page.wait_for_timeout(300)
             non_blank(page.screenshot(path=str(shots / "checkpoint_b.png")), (600, 400))
             # a file that is not a checkpoint: one line in the status, B stays
-            field.fill(str(tmp_path / "nbs" / "notes.pt"))
+            field.fill("notes.pt")
             page.locator("button.weaktr-load-b").click()
             page.wait_for_function("() => document.querySelector('.weaktr-status').innerText.includes("
                                    "'is not a PyTorch checkpoint')", timeout=20_000)
             status = page.locator(".weaktr-status").inner_text()
             assert "Traceback" not in status and len(status.strip().splitlines()) == 1, status
             assert "checkpoint B" in page.locator(".weaktr-view2-title").inner_text()
+            field.fill("")
+            # learned vs uniform head weights with layer 1 off, for a query patch (the docs' compare screenshot)
+            page.locator(".weaktr-explorer .widget-toggle-buttons button", has_text="switch on/off").click()
+            page.locator("button.weaktr-row-1").click()
+            page.wait_for_function("() => document.querySelector('.weaktr-view-title').innerText"
+                                   ".includes('4 heads off')", timeout=20_000)
+            page.wait_for_function("() => document.querySelector('.weaktr-view2-title').innerText"   # A's mask does
+                                   ".includes('B has 2 × 2 heads: all on')", timeout=20_000)       # not fit B
+            assert "heads off" not in page.locator(".weaktr-view2-title").inner_text()
+            page.locator(".weaktr-compare select").select_option(
+                label="baseline: refined CAM, uniform head weights (no AAF)")
+            page.wait_for_function("() => document.querySelector('.weaktr-view2-title').innerText"
+                                   ".includes('uniform head weights')", timeout=20_000)
+            main.scroll_into_view_if_needed()
+            b = main.bounding_box()
+            page.mouse.click(b["x"] + 0.45 * b["width"], b["y"] + 0.4 * b["height"])
+            page.wait_for_function("() => document.querySelector('.weaktr-view-title').innerText"
+                                   ".includes('fused affinity')", timeout=20_000)
+            page.mouse.move(b["x"] + b["width"] + 200, b["y"])
+            page.locator(".weaktr-explorer").evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots / "compare.png"))
         except Exception:
             try:
                 page.screenshot(path=str(shots / "failure.png"))
@@ -146,6 +168,6 @@ def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture
         finally:
             browser.close()
     if os.environ.get("WEAKTR_EXPLORER_SHOTS"):
-        for f in ("hover.png", "checkpoint_b.png"):
+        for f in ("hover.png", "checkpoint_b.png", "compare.png"):
             shutil.copyfile(shots / f, os.path.join(os.environ["WEAKTR_EXPLORER_SHOTS"], f))
     print(f"browser test: {time.time() - t0:.1f} s, screenshots in {shots}")

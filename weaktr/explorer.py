@@ -259,9 +259,9 @@ class HeadExplorer:
         self._click = (1, 1, 1)               # click grid: (step, rows, cols)
         self.model2, self.cache2 = None, OrderedDict()   # checkpoint B (compare) and its analyses, keyed like `cache`
         self._build_controls(threshold)
-        self.box = W.VBox([self.title, self.notice, self.row_image, self.row_class, self.row_look, self.status,
-                           W.HBox([self.left, self.right], layout=W.Layout(align_items="flex-start")), self.row_ckpt],
-                          layout=W.Layout(width="100%"))
+        self.box = W.VBox([self.title, self.notice, self.row_ckpt, self.row_image, self.row_class, self.row_look,
+                           self.status, W.HBox([self.left, self.right], layout=W.Layout(align_items="flex-start"))],
+                          layout=W.Layout(width="100%"))         # the checkpoint row on top: B's view in sight
         self.box.add_class("weaktr-explorer")
         self.box.explorer = self
         with self._guarded():

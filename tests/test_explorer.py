@@ -11,8 +11,9 @@ from PIL import Image
 
 from weaktr.synth import make_synthetic, synthetic_dataset
 from weaktr.model import create_weaktr
-from weaktr.viz import (analyze_image, fused_map, head_map, affinity_row, pseudo_label, plot_head_grid, plot_overlay,
-                        plot_summary, attention_mass_threshold, map_iou, png_bytes, source_map, binarize, map_note, grad_cam, SOURCES)
+from weaktr.viz import (analyze_image, effective_weights, fused_map, head_map, affinity_row, pseudo_label,
+                        plot_head_grid, plot_overlay, plot_summary, attention_mass_threshold, map_iou, png_bytes,
+                        source_map, binarize, map_note, grad_cam, SOURCES)
 from weaktr.explorer import head_explorer, HeadExplorer
 
 torch.set_num_threads(1)
@@ -112,7 +113,7 @@ def test_widget_wiring(deit_s, synth, tmp_path):
     act("all on", ex.all_on.click)
     assert ex.head_mask is None
     h, w = ex.analysis.grid
-    act("click on the image", ex.click_grid.children[3 * w + 4].click)  # the transparent button over patch (3, 4)
+    act("click on the image", lambda: setattr(ex.click_grid, "index", 3 * w + 4))   # the button over patch (3, 4)
     np.testing.assert_allclose(ex.current_map(), affinity_row(ex.analysis, (3, 4)))
     act("opacity", lambda: setattr(ex.alpha, "value", 0.2))
     act("colormap", lambda: setattr(ex.cmap, "value", "magma"))
@@ -265,3 +266,73 @@ def test_class_count_mismatch_is_a_message(deit_s, synth, tmp_path):
     broken = tmp_path / "broken.pt"; broken.write_bytes(b"not a checkpoint")
     ex.ckpt_text.value = str(broken); ex.ckpt_btn.click()
     assert ex.messages[-1][0] == "error" and ex.model is deit_s
+
+
+def test_hover_readout_at_deit_s_size(deit_s, synth):
+    "Each patch button's title (hover) names its patch, the map value, the class, the GT under it and the top head."
+    ex = head_explorer(deit_s, synth).explorer
+    ex.add_upload("photo.png", encode(photo(448, 336)))                # 28 x 21 patches: one button per patch
+    an = ex.analysis
+    (h, w), C, L = an.grid, an.num_classes, an.depth
+    assert (h, w) == (21, 28) and len(ex.click_grid.options) == h * w
+    ex.click_mode.value = "toggle"
+    ex._rows[4].value = False                                           # layer 4 off: the summary must skip it
+    ex.source.value = "cross"
+    m, tips, cls = ex.current_map(), ex.click_grid.tooltips, ex.cls_dd.value
+    assert len(tips) == h * w and "GT:" not in tips[0]                  # an upload has no GT
+    contrib = effective_weights(an, ex.head_mask)[:, None] * an.attn_stack[:, cls, C:]   # (M, P)
+    for r, c in ((0, 0), (10, 13), (20, 27)):
+        p = r * w + c
+        t = tips[p]
+        assert t.startswith(f"patch ({r}, {c}) · fused cross-attention S '{an.class_names[cls]}' = {m[r, c]:.3g}"), t
+        j = int(contrib[:, p].argmax())
+        assert j % L != 4 and f"top head here: L{j % L} h{j // L} " in t, t
+    ex.source.value = "gradcam"                                         # no heads in Grad-CAM: no head summary
+    assert not any("top head" in t for t in ex.click_grid.tooltips)
+    ex.index.value = 1                                                  # a dataset image: GT class under the patch
+    assert all(" · GT: " in t for t in ex.click_grid.tooltips)
+
+
+def test_second_checkpoint_beside(deit_s, synth, tmp_path):
+    "Checkpoint B (another DeiT-S) shows the same view beside the main one with both IoUs; bad files are one line."
+    torch.manual_seed(5)
+    other = create_weaktr("deit_small_patch16_224", C, drop_path_rate=0.0)
+    torch.save({"model": other.state_dict()}, tmp_path / "b.pt")
+    ex = head_explorer(deit_s, synth, max_side=224).explorer
+    ex.source.value = "refined"
+    assert ex.load_compare_checkpoint(tmp_path / "b.pt") and ex.compare.value == "ckpt_b"
+    anb = ex.analyze_b(ex._shown_key)
+    assert (anb.depth, anb.num_heads, anb.grid) == (12, 6, ex.analysis.grid)
+    mb = fused_map(anb, ex.cls_dd.value, None, "refined")
+    assert np.isclose(ex.iou2, map_iou(mb, anb.mask, ex.cls_dd.value, ex.threshold.value))
+    assert f"IoU B {ex.iou2:.2f} vs A {ex.iou:.2f}" in ex.view2_title.value
+    assert ex.view2_heads.value.count("<table") == 2
+    ex.compare.value = "gt"
+    assert ex.view2_heads.value == ""                                   # the weight tables only beside B
+    ex.compare.value = "ckpt_b"
+    (tmp_path / "notes.pt").write_text("hello\n")
+    for bad, why in ((tmp_path / "notes.pt", "is not a PyTorch checkpoint"), (tmp_path / "missing.pt", "not found")):
+        ex.ckpt_text.value = str(bad)
+        ex.ckpt2_btn.click()
+        kind, text = ex.messages[-1]
+        assert kind == "error" and why in text and "Traceback" not in text and "\n" not in text, ex.messages[-1]
+    assert ex.model2 is not None and ex.compare.value == "ckpt_b"        # B is kept after a bad file
+    big = create_weaktr("deit_tiny_patch16_224", C + 1, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": big.state_dict()}, tmp_path / "c7.pt")
+    ex.ckpt_text.value = str(tmp_path / "c7.pt")
+    ex.ckpt2_btn.click()
+    assert ex.messages[-1][0] == "error" and "has C=7 classes but the model shown has C=6" in ex.messages[-1][1]
+    # a B of another shape (2 x 2 heads, patch 8): A's head mask does not apply, the query patch maps by position
+    small = create_weaktr("deit_tiny_patch16_224", C, img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": small.state_dict()}, tmp_path / "small.pt")
+    assert ex.load_compare_checkpoint(str(tmp_path / "small.pt"))
+    ex.click_mode.value = "toggle"
+    ex._cells[7, 2][1].click()                                          # one of A's 72 heads off
+    t = ex.view2_title.value
+    assert "B has 2 × 2 heads: all on" in t and "heads off" not in t, t
+    anb, mb, patch, notes = ex._view_b()
+    np.testing.assert_allclose(mb, fused_map(anb, ex.cls_dd.value, None, "refined"))
+    h, w = ex.analysis.grid
+    ex.click_grid.index = (h - 1) * w + (w - 1)                         # A's last patch: B's last patch
+    hb, wb = anb.grid
+    assert ex.source.value == "affinity" and ex._view_b()[2] == (hb - 1, wb - 1) and (hb, wb) != (h, w)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_explorer.ipynb #d0ea0f0e
 from __future__ import annotations
-import base64, html, io, json, os, pickle, re, time, traceback
+import base64, html, io, itertools, json, os, pickle, re, time, traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,7 @@ from .data import runs_dir
 from .model import WeakTr, create_weaktr, weaktr_loss, weaktr_config_from_state_dict
 from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize, map_note,
                         effective_weights, affinity_row, head_map, colorize, overlay_image, thumbnail_png, png_bytes,
-                        plot_overlay, plot_head_grid)
+                        plot_overlay, plot_head_grid, patch_index)
 
 # %% auto #0
 __all__ = ['load_explorer_model', 'find_demo_checkpoint', 'demo_model', 'quick_finetune', 'readable_error', 'working_side',
@@ -181,7 +181,54 @@ def model_summary(model) -> str:
     elif isinstance(desc, str) and desc and "{" not in desc: line += f" · {desc}"
     return line
 
+def _weights_table(an, title: str, z=None) -> str:
+    "An L x nh table of AAF head weights coloured on their (0, 1) range (viridis), struck through where switched off."
+    wg = an.head_weight_grid()
+    cols = colorize(wg, "viridis")                                   # one absolute scale: A and B compare by colour
+    cell = "width:19px; height:13px; padding:0; text-align:center; font-size:9px; line-height:13px"
+    rows = []
+    for k in range(an.depth):
+        tds = []
+        for hd in range(an.num_heads):
+            r, g, b = (int(v) for v in cols[k, hd])
+            fg = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
+            off = z is not None and z.shape == wg.shape and not z[k, hd]
+            val = f"{wg[k, hd]:.2f}".removeprefix("0")                       # ".63": fits a 22-px cell
+            strike = "; text-decoration:line-through; opacity:0.5" if off else ""
+            tds.append(f'<td title="layer {k}, head {hd}: w = {wg[k, hd]:.3f}" '
+                       f'style="{cell}; background:{_hex((r, g, b))}; color:{fg}{strike}">{val}</td>')
+        rows.append(f'<tr><td style="{cell}; width:14px; color:#555">{k}</td>{"".join(tds)}</tr>')
+    return (f'<div style="margin-right:6px"><div style="font-size:11px; font-weight:600">{html.escape(title)}</div>'
+            f'<table style="border-collapse:collapse; border-spacing:0">{"".join(rows)}</table>'
+            f'<div style="font-size:10px; color:#555">Σw {float(wg.sum()):.2f}</div></div>')
+
+def _weights_pair_html(an, anb, z=None, width: int = 240) -> str:
+    "Head weights of checkpoint A (the main view) and B side by side (B wraps below if `width` px is too narrow)."
+    return (f'<div style="max-width:{width}px"><div style="font-size:11px; line-height:1.3; margin-top:4px">AAF head '
+            'weights w, rows = layers, columns = heads (colour: 0 → 1)</div>'
+            f'<div style="display:flex; flex-wrap:wrap; align-items:flex-start">{_weights_table(an, "A", z)}'
+            f'{_weights_table(anb, "B", z)}</div></div>')
+
 _PATCH_SOURCES = ("affinity", "head_affinity")          # maps of one query patch
+_HEADLESS_SOURCES = ("coarse", "gradcam", "rollout", "refined_uniform", "pseudo", "gt", "image")  # no head summary
+_UIDS = itertools.count()                                # one CSS scope per explorer on the page
+
+def _click_css(uid: str, rows: str, cols: str, lower: int) -> str:
+    """CSS of the click overlay `.uid` (a ToggleButtons widget): its buttons as a transparent grid over the view,
+    the hovered patch outlined and its title (the readout) shown as a strip over the view — at the bottom while the
+    pointer is in the upper half (buttons before `lower`), at the top in the lower half. No JavaScript."""
+    b = f".{uid} > div > button"
+    return (f"<style>.{uid} {{position: relative; margin: 0 !important; padding: 0; line-height: 0}}"
+            f".{uid} > div {{display: grid; grid-template-rows: {rows}; grid-template-columns: {cols}; width: 100%; "
+            f"height: 100%; margin: 0}}"
+            f"{b}, {b}.mod-active, {b}:hover, {b}:focus {{width: auto !important; height: auto !important; "
+            f"min-width: 0; margin: 0 !important; padding: 0 !important; border: 0 !important; font-size: 0; "
+            f"background: transparent !important; box-shadow: none !important; outline: 0; cursor: crosshair}}"
+            f"{b}:hover {{outline: 1px solid rgba(255, 255, 255, 0.9) !important; outline-offset: -1px}}"
+            f"{b}:hover::after {{content: attr(title); position: absolute; left: 0; right: 0; bottom: 0; top: auto; "
+            f"padding: 3px 6px; background: rgba(20, 20, 30, 0.78); color: #fff; font-size: 12px; line-height: 1.35; "
+            f"white-space: normal; text-align: left; pointer-events: none; z-index: 3}}"
+            f"{b}:nth-child(n+{lower}):hover::after {{top: 0; bottom: auto}}</style>")
 
 class HeadExplorer:
     "State and widgets of the attention-head explorer (see `head_explorer`)."
@@ -208,12 +255,13 @@ class HeadExplorer:
         self.model, self.analysis, self.last_error, self.messages = None, None, None, []
         self._shown_key, self.iou, self.iou2, self.base = None, None, None, None
         self.head_mask = None                 # (L, nh) bool, True = on; the only head state (toggles follow it)
-        self._suspend, self._cells, self._rows, self._cols, self._view_btns = 0, {}, [], [], []
+        self._suspend, self._cells, self._rows, self._cols = 0, {}, [], []
         self._click = (1, 1, 1)               # click grid: (step, rows, cols)
+        self.model2, self.cache2 = None, OrderedDict()   # checkpoint B (compare) and its analyses, keyed like `cache`
         self._build_controls(threshold)
-        self.box = W.VBox([self.title, self.notice, self.row_image, self.row_class, self.row_look, self.status,
-                           W.HBox([self.left, self.right], layout=W.Layout(align_items="flex-start")), self.row_ckpt],
-                          layout=W.Layout(width="100%"))
+        self.box = W.VBox([self.title, self.notice, self.row_ckpt, self.row_image, self.row_class, self.row_look,
+                           self.status, W.HBox([self.left, self.right], layout=W.Layout(align_items="flex-start"))],
+                          layout=W.Layout(width="100%"))         # the checkpoint row on top: B's view in sight
         self.box.add_class("weaktr-explorer")
         self.box.explorer = self
         with self._guarded():
@@ -288,15 +336,23 @@ class HeadExplorer:
         # main view: the overlay with a transparent button per patch (block) on top: click = pick the query patch
         self.title_main = W.HTML(); self.title_main.add_class("weaktr-view-title")
         self.main = W.Image(format="png", layout=W.Layout(grid_area="v", margin="0")); self.main.add_class("weaktr-main")
-        self._btn_layout = W.Layout(width="100%", height="100%", margin="0", padding="0", min_width="0", border="0")
-        self._btn_style = W.ButtonStyle(button_color="transparent")
-        self.click_grid = W.GridBox(layout=W.Layout(grid_area="v", margin="0")); self.click_grid.add_class("weaktr-click")
+        # one ToggleButtons widget with a transparent button per patch (block) over the view: a click sets its index,
+        # each button's title is the hover readout (shown as a strip over the view by the CSS of `hover_css`)
+        self._uid = f"weaktr-click-{next(_UIDS)}"
+        self.click_grid = W.ToggleButtons(options=[], layout=W.Layout(grid_area="v", margin="0", padding="0"))
+        self.click_grid.add_class("weaktr-click")
+        self.click_grid.add_class(self._uid)
+        self.hover_css = W.HTML(layout=W.Layout(display="none"))         # a <style> block: applies while hidden
         fixed = dict(flex="0 0 auto", margin="0")                       # never squeezed by the flex row
         self.view_stack = W.GridBox([self.main, self.click_grid], layout=W.Layout(grid_template_areas='"v"', **fixed))
         self.colorbar = W.HTML(layout=lay("70px", flex="0 0 auto"))
         self.view2_title = W.HTML(); self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
         self.view2.add_class("weaktr-view2")
-        self.view_row = W.HBox([self.view_stack, self.colorbar, W.VBox([self.view2_title, self.view2], layout=W.Layout(**fixed))],
+        self.view2_heads = W.HTML()                                      # head weights of A and B (compare mode)
+        self.view2_title.add_class("weaktr-view2-title")
+        self.view2_heads.add_class("weaktr-view2-heads")
+        self.view_row = W.HBox([self.view_stack, self.colorbar,
+                                W.VBox([self.view2_title, self.view2, self.view2_heads], layout=W.Layout(**fixed))],
                                layout=W.Layout(align_items="flex-start"))
         self.click_shows = W.ToggleButtons(options=[("its affinity row", "affinity"), ("the value only", "value")],
                                            value="affinity", description="click on the image shows", style=sty)
@@ -309,9 +365,12 @@ class HeadExplorer:
         self.row_pos = W.HBox([self.layer, self.head, self.patch_r, self.patch_c])
         self.export_view_btn = W.Button(description="export view PNG", icon="download", layout=lay("150px"))
         self.export_grid_btn = W.Button(description="export grid PNG", icon="th", layout=lay("150px"))
+        self.export_pair_btn = W.Button(description="export view + beside", icon="columns", layout=lay("170px"),
+                                        tooltip="the main view and the panel beside it in one PNG (settings recorded)")
         self.export_html = W.HTML(); self.export_html.add_class("weaktr-export")
-        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_html])
-        self.left = W.VBox([self.title_main, self.view_row, self.click_shows, self.info, self.row_pos, self.row_export])
+        self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_pair_btn, self.export_html])
+        self.left = W.VBox([self.title_main, self.view_row, self.click_shows, self.info, self.row_pos, self.row_export,
+                            self.hover_css])
         # head grid: rows = layers, columns = heads
         self.click_mode = W.ToggleButtons(options=[("enlarge", "select"), ("switch on/off", "toggle")], value="select",
                                           description="click a head to", style=sty)
@@ -322,8 +381,12 @@ class HeadExplorer:
         self.right = W.VBox([self.grid_box, self.grid_help, self.click_mode, self.all_on],   # the grid level with the view
                             layout=W.Layout(margin="0 0 0 12px", flex="0 0 auto"))
         self.ckpt_text = W.Text(placeholder="checkpoint: run folder or .pt", description="checkpoint", style=sty, layout=lay("420px"))
-        self.ckpt_btn = W.Button(description="load")
-        self.row_ckpt = W.HBox([self.ckpt_text, self.ckpt_btn])
+        self.ckpt_btn = W.Button(description="load", tooltip="replace the model (checkpoint A)")
+        self.ckpt2_btn = W.Button(description="load as B (compare)", layout=lay("160px"),
+                                  tooltip="a second checkpoint: the same view beside the main one, with its IoU")
+        self.ckpt2_drop = W.Button(description="drop B", layout=lay("80px"), disabled=True)
+        self.ckpt2_btn.add_class("weaktr-load-b")
+        self.row_ckpt = W.HBox([self.ckpt_text, self.ckpt_btn, self.ckpt2_btn, self.ckpt2_drop])
 
         self._on(self.image_dd, lambda c: self._show_item(c["new"]))
         self._on(self.index, lambda c: self._pick_index(c["new"]))
@@ -339,7 +402,11 @@ class HeadExplorer:
         self.all_on.on_click(lambda b: self._act(self.set_head_mask, None))
         self.export_view_btn.on_click(lambda b: self._act(self.export_view))
         self.export_grid_btn.on_click(lambda b: self._act(self.export_grid))
+        self.export_pair_btn.on_click(lambda b: self._act(self.export_pair))
         self.ckpt_btn.on_click(lambda b: self._act(self.load_checkpoint, self.ckpt_text.value))
+        self.ckpt2_btn.on_click(lambda b: self._act(self.load_compare_checkpoint, self.ckpt_text.value))
+        self.ckpt2_drop.on_click(lambda b: self._act(self.load_compare_checkpoint, None))
+        self._on(self.click_grid, lambda c: self._grid_clicked(c["new"]), names="index")
 
     # -- model and images -------------------------------------------------------------------------------------
     @property
@@ -364,6 +431,11 @@ class HeadExplorer:
             raise TypeError(f"expected a WeakTr model or a checkpoint path, got {type(model).__name__}")
         self.model = model.to(self.device).eval()
         self.cache.clear(); self.head_mask = None; self.export_html.value = ""
+        if self.model2 is not None and self.model2.num_classes != model.num_classes:
+            self.model2 = None
+            self.ckpt2_drop.disabled = True
+            self._msg("checkpoint B scores another number of classes than this model: dropped", "warn")
+        self.cache2.clear()
         L, nh = model.depth, model.num_heads
         side = self.max_side
         fed = f" · images fed at ≤ {side} px" if side else " · images fed at their own size"
@@ -513,16 +585,81 @@ class HeadExplorer:
             self.patch_r.value, self.patch_c.value = h // 2, w // 2
             if key[0] == "ds": self.index.value = key[1]
             self._update_class_options()
-            opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
-                   [(v, k) for k, v in SOURCES.items()]
-            cur = self.compare.value
-            self.compare.options = opts
-            self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
+            self._update_compare_options()
         self._layout_view()
         note = ("; ".join(an.notes) + ". ") if an.notes else ""
         self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px fed to the model, grid {h}x{w}, analysed in "
                   f"{time.time() - t0:.2f} s. {note}")
         self._refresh(grid=True)                                         # its warnings (e.g. a zero map) come last
+
+    def _update_compare_options(self, select=None):
+        "The 'beside it' menu: GT (if any), the image, checkpoint B (if loaded), every map; keeps the choice if it can."
+        an = self.analysis
+        if an is None:
+            return
+        opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
+               ([("checkpoint B: the same view", "ckpt_b")] if self.model2 is not None else []) + \
+               [(v, k) for k, v in SOURCES.items()]
+        cur = select or self.compare.value
+        with self._batch():
+            self.compare.options = opts
+            self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
+
+    # -- checkpoint B (side-by-side compare of two checkpoints) --------------------------------------------------
+    def load_compare_checkpoint(self, path):
+        "Load checkpoint B (None: drop it); 'beside it' then shows the main view's map computed by B, with its IoU."
+        if path is None:
+            self.model2 = None
+            self.cache2.clear()
+            self.ckpt2_drop.disabled = True
+            self._update_compare_options()
+            self._refresh()
+            self._msg("checkpoint B dropped")
+            return False
+        path = str(path).strip()
+        if not path:
+            raise ValueError("type the path of checkpoint B (a run folder or a .pt file) first")
+        model = load_explorer_model(path, self.device)       # errors name the file and say what it is
+        if model.num_classes != self.model.num_classes:
+            raise ValueError(f"checkpoint B {path} has C={model.num_classes} classes but the model shown has "
+                             f"C={self.model.num_classes}: not loaded (both must score the same classes)")
+        self.model2 = model.to(self.device).eval()
+        self.cache2.clear()
+        self.ckpt2_drop.disabled = False
+        self._update_compare_options(select="ckpt_b")
+        self._refresh()
+        self._msg(f"checkpoint B: {model_summary(model)}")
+        return True
+
+    def analyze_b(self, key) -> ImageAnalysis:
+        "Checkpoint B's analysis of an image menu entry (same image, labels and mask as the main view; cached)."
+        if key in self.cache2:
+            self.cache2.move_to_end(key)
+            return self.cache2[key]
+        item = self._load(key)
+        side = working_side(self.model2) if self.max_side_opt == "auto" else self.max_side_opt
+        an = analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
+                           max_side=side, device=self.device)
+        self.cache2[key] = an
+        while len(self.cache2) > self.cache_size:
+            self.cache2.popitem(last=False)
+        return an
+
+    def _view_b(self):
+        "Checkpoint B's map of the main view's settings: (analysis, map, patch on B's grid, notes)."
+        an, anb, notes = self.analysis, self.analyze_b(self._shown_key), []
+        (h, w), (hb, wb) = an.grid, anb.grid
+        patch = (min(hb - 1, int((self.patch_r.value + 0.5) * hb / h)),       # B's patch under the middle of A's
+                 min(wb - 1, int((self.patch_c.value + 0.5) * wb / w)))
+        z = self.head_mask
+        if z is not None and z.shape != (anb.depth, anb.num_heads):
+            z = None
+            notes.append(f"B has {anb.depth} × {anb.num_heads} heads: all on")
+        k, hd = min(int(self.layer.value), anb.depth - 1), min(int(self.head.value), anb.num_heads - 1)
+        if self.source.value in ("head", "head_affinity") and (k, hd) != (self.layer.value, self.head.value):
+            notes.append(f"B shows layer {k}, head {hd}")
+        m = source_map(anb, self.source.value, self.cls_dd.value, k, hd, z, patch, self.threshold.value, self.crf.value)
+        return anb, m, patch, notes
 
     def _update_class_options(self):
         an = self.analysis
@@ -555,28 +692,38 @@ class HeadExplorer:
         (h, w), cell = an.grid, self._cell(an)
         step = max(1, int(np.ceil(max(h, w) / 28)))                     # at most 28 buttons a side
         gr, gc = -(-h // step), -(-w // step)
-        while len(self._view_btns) < gr * gc:
-            i = len(self._view_btns)
-            b = W.Button(description="", layout=self._btn_layout, style=self._btn_style)
-            b.on_click(lambda _, i=i: self._act(self.click_view, i))
-            self._view_btns.append(b)
         self._click = (step, gr, gc)
         H, Wd = h * cell, w * cell
         rows = " ".join(f"{(min(r + step, h) - r) * cell}px" for r in range(0, h, step))
         cols = " ".join(f"{(min(c + step, w) - c) * cell}px" for c in range(0, w, step))
         self.main.layout.width, self.main.layout.height = f"{Wd}px", f"{H}px"
-        self.click_grid.layout.grid_template_rows, self.click_grid.layout.grid_template_columns = rows, cols
+        with self._batch():
+            if len(self.click_grid.options) != gr * gc:
+                self.click_grid.options = [("", i) for i in range(gr * gc)]
+            self.click_grid.index = None
         self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
-        self.click_grid.children = self._view_btns[:gr * gc]
+        self.hover_css.value = _click_css(self._uid, rows, cols, (gr // 2) * gc + 1)
         self.view_stack.layout.width, self.view_stack.layout.height = f"{Wd}px", f"{H}px"
+        self.view2.layout.width = f"{round(Wd * 0.6)}px"                # the panel beside keeps its size
 
-    def click_view(self, i: int):
-        "A click on the main view's button i: the query patch under it (and the map's value there)."
+    def _grid_clicked(self, i):
+        "The click overlay's index changed (a click in the browser): pick that patch, then clear the selection."
+        if i is None:
+            return
+        with self._batch():
+            self.click_grid.index = None                             # a second click on the same patch is a new change
+        self.click_view(i)
+
+    def patch_of(self, i: int) -> tuple[int, int]:
+        "The patch (row, col) that click-overlay button i stands for (the middle patch of its block)."
         step, gr, gc = self._click
         (h, w) = self.analysis.grid
         br, bc = divmod(int(i), gc)
-        r, c = min(br * step + step // 2, h - 1), min(bc * step + step // 2, w - 1)
-        self.pick_patch(r, c)
+        return min(br * step + step // 2, h - 1), min(bc * step + step // 2, w - 1)
+
+    def click_view(self, i: int):
+        "A click on the main view's button i: the query patch under it (and the map's value there)."
+        self.pick_patch(*self.patch_of(i))
 
     def _value_at(self, m, r, c) -> str:
         an = self.analysis
@@ -600,6 +747,58 @@ class HeadExplorer:
             if self.click_shows.value == "affinity" and src not in _PATCH_SOURCES: self.source.value = "affinity"
         self._refresh(grid=True)
         self._msg(f"patch ({r}, {c}): {name} = {val}")
+
+    # -- hover readout ------------------------------------------------------------------------------------------
+    def _head_shares(self, src):
+        "Per patch, the switched-on head contributing most to the map's fusion: (m (P,), share (P,)), or None."
+        an = self.analysis
+        if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"):
+            return None
+        C = an.num_classes
+        row = C + patch_index(an, (self.patch_r.value, self.patch_c.value)) if src == "affinity" else self.cls_dd.value
+        contrib = effective_weights(an, self.head_mask)[:, None] * an.attn_stack[:, row, C:]   # (M, P): w_m A_m[row, p]
+        top = contrib.argmax(0)                                                                 # (P,)
+        share = contrib.gather(0, top[None])[0] / contrib.sum(0).clamp_min(1e-12)
+        return top.numpy(), share.numpy()
+
+    def readouts(self, m=None) -> list[str]:
+        """The hover readout of every click-overlay button (one per patch, or the middle patch of a block): patch
+        (row, col), the shown map's value there (and its share of the max), the class, the GT class under it, and
+        which head contributes most to the fused attention there (fused maps) or the selected head's weight."""
+        an, src = self.analysis, self.source.value
+        m = np.asarray(self.current_map() if m is None else m)
+        (h, w), (step, gr, gc) = an.grid, self._click
+        name, cname = SOURCES[src].split(" (")[0], an.class_names[self.cls_dd.value]
+        L, wg = an.depth, an.head_weight_grid()
+        def at(a, r, c):                                   # an (H, W) array's value at the middle of patch (r, c)
+            H, Wd = a.shape[:2]
+            return a[min(H - 1, int((r + 0.5) * H / h)), min(Wd - 1, int((c + 0.5) * Wd / w))]
+        def label(v):
+            v = int(v)
+            return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
+        mx = 0.0 if m.dtype.kind in "iub" else float(np.clip(m, 0, None).max())
+        shares = self._head_shares(src)
+        k, hd = int(self.layer.value), int(self.head.value)
+        out = []
+        for i in range(gr * gc):
+            r, c = self.patch_of(i)
+            if m.dtype.kind in "iub":
+                t = f"patch ({r}, {c}) · {name}: {label(at(m, r, c))}"
+            else:
+                v = float(m[r, c])
+                t = f"patch ({r}, {c}) · {name}" + ("" if src in _PATCH_SOURCES else f" '{cname}'") + f" = {v:.3g}"
+                if mx > 0:
+                    t += f" ({100 * max(v, 0) / mx:.0f} % of the max)"
+            if an.mask is not None:
+                t += f" · GT: {label(at(an.mask, r, c))}"
+            if shares is not None:
+                j = shares[0][r * w + c]
+                t += (f" · top head here: L{j % L} h{j // L} ({100 * shares[1][r * w + c]:.0f} % of the fused "
+                      f"attention, w = {wg[j % L, j // L]:.2f})")
+            elif src in ("head", "head_affinity"):
+                t += f" · layer {k}, head {hd}: w = {wg[k, hd]:.2f}"
+            out.append(t)
+        return out
 
     def _thumb_side(self) -> int:
         return self.thumb_opt or int(np.clip(600 // self.model.depth - 16, 28, 64))
@@ -680,17 +879,19 @@ class HeadExplorer:
         return source_map(an, source or self.source.value, self.cls_dd.value, self.layer.value, self.head.value,
                           self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value, self.crf.value)
 
-    def view_title(self, source: str | None = None) -> str:
-        "Plain-text title of a view (no reprs: only ints, names and rounded floats)."
-        an, src = self.analysis, source or self.source.value
-        name, k, hd = an.class_names[self.cls_dd.value], int(self.layer.value), int(self.head.value)
+    def view_title(self, source: str | None = None, an=None) -> str:
+        "Plain-text title of a view (of `an`, default: the main analysis; no reprs: ints, names, rounded floats)."
+        an, src = an or self.analysis, source or self.source.value
+        name = an.class_names[self.cls_dd.value]
+        k, hd = min(int(self.layer.value), an.depth - 1), min(int(self.head.value), an.num_heads - 1)
         r, c = int(self.patch_r.value), int(self.patch_c.value)
         t = {"head": f"layer {k}, head {hd}: '{name}' token → patches (w = {float(an.head_weight_grid()[k, hd]):.2f})",
              "affinity": f"patch ({r}, {c}) → patches, fused affinity",
              "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches"}.get(src, f"{SOURCES[src]} · '{name}'")
         if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
-        if self.head_mask is not None and src not in ("head", "head_affinity", "coarse"):
-            t += f" · {int((~self.head_mask).sum())} heads off"
+        z = self.head_mask
+        if z is not None and z.shape == (an.depth, an.num_heads) and src not in ("head", "head_affinity", "coarse"):
+            t += f" · {int((~z).sum())} heads off"                      # (a checkpoint B of another L x nh: all on)
         return t
 
     def current_figure(self):
@@ -702,9 +903,10 @@ class HeadExplorer:
                             threshold=None if src == "pseudo" else self.threshold.value, mass=self.mass.value or None,
                             patch=(self.patch_r.value, self.patch_c.value) if patchy else None)
 
-    def _render(self, m, src, scale: float = 1.0):
+    def _render(self, m, src, scale: float = 1.0, an=None, patch=None):
         "A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its region."
-        an, base = self.analysis, self.base
+        an, base = an or self.analysis, self.base
+        pr, pc = patch or (self.patch_r.value, self.patch_c.value)
         if scale != 1.0:
             base = np.asarray(Image.fromarray(base).resize((max(1, round(base.shape[1] * scale)),
                                                             max(1, round(base.shape[0] * scale))), Image.BILINEAR))
@@ -724,8 +926,8 @@ class HeadExplorer:
         if src != "image":                                               # the query patch, on every map
             (h, w) = an.grid
             ch, cw = Hd / h, Wd / w
-            r0, c0 = int(self.patch_r.value * ch), int(self.patch_c.value * cw)
-            r1, c1 = min(Hd, int((self.patch_r.value + 1) * ch)) - 1, min(Wd, int((self.patch_c.value + 1) * cw)) - 1
+            r0, c0 = int(pr * ch), int(pc * cw)
+            r1, c1 = min(Hd, int((pr + 1) * ch)) - 1, min(Wd, int((pc + 1) * cw)) - 1
             for color, d in ((255, 0), (0, 1)):
                 out[r0 + d, c0 + d:c1 - d + 1] = color; out[r1 - d, c0 + d:c1 - d + 1] = color
                 out[r0 + d:r1 - d + 1, c0 + d] = color; out[r0 + d:r1 - d + 1, c1 - d] = color
@@ -758,15 +960,41 @@ class HeadExplorer:
             self._msg(f"pseudo label at t={self.threshold.value:.2f}{' + CRF' if self.crf.value else ''} for "
                       f"{', '.join(an.class_names[c] for c in an.present)} "
                       f"({'GT labels' if an.labels is not None else 'predicted classes, p > 0.5'})")
-        self._refresh_view2()
+        self.click_grid.tooltips = self.readouts(m)                    # the hover readout of every patch
+        self._refresh_view2(m)
         self._update_info(m, region)
         if grid: self._refresh_grid()
 
-    def _refresh_view2(self):
-        "The panel beside the main view: the GT, the plain image, or a second map (a side-by-side compare)."
+    def _iou(self, m, mask, src):
+        "IoU of a map's region (threshold or attention mass) with the GT class region; None without GT, patch maps."
+        if mask is None or src in _PATCH_SOURCES:
+            return None
+        mass = None if src == "pseudo" else (self.mass.value or None)
+        return map_iou(m, mask, self.cls_dd.value, self.threshold.value, mass)
+
+    def _refresh_view2(self, m=None):
+        "The panel beside the main view: the GT, the plain image, a second map, or checkpoint B's view (a compare)."
         an, key, cls = self.analysis, self.compare.value, self.cls_dd.value
-        self.iou2 = None
-        if key == "gt":
+        self.iou2, heads = None, ""
+        if key == "ckpt_b" and self.model2 is None:
+            key = "image"
+        if key == "ckpt_b":
+            try:
+                anb, m2, patch, notes = self._view_b()
+            except (ValueError, TypeError, RuntimeError) as e:          # e.g. an image smaller than B's patch
+                self._msg(f"checkpoint B cannot show this image: {readable_error(e)}", "warn")
+                key = "image"
+        if key == "ckpt_b":
+            src = self.source.value
+            png, _ = self._render(m2, src, 0.6, an=anb, patch=patch)
+            name = Path(getattr(self.model2, "checkpoint_path", "") or "B").name
+            t = f"checkpoint B ({name}): {self.view_title(an=anb)}" + "".join(f" · {n}" for n in notes)
+            self.iou2 = self._iou(m2, anb.mask, src)
+            iou_a = self._iou(self.current_map() if m is None else m, an.mask, src)
+            if self.iou2 is not None and iou_a is not None:
+                t += f" · IoU B {self.iou2:.2f} vs A {iou_a:.2f}"
+            heads = _weights_pair_html(an, anb, self.mask_grid(), round(self.base.shape[1] * 0.6))
+        elif key == "gt":
             png, _ = self._render(an.mask, "gt", 0.6)
             t = "ground truth"
         elif key == "image":
@@ -780,8 +1008,10 @@ class HeadExplorer:
                 self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value, None if key == "pseudo" else (self.mass.value or None))
                 t += f" · IoU {self.iou2:.2f}"
         self.view2.value = png
+        self.view2_heads.value = heads
         self.view2_title.value = (f'<div style="font-size:12px; line-height:1.35; max-width:{round(self.base.shape[1] * 0.6)}px">'
                                   f'{html.escape(t)}</div>')
+        self._view2_text = t                                             # the plain title, for the pair export
 
     def _update_info(self, m, region):
         an, cls, src = self.analysis, self.cls_dd.value, self.source.value
@@ -835,6 +1065,8 @@ class HeadExplorer:
                 "heads_off": [[int(k), int(h)] for k, h in zip(*np.nonzero(~z))],
                 "iou": None if self.iou is None or np.isnan(self.iou) else round(float(self.iou), 4),
                 "model": model_summary(self.model), "checkpoint": getattr(self.model, "checkpoint_path", None),
+                "checkpoint_b": None if self.model2 is None else getattr(self.model2, "checkpoint_path", None),
+                "iou_beside": None if self.iou2 is None or np.isnan(self.iou2) else round(float(self.iou2), 4),
                 "image_size_fed": [int(an.image.shape[1]), int(an.image.shape[0])], "grid": [int(g) for g in an.grid],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -868,6 +1100,30 @@ class HeadExplorer:
         fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
                              selected=(self.layer.value, self.head.value), sqrt=self.sqrt.value)
         return self._export(fig, f"{self._stem()}_grid.png")
+
+    def pair_figure(self):
+        "The main view and the panel beside it (GT, a second map, checkpoint B) as one Figure, with their titles."
+        from matplotlib.figure import Figure
+        import textwrap
+        ims = [np.asarray(Image.open(io.BytesIO(v)).convert("RGB")) for v in (self.main.value, self.view2.value)]
+        titles = [self.view_title(), getattr(self, "_view2_text", "")]
+        if self.iou is not None and not np.isnan(self.iou):
+            titles[0] += f" · IoU {self.iou:.2f}"
+        ratios = [im.shape[1] / im.shape[0] for im in ims]
+        fig = Figure(figsize=(3.4 * sum(ratios), 3.4 + 0.7), dpi=100)
+        axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=ratios, wspace=0.05))
+        for ax, im, t, r in zip(axes, ims, titles, ratios):
+            ax.imshow(im)
+            ax.set_axis_off()
+            ax.set_title(textwrap.fill(t, max(20, int(52 * r))), fontsize=8, loc="left")
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.8)
+        return fig
+
+    def export_pair(self) -> Path:
+        "Write the main view and the panel beside it side by side (export_dir/<id>_<class>_<map>_vs_<beside>.png)."
+        if self.analysis is None:
+            raise ValueError("no image is shown: nothing to export")
+        return self._export(self.pair_figure(), f"{self._stem()}_{self.source.value}_vs_{self.compare.value}.png")
 
 def head_explorer(model,                      # a WeakTr, or a checkpoint path (run folder / .pt)
                   dataset=None,               # SegDataset: images with labels and GT masks (optional)

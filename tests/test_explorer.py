@@ -41,7 +41,9 @@ def photo(W=320, H=240, seed=0) -> Image.Image:
 
 
 def encode(im: Image.Image, fmt="PNG") -> bytes:
-    buf = io.BytesIO(); im.save(buf, format=fmt); return buf.getvalue()
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 def upload_value(name, data):
@@ -57,7 +59,8 @@ def test_figures_at_deit_s_size(deit_s, synth):
     assert an.attn_stack.shape == (72, C + h * w, C + h * w)
     fig = plot_head_grid(an, an.present[0], selected=(11, 5))
     assert isinstance(fig, Figure) and len(fig.axes) == 72
-    z = np.ones((12, 6), bool); z[:6] = False                            # first half of the layers off
+    z = np.ones((12, 6), bool)
+    z[:6] = False                                                        # first half of the layers off
     m = fused_map(an, an.present[0], z, "refined")                      # one masked re-fusion of a 72 x 614 x 614 stack
     assert m.shape == (h, w) and not np.allclose(m, fused_map(an, an.present[0], None, "refined"))
     for src in SOURCES:
@@ -78,7 +81,8 @@ def test_summary_and_iou_with_gt(deit_s, synth):
     gt = an.mask == c + 1
     assert map_iou(gt, an.mask, c) == 1.0                               # the GT region scores 1
     assert map_iou(~gt & (an.mask != 255), an.mask, c) == 0.0
-    one_hot = np.zeros(an.grid, np.float32); one_hot[1, 2] = 1
+    one_hot = np.zeros(an.grid, np.float32)
+    one_hot[1, 2] = 1
     np.testing.assert_array_equal(attention_mass_threshold(one_hot, 0.3), one_hot > 0)
 
 
@@ -106,7 +110,7 @@ def test_widget_wiring(deit_s, synth, tmp_path):
     act("layer off", lambda: setattr(ex._rows[5], "value", False))
     assert not any(b.value for b in ex._cols)                           # layer 5 is off: no column is all on
     act("column on", lambda: setattr(ex._cols[2], "value", True))       # a click on h2: the whole column on ...
-    act("column off", lambda: setattr(ex._cols[2], "value", False))     # ... and a second one: head 2 of every layer off
+    act("column off", lambda: setattr(ex._cols[2], "value", False))    # ... and a second one: head 2 of every layer off
     z = ex.mask_grid()
     assert not z[11, 0] and not z[5].any() and not z[:, 2].any() and z.sum() == 72 - 1 - 6 - 11
     np.testing.assert_allclose(ex.current_map(), fused_map(ex.analysis, ex.cls_dd.value, z, "refined"))
@@ -130,11 +134,13 @@ def test_widget_wiring(deit_s, synth, tmp_path):
 
 
 def test_toggles_follow_the_heads(deit_s, synth):
-    "The bug: after 'all heads on' the L/h toggles kept their old state, so clicking L3 to switch it off switched it on."
+    """The bug: after 'all heads on' the L/h toggles kept their old state, so clicking L3 to switch it off switched it
+    on."""
     ex = head_explorer(deit_s, synth, max_side=224).explorer
     ex._rows[3].value = False                                           # layer 3 off
     assert [b.value for b in ex._cols] == [False] * 6                   # every column now has an off head (layer 3)
-    ex._cols[1].value = True; ex._cols[1].value = False                 # two clicks on h1: all on, then all off
+    ex._cols[1].value = True
+    ex._cols[1].value = False                                           # two clicks on h1: all on, then all off
     assert not ex.mask_grid()[3].any() and not ex.mask_grid()[:, 1].any()
     assert not any(b.value for b in ex._rows)
     ex.all_on.click()
@@ -159,21 +165,25 @@ def test_messages_are_one_readable_line(deit_s, synth, tmp_path):
     # a text file given as checkpoint (was: IndexError: pop from empty list / KeyError)
     for name, data in (("notes.pt", b"hello\nworld\n"), ("junk.pt", bytes(range(256)) * 4)):
         (tmp_path / name).write_bytes(data)
-        ex.ckpt_text.value = str(tmp_path / name); ex.ckpt_btn.click()
+        ex.ckpt_text.value = str(tmp_path / name)
+        ex.ckpt_btn.click()
         assert "is not a PyTorch checkpoint" in last_error() and ex.model is deit_s
     (tmp_path / "damaged.pt").write_bytes(b"\x80\x02" + bytes(64))
-    ex.ckpt_text.value = str(tmp_path / "damaged.pt"); ex.ckpt_btn.click()
+    ex.ckpt_text.value = str(tmp_path / "damaged.pt")
+    ex.ckpt_btn.click()
     msg = last_error()                          # the loader's WeightFileError: names the file and what went wrong
     assert "damaged.pt" in msg and "could not be read" in msg and ex.model is deit_s, msg
     # an unreadable upload (was: cannot identify image file <_io.BytesIO object at 0x...>)
     ex.upload.value = upload_value("photo.png", b"\x89PNG but not really")
     assert last_error() == "upload 'photo.png' is not an image file PIL can read (unknown format or not an image)"
     # dataset index out of range (was: clamped silently by a BoundedIntText)
-    ex.index.value = 2; shown = ex.analysis.id
+    ex.index.value = 2
+    shown = ex.analysis.id
     ex.index.value = 40
     assert last_error() == "dataset # 40 is out of range: the dataset has 4 images, # 0 to 3"
     assert ex.index.value == 2 and ex.analysis.id == shown
-    ex.index.value = -1; last_error()
+    ex.index.value = -1
+    last_error()
     # an absent class: a warning line, and the info says the pseudo label ignores it
     ex.all_classes.value = True
     absent = next(c for c in range(C) if c not in ex.analysis.present)
@@ -212,7 +222,8 @@ def test_no_stale_text_and_hints(deit_s, synth, tmp_path):
 
 def test_exports_record_settings(deit_s, synth, tmp_path):
     ex = head_explorer(deit_s, synth, export_dir=tmp_path / "exp", max_side=224).explorer
-    ex.click_mode.value = "toggle"; ex._cells[2, 3][1].click()
+    ex.click_mode.value = "toggle"
+    ex._cells[2, 3][1].click()
     for p in (ex.export_view(), ex.export_grid()):
         assert (os.stat(p).st_mode & 0o777) == 0o644 and (os.stat(p.with_suffix(".json")).st_mode & 0o777) == 0o644
         meta = json.loads(Image.open(p).text["weaktr:settings"])
@@ -260,11 +271,14 @@ def test_class_count_mismatch_is_a_message(deit_s, synth, tmp_path):
     assert ex.model.num_classes == 20 and ex.analysis is not None and ex.analysis.labels is None
     assert "C=20 class tokens but the dataset has 6" in ex.notice.value
     ex = head_explorer(deit_s, synth).explorer
-    ex.ckpt_text.value = str(tmp_path / "voc20.pt"); ex.ckpt_btn.click()
+    ex.ckpt_text.value = str(tmp_path / "voc20.pt")
+    ex.ckpt_btn.click()
     assert ex.messages[-1][0] == "error" and "has C=20 classes but the dataset has 6" in ex.messages[-1][1]
     assert ex.model is deit_s
-    broken = tmp_path / "broken.pt"; broken.write_bytes(b"not a checkpoint")
-    ex.ckpt_text.value = str(broken); ex.ckpt_btn.click()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    ex.ckpt_text.value = str(broken)
+    ex.ckpt_btn.click()
     assert ex.messages[-1][0] == "error" and ex.model is deit_s
 
 

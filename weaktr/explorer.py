@@ -19,7 +19,8 @@ from .core import atomic_path
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .data import runs_dir
 from .model import WeakTr, create_weaktr, weaktr_loss, weaktr_config_from_state_dict
-from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize, map_note,
+from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, source_map, map_iou, binarize,
+                        map_note,
                         effective_weights, affinity_row, head_map, colorize, overlay_image, thumbnail_png, png_bytes,
                         plot_overlay, plot_head_grid, patch_index)
 
@@ -38,7 +39,8 @@ def load_explorer_model(checkpoint,                     # run folder, learner .p
         return load_cam_model(path, device=device)
     except (RuntimeError, KeyError, IndexError) as e:              # a readable file that is not a WeakTr Phase-1 model
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ValueError(f"{path} could not be read as a WeakTr checkpoint ({type(e).__name__}: {first[:120]})") from None
+        raise ValueError(f"{path} could not be read as a WeakTr checkpoint ({type(e).__name__}: "
+                         f"{first[:120]})") from None
 
 def _is_phase1(path: Path) -> bool:
     "True when `path` loads (weights only) as a WeakTr Phase-1 state dict; unreadable files are not candidates."
@@ -64,7 +66,8 @@ def demo_model(num_classes: int,       # C
                asset: str | None = None, # asset name in weaktr/assets (None: weaktr.zoo.DEMO_ASSET)
                seed: int = 0,
               ) -> WeakTr:
-    "The notebooks' small WeakTr: the shipped pretrained tiny backbone if present, else a random tiny ViT (64 px, patch 8)."
+    """The notebooks' small WeakTr: the shipped pretrained tiny backbone if present, else a random tiny ViT (64 px,
+    patch 8)."""
     torch.manual_seed(seed)
     why = ""
     if pretrained:
@@ -74,8 +77,8 @@ def demo_model(num_classes: int,       # C
             kw = backbone_arch(name)                                     # registered with timm on `import weaktr`
             model = create_weaktr(name, num_classes, img_size=kw["img_size"], pretrained=asset_path(name),
                                   reduction=4, pool="max", drop_path_rate=0.0)
-            model.description = (f"shipped pretrained backbone {name} (D={kw.get('embed_dim')}, "
-                                 f"{kw.get('depth')} blocks × {kw.get('num_heads')} heads, patch {kw.get('patch_size')})")
+            model.description = (f"shipped pretrained backbone {name} (D={kw.get('embed_dim')}, {kw.get('depth')} "
+                                 f"blocks × {kw.get('num_heads')} heads, patch {kw.get('patch_size')})")
             return model
         except (ImportError, FileNotFoundError, KeyError) as e:       # no usable asset: say so in the description
             why = f"the shipped backbone could not be loaded ({type(e).__name__}: {e})"
@@ -108,7 +111,8 @@ def quick_finetune(model: WeakTr,        # trained in place
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.03)
-    model.train(); losses, t0 = [], time.time()
+    model.train()
+    losses, t0 = [], time.time()
     while time.time() - t0 < seconds and (max_steps is None or len(losses) < max_steps):
         idx = torch.randint(n, (min(batch_size, n),), generator=g)
         xb = X[idx]
@@ -116,7 +120,9 @@ def quick_finetune(model: WeakTr,        # trained in place
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
         for grp in opt.param_groups: grp["lr"] = lr * min(1.0, (len(losses) + 1) / 50)      # short linear warmup
         loss = weaktr_loss(model(xb.to(device)), Y[idx].to(device))
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         losses.append(loss.item())
     model.eval()
     return losses
@@ -147,7 +153,7 @@ def _resize_nearest(a: np.ndarray, size: tuple) -> np.ndarray:
 def _colorbar_html(cmap: str, lo: float, hi: float, sqrt: bool, height: int) -> str:
     "A vertical colour scale as HTML (CSS gradient) labelled with the map's raw values."
     stops = ", ".join(_hex(c) for c in colorize(np.linspace(0, 1, 11)[None], cmap)[0])
-    mid = lo + (hi - lo) * (0.25 if sqrt else 0.5)                  # sqrt scale: the middle of the bar is 1/4 of the range
+    mid = lo + (hi - lo) * (0.25 if sqrt else 0.5)               # sqrt scale: the middle of the bar is 1/4 of the range
     lab = lambda v: f"{v:.3g}"
     return (f'<div style="display:flex; height:{height}px; font-size:11px; line-height:1">'
             f'<div style="width:12px; background:linear-gradient(to top, {stops}); border:1px solid #888"></div>'
@@ -238,7 +244,8 @@ class HeadExplorer:
                  images: Sequence | None = None,    # extra images: paths, PIL images or arrays
                  device: str = "cpu",
                  class_names: Sequence[str] | None = None,  # names when there is no (matching) dataset
-                 max_side: int | str | None = "auto",  # longer side fed to the model ("auto": `working_side`, None: as is)
+                 # longer side fed to the model ("auto": `working_side`, None: as is)
+                 max_side: int | str | None = "auto",
                  max_items: int = 50,               # dataset items listed in the image menu (any index via `dataset #`)
                  thumb: int | None = None,          # thumbnail side in pixels (None: fit L rows in ~600 px)
                  view_side: int = 400,              # longer side of the main view in pixels
@@ -303,7 +310,8 @@ class HeadExplorer:
     # -- widgets ----------------------------------------------------------------------------------------------
     def _build_controls(self, threshold):
         sty, lay = dict(description_width="initial"), lambda w, **k: W.Layout(width=w, **k)
-        self.title = W.HTML(); self.title.add_class("weaktr-title")
+        self.title = W.HTML()
+        self.title.add_class("weaktr-title")
         self.notice = W.HTML()                # persistent warnings (model / dataset mismatch)
         self.prev_btn = W.Button(description="◀ prev", layout=lay("70px"), tooltip="previous image")
         self.next_btn = W.Button(description="next ▶", layout=lay("70px"), tooltip="next image")
@@ -322,20 +330,25 @@ class HeadExplorer:
                                        continuous_update=False, layout=lay("220px"),
                                        tooltip="background score of the pseudo label; cut of the outlined region")
         self.mass = W.FloatSlider(value=0.0, min=0, max=1, step=0.05, description="attn mass", style=sty,
-                                  continuous_update=False, layout=lay("200px"), tooltip="DINO's attention-mass region (0 = off)")
+                                  continuous_update=False, layout=lay("200px"),
+                                  tooltip="DINO's attention-mass region (0 = off)")
         self.crf = W.Checkbox(value=True, description="CRF", indent=False, layout=lay("55px"))
         self.alpha = W.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="opacity", style=sty,
                                    continuous_update=False, layout=lay("190px"))
         self.cmap = W.Dropdown(options=list(CMAPS), value="jet", description="colormap", style=sty, layout=lay("150px"))
         self.sqrt = W.Checkbox(value=False, description="sqrt", indent=False, layout=lay("55px"))
         self.row_look = W.HBox([self.threshold, self.mass, self.crf, self.alpha, self.cmap, self.sqrt])
-        for w, name in ((self.source, "source"), (self.alpha, "opacity"), (self.cls_dd, "class"), (self.image_dd, "image"),
+        for w, name in ((self.source, "source"), (self.alpha, "opacity"), (self.cls_dd, "class"),
+                        (self.image_dd, "image"),
                         (self.compare, "compare"), (self.prev_btn, "prev"), (self.next_btn, "next")):
             w.add_class(f"weaktr-{name}")                                    # stable hooks for browser tests
-        self.status = W.HTML(layout=lay("100%", min_height="20px")); self.status.add_class("weaktr-status")
+        self.status = W.HTML(layout=lay("100%", min_height="20px"))
+        self.status.add_class("weaktr-status")
         # main view: the overlay with a transparent button per patch (block) on top: click = pick the query patch
-        self.title_main = W.HTML(); self.title_main.add_class("weaktr-view-title")
-        self.main = W.Image(format="png", layout=W.Layout(grid_area="v", margin="0")); self.main.add_class("weaktr-main")
+        self.title_main = W.HTML()
+        self.title_main.add_class("weaktr-view-title")
+        self.main = W.Image(format="png", layout=W.Layout(grid_area="v", margin="0"))
+        self.main.add_class("weaktr-main")
         # one ToggleButtons widget with a transparent button per patch (block) over the view: a click sets its index,
         # each button's title is the hover readout (shown as a strip over the view by the CSS of `hover_css`)
         self._uid = f"weaktr-click-{next(_UIDS)}"
@@ -346,7 +359,8 @@ class HeadExplorer:
         fixed = dict(flex="0 0 auto", margin="0")                       # never squeezed by the flex row
         self.view_stack = W.GridBox([self.main, self.click_grid], layout=W.Layout(grid_template_areas='"v"', **fixed))
         self.colorbar = W.HTML(layout=lay("70px", flex="0 0 auto"))
-        self.view2_title = W.HTML(); self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
+        self.view2_title = W.HTML()
+        self.view2 = W.Image(format="png", layout=W.Layout(**fixed))
         self.view2.add_class("weaktr-view2")
         self.view2_heads = W.HTML()                                      # head weights of A and B (compare mode)
         self.view2_title.add_class("weaktr-view2-title")
@@ -358,16 +372,20 @@ class HeadExplorer:
                                            value="affinity", description="click on the image shows", style=sty)
         self.click_shows.style.button_width = "130px"
         self.info = W.HTML()
-        self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False, layout=lay("180px"))
+        self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False,
+                                 layout=lay("180px"))
         self.head = W.IntSlider(value=0, min=0, max=0, description="head", continuous_update=False, layout=lay("180px"))
-        self.patch_r = W.IntSlider(value=0, min=0, max=0, description="patch row", style=sty, continuous_update=False, layout=lay("200px"))
-        self.patch_c = W.IntSlider(value=0, min=0, max=0, description="col", style=sty, continuous_update=False, layout=lay("170px"))
+        self.patch_r = W.IntSlider(value=0, min=0, max=0, description="patch row", style=sty, continuous_update=False,
+                                   layout=lay("200px"))
+        self.patch_c = W.IntSlider(value=0, min=0, max=0, description="col", style=sty, continuous_update=False,
+                                   layout=lay("170px"))
         self.row_pos = W.HBox([self.layer, self.head, self.patch_r, self.patch_c])
         self.export_view_btn = W.Button(description="export view PNG", icon="download", layout=lay("150px"))
         self.export_grid_btn = W.Button(description="export grid PNG", icon="th", layout=lay("150px"))
         self.export_pair_btn = W.Button(description="export view + beside", icon="columns", layout=lay("170px"),
                                         tooltip="the main view and the panel beside it in one PNG (settings recorded)")
-        self.export_html = W.HTML(); self.export_html.add_class("weaktr-export")
+        self.export_html = W.HTML()
+        self.export_html.add_class("weaktr-export")
         self.row_export = W.HBox([self.export_view_btn, self.export_grid_btn, self.export_pair_btn, self.export_html])
         self.left = W.VBox([self.title_main, self.view_row, self.click_shows, self.info, self.row_pos, self.row_export,
                             self.hover_css])
@@ -376,11 +394,14 @@ class HeadExplorer:
                                           description="click a head to", style=sty)
         self.click_mode.style.button_width = "110px"
         self.all_on = W.Button(description="all heads on", icon="refresh", layout=lay("130px", flex="0 0 auto"))
-        self.grid_box = W.GridBox(); self.grid_box.add_class("weaktr-grid")
+        self.grid_box = W.GridBox()
+        self.grid_box.add_class("weaktr-grid")
         self.grid_help = W.HTML()
-        self.right = W.VBox([self.grid_box, self.grid_help, self.click_mode, self.all_on],   # the grid level with the view
+        # the grid level with the view
+        self.right = W.VBox([self.grid_box, self.grid_help, self.click_mode, self.all_on],
                             layout=W.Layout(margin="0 0 0 12px", flex="0 0 auto"))
-        self.ckpt_text = W.Text(placeholder="checkpoint: run folder or .pt", description="checkpoint", style=sty, layout=lay("420px"))
+        self.ckpt_text = W.Text(placeholder="checkpoint: run folder or .pt", description="checkpoint", style=sty,
+                                layout=lay("420px"))
         self.ckpt_btn = W.Button(description="load", tooltip="replace the model (checkpoint A)")
         self.ckpt2_btn = W.Button(description="load as B (compare)", layout=lay("160px"),
                                   tooltip="a second checkpoint: the same view beside the main one, with its IoU")
@@ -412,7 +433,8 @@ class HeadExplorer:
     @property
     def dataset_ok(self) -> bool:
         "The dataset's classes fit the model (labels, masks and names are used)."
-        return self.dataset is not None and self.model is not None and self.dataset.num_classes == self.model.num_classes
+        return (self.dataset is not None and self.model is not None
+                and self.dataset.num_classes == self.model.num_classes)
 
     @property
     def max_side(self):
@@ -430,7 +452,9 @@ class HeadExplorer:
         if not isinstance(model, WeakTr):
             raise TypeError(f"expected a WeakTr model or a checkpoint path, got {type(model).__name__}")
         self.model = model.to(self.device).eval()
-        self.cache.clear(); self.head_mask = None; self.export_html.value = ""
+        self.cache.clear()
+        self.head_mask = None
+        self.export_html.value = ""
         if self.model2 is not None and self.model2.num_classes != model.num_classes:
             self.model2 = None
             self.ckpt2_drop.disabled = True
@@ -446,10 +470,13 @@ class HeadExplorer:
         self._build_grid()
         warn = []
         if self.dataset is not None and not self.dataset_ok:
-            warn.append(f"the model has C={model.num_classes} class tokens but the dataset has {self.dataset.num_classes} "
-                        f"classes: dataset images are shown without their labels and masks (load a matching checkpoint)")
-        if self.user_class_names is not None and len(self.user_class_names) != model.num_classes and not self.dataset_ok:
-            warn.append(f"{len(self.user_class_names)} class names given for a model with C={model.num_classes}: names not used")
+            warn.append(f"the model has C={model.num_classes} class tokens but the dataset has "
+                        f"{self.dataset.num_classes} classes: dataset images are shown without their labels and masks "
+                        "(load a matching checkpoint)")
+        names = self.user_class_names
+        if names is not None and len(names) != model.num_classes and not self.dataset_ok:
+            warn.append(f"{len(self.user_class_names)} class names given for a model with C={model.num_classes}: names "
+                        "not used")
         for t in warn: self._msg(t, "warn")
         self.notice.value = "".join(f'<div style="color:#a60; font-size:13px">⚠ {html.escape(t)}</div>' for t in warn)
         self._shown_key = None
@@ -462,8 +489,8 @@ class HeadExplorer:
         if not path: raise ValueError("type a checkpoint path (a run folder or a .pt file) first")
         model = load_explorer_model(path, self.device)
         if self.dataset is not None and model.num_classes != self.dataset.num_classes:
-            self._msg(f"checkpoint {path} has C={model.num_classes} classes but the dataset has {self.dataset.num_classes}: "
-                      f"not loaded, the current model stays", "error")
+            self._msg(f"checkpoint {path} has C={model.num_classes} classes but the dataset has "
+                      f"{self.dataset.num_classes}: not loaded, the current model stays", "error")
             return False
         self._set_model(model)
         self._msg(f"loaded {path}")
@@ -472,7 +499,8 @@ class HeadExplorer:
     def _update_image_options(self):
         opts = []
         if self.dataset is not None:
-            n = len(self.dataset); k = min(n, self.max_items)
+            n = len(self.dataset)
+            k = min(n, self.max_items)
             opts += [(f"#{i} {self.dataset.ids[i]}", ("ds", i)) for i in range(k)]
         opts += [(f"image: {self._image_name(j)}", ("img", j)) for j in range(len(self.images))]
         opts += [(f"upload: {name}", ("up", j)) for j, (name, _) in enumerate(self.uploads)]
@@ -497,7 +525,8 @@ class HeadExplorer:
     def _show_key(self, key):
         "Show a menu entry (adding a dataset item beyond the listed ones)."
         if key not in [v for _, v in self.image_dd.options]:
-            with self._batch(): self.image_dd.options = list(self.image_dd.options) + [(f"#{key[1]} {self.dataset.ids[key[1]]}", key)]
+            with self._batch():
+                self.image_dd.options = list(self.image_dd.options) + [(f"#{key[1]} {self.dataset.ids[key[1]]}", key)]
         if self.image_dd.value == key: self._show_item(key)
         else:
             with self._batch(): self.image_dd.value = key
@@ -511,9 +540,11 @@ class HeadExplorer:
             if 0 <= i < n: return self._show_key(("ds", i))
         vals = [v for _, v in self.image_dd.options]
         j = vals.index(key) + d if key in vals else 0
-        if key is not None and key[0] == "ds" and d > 0: j = next((k for k, v in enumerate(vals) if v[0] != "ds"), len(vals))
+        if key is not None and key[0] == "ds" and d > 0:
+            j = next((k for k, v in enumerate(vals) if v[0] != "ds"), len(vals))
         if not 0 <= j < len(vals):
-            self._msg(f"this is the {'first' if d < 0 else 'last'} image", "warn"); return
+            self._msg(f"this is the {'first' if d < 0 else 'last'} image", "warn")
+            return
         self._show_key(vals[j])
 
     def _on_upload(self, value):
@@ -525,9 +556,12 @@ class HeadExplorer:
         "Add an uploaded image file (bytes) and show it; unreadable files give a message."
         from PIL import UnidentifiedImageError
         try:
-            with Image.open(io.BytesIO(data)) as im: im.load(); im = im.copy()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                im = im.copy()
         except UnidentifiedImageError:
-            raise ValueError(f"upload {name!r} is not an image file PIL can read (unknown format or not an image)") from None
+            raise ValueError(f"upload {name!r} is not an image file PIL can read (unknown format or not an "
+                             "image)") from None
         except (OSError, SyntaxError, ValueError) as e:         # truncated / corrupt data
             raise ValueError(f"upload {name!r} is not an image file PIL can read (corrupt or truncated: "
                              f"{readable_error(e)})") from None
@@ -554,7 +588,9 @@ class HeadExplorer:
 
     def analyze(self, key) -> ImageAnalysis:
         "The computed-once analysis of an image menu entry (cached with its display image)."
-        if key in self.cache: self.cache.move_to_end(key); return self.cache[key][0]
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key][0]
         item = self._load(key)
         full, _, notes = prepare_image(item["image"], 1, None)         # RGB at full resolution (kept for display only)
         mask = item["mask"]
@@ -562,7 +598,8 @@ class HeadExplorer:
                            max_side=self.max_side, device=self.device)   # the model works at its working size
         an.notes = notes + an.notes
         (h, w), cell = an.grid, self._cell(an)
-        base = np.asarray(full.resize((w * cell, h * cell), Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
+        base = np.asarray(full.resize((w * cell, h * cell),
+                                      Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
         del full
         self.cache[key] = (an, base)
         while len(self.cache) > self.cache_size: self.cache.popitem(last=False)
@@ -578,7 +615,7 @@ class HeadExplorer:
                 with self._batch(): self.image_dd.value = prev
             raise
         self.analysis, self.base, self._shown_key = an, self.cache[key][1], key
-        self.export_html.value = ""                                      # a link to the previous image's export is stale
+        self.export_html.value = ""                                     # a link to the previous image's export is stale
         h, w = an.grid
         with self._batch():
             self.patch_r.max, self.patch_c.max = h - 1, w - 1
@@ -767,7 +804,7 @@ class HeadExplorer:
         which head contributes most to the fused attention there (fused maps) or the selected head's weight."""
         an, src = self.analysis, self.source.value
         m = np.asarray(self.current_map() if m is None else m)
-        (h, w), (step, gr, gc) = an.grid, self._click
+        (h, w), (_, gr, gc) = an.grid, self._click
         name, cname = SOURCES[src].split(" (")[0], an.class_names[self.cls_dd.value]
         L, wg = an.depth, an.head_weight_grid()
         def at(a, r, c):                                   # an (H, W) array's value at the middle of patch (r, c)
@@ -808,16 +845,19 @@ class HeadExplorer:
         small = W.Layout(width=f"{t}px", height="22px", padding="0", margin="0", min_width="0")
         cells, self._cells, self._rows, self._cols = [W.HTML("")], {}, [], []
         for hd in range(nh):
-            b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer", layout=small)
+            b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer",
+                               layout=small)
             b.add_class(f"weaktr-col-{hd}")
             self._on(b, lambda c, hd=hd: self._set_column(hd, c["new"]))
-            self._cols.append(b); cells.append(b)
+            self._cols.append(b)
+            cells.append(b)
         for k in range(L):
             b = W.ToggleButton(value=True, description=f"L{k}", tooltip=f"switch all heads of layer {k}",
                                layout=W.Layout(width="34px", height=f"{t}px", padding="0", margin="0", min_width="0"))
             b.add_class(f"weaktr-row-{k}")
             self._on(b, lambda c, k=k: self._set_row(k, c["new"]))
-            self._rows.append(b); cells.append(b)
+            self._rows.append(b)
+            cells.append(b)
             for hd in range(nh):
                 img = W.Image(format="png", layout=W.Layout(width=f"{t}px", margin="0"))
                 btn = W.Button(description="", layout=small)
@@ -829,12 +869,15 @@ class HeadExplorer:
         self.grid_box.children = cells
         self.grid_box.layout = W.Layout(grid_template_columns=f"34px repeat({nh}, {t}px)", grid_gap="1px 2px")
         self.grid_help.value = (f'<div style="font-size:11px; line-height:1.3; max-width:{34 + nh * (t + 2)}px">rows = '
-                                'layers, columns = heads; under each head its AAF weight w (orange = switched off)</div>')
+                                'layers, columns = heads; under each head its AAF weight w (orange = switched '
+                                'off)</div>')
 
     def click_head(self, layer: int, head: int):
         "A click on a grid cell: enlarge the head (mode 'select') or switch it on/off (mode 'toggle')."
         if self.click_mode.value == "toggle":
-            z = self.mask_grid(); z[layer, head] = not z[layer, head]; self.set_head_mask(z)
+            z = self.mask_grid()
+            z[layer, head] = not z[layer, head]
+            self.set_head_mask(z)
         else:
             self._select_head(layer, head)
 
@@ -846,7 +889,8 @@ class HeadExplorer:
 
     def mask_grid(self) -> np.ndarray:
         "The current head mask as an (L, nh) bool grid (a copy)."
-        return np.ones((self.model.depth, self.model.num_heads), bool) if self.head_mask is None else self.head_mask.copy()
+        return np.ones((self.model.depth, self.model.num_heads),
+                       bool) if self.head_mask is None else self.head_mask.copy()
 
     def set_head_mask(self, z):
         "Set the heads in the fusion: (L, nh) bool [layer, head], or None for all; the row/column toggles follow."
@@ -867,17 +911,22 @@ class HeadExplorer:
                 if b.value != bool(z[:, hd].all()): b.value = bool(z[:, hd].all())
 
     def _set_row(self, k, on):
-        z = self.mask_grid(); z[k, :] = on; self.set_head_mask(z)
+        z = self.mask_grid()
+        z[k, :] = on
+        self.set_head_mask(z)
 
     def _set_column(self, hd, on):
-        z = self.mask_grid(); z[:, hd] = on; self.set_head_mask(z)
+        z = self.mask_grid()
+        z[:, hd] = on
+        self.set_head_mask(z)
 
     # -- drawing ----------------------------------------------------------------------------------------------
     def current_map(self, source: str | None = None) -> np.ndarray:
         "The map of `source` (default: the main view's) for the current controls."
         an = self.analysis
         return source_map(an, source or self.source.value, self.cls_dd.value, self.layer.value, self.head.value,
-                          self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value, self.crf.value)
+                          self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value,
+                          self.crf.value)
 
     def view_title(self, source: str | None = None, an=None) -> str:
         "Plain-text title of a view (of `an`, default: the main analysis; no reprs: ints, names, rounded floats)."
@@ -887,7 +936,8 @@ class HeadExplorer:
         r, c = int(self.patch_r.value), int(self.patch_c.value)
         t = {"head": f"layer {k}, head {hd}: '{name}' token → patches (w = {float(an.head_weight_grid()[k, hd]):.2f})",
              "affinity": f"patch ({r}, {c}) → patches, fused affinity",
-             "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches"}.get(src, f"{SOURCES[src]} · '{name}'")
+             "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches",
+             }.get(src, f"{SOURCES[src]} · '{name}'")
         if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
         z = self.head_mask
         if z is not None and z.shape == (an.depth, an.num_heads) and src not in ("head", "head_affinity", "coarse"):
@@ -904,7 +954,8 @@ class HeadExplorer:
                             patch=(self.patch_r.value, self.patch_c.value) if patchy else None)
 
     def _render(self, m, src, scale: float = 1.0, an=None, patch=None):
-        "A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its region."
+        """A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its
+        region."""
         an, base = an or self.analysis, self.base
         pr, pc = patch or (self.patch_r.value, self.patch_c.value)
         if scale != 1.0:
@@ -929,8 +980,10 @@ class HeadExplorer:
             r0, c0 = int(pr * ch), int(pc * cw)
             r1, c1 = min(Hd, int((pr + 1) * ch)) - 1, min(Wd, int((pc + 1) * cw)) - 1
             for color, d in ((255, 0), (0, 1)):
-                out[r0 + d, c0 + d:c1 - d + 1] = color; out[r1 - d, c0 + d:c1 - d + 1] = color
-                out[r0 + d:r1 - d + 1, c0 + d] = color; out[r0 + d:r1 - d + 1, c1 - d] = color
+                out[r0 + d, c0 + d:c1 - d + 1] = color
+                out[r1 - d, c0 + d:c1 - d + 1] = color
+                out[r0 + d:r1 - d + 1, c0 + d] = color
+                out[r0 + d:r1 - d + 1, c1 - d] = color
         return png_bytes(out, compress_level=1), region
 
     def _refresh(self, grid: bool = False):
@@ -943,19 +996,22 @@ class HeadExplorer:
         if note == "zero":
             why = ("every head is switched off" if self.head_mask is not None and not self.head_mask.any() else
                    f"ReLU(M) of '{an.class_names[cls]}' is 0 everywhere: the CAM head does not fire for this class"
-                   if src in ("coarse", "fused", "refined", "refined_uniform") and not (an.cam_coarse[cls] > 0).any() else
+                   if src in ("coarse", "fused", "refined", "refined_uniform") and not (an.cam_coarse[cls] > 0).any()
+                   else
                    "no positive value")
             self._msg(f"the map is zero everywhere ({why}): the view shows the plain image", "warn")
             title += " · zero everywhere"
         elif note == "flat":
             self._msg("the map is flat (max − min ≤ 0.1 % of the max): no region is outlined", "warn")
             title += " · flat"
-        self.title_main.value = f'<div style="font-size:13px; font-weight:600; line-height:1.4">{html.escape(title)}</div>'
+        style = "font-size:13px; font-weight:600; line-height:1.4"
+        self.title_main.value = f'<div style="{style}">{html.escape(title)}</div>'
         H = self.base.shape[0]
         if m.dtype.kind in "iub": self.colorbar.value = _legend_html(an, an.present)
         else:
             mm = np.clip(m.astype(np.float64), 0, None)
-            self.colorbar.value = _colorbar_html(self.cmap.value, float(mm.min()), float(mm.max()), self.sqrt.value, H - 8)
+            self.colorbar.value = _colorbar_html(self.cmap.value, float(mm.min()), float(mm.max()), self.sqrt.value,
+                                                 H - 8)
         if src == "pseudo":
             self._msg(f"pseudo label at t={self.threshold.value:.2f}{' + CRF' if self.crf.value else ''} for "
                       f"{', '.join(an.class_names[c] for c in an.present)} "
@@ -999,36 +1055,42 @@ class HeadExplorer:
             t = "ground truth"
         elif key == "image":
             png, t = png_bytes(np.asarray(Image.fromarray(self.base).resize(
-                (round(self.base.shape[1] * 0.6), round(self.base.shape[0] * 0.6)), Image.BILINEAR)), compress_level=1), f"{an.id}"
+                (round(self.base.shape[1] * 0.6), round(self.base.shape[0] * 0.6)), Image.BILINEAR)),
+                               compress_level=1), f"{an.id}"
         else:
             m2 = self.current_map(key)
             png, _ = self._render(m2, key, 0.6)
             t = self.view_title(key)
             if an.mask is not None and key not in _PATCH_SOURCES:
-                self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value, None if key == "pseudo" else (self.mass.value or None))
+                self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value,
+                                    None if key == "pseudo" else (self.mass.value or None))
                 t += f" · IoU {self.iou2:.2f}"
         self.view2.value = png
         self.view2_heads.value = heads
-        self.view2_title.value = (f'<div style="font-size:12px; line-height:1.35; max-width:{round(self.base.shape[1] * 0.6)}px">'
-                                  f'{html.escape(t)}</div>')
+        self.view2_title.value = ('<div style="font-size:12px; line-height:1.35; '
+                                  f'max-width:{round(self.base.shape[1] * 0.6)}px">{html.escape(t)}</div>')
         self._view2_text = t                                             # the plain title, for the pair export
 
     def _update_info(self, m, region):
         an, cls, src = self.analysis, self.cls_dd.value, self.source.value
         rows = [f"<b>{html.escape(an.id)}</b> · class <b>{html.escape(an.class_names[cls])}</b> · scores: token "
-                + " · ".join(f"{k} {float(an.scores[k][cls]):.2f}" for k in ("token", "coarse", "fine")).replace("token ", "", 1)]
+                + " · ".join(f"{k} {float(an.scores[k][cls]):.2f}"
+                             for k in ("token", "coarse", "fine")).replace("token ", "", 1)]
         if cls not in an.present:
             rows.append(f'<span style="color:#a60">"{html.escape(an.class_names[cls])}" is not among this image\'s '
-                        f'{"labels" if an.labels is not None else "predicted classes"}; the pseudo label ignores it</span>')
+                        f'{"labels" if an.labels is not None else "predicted classes"}; the pseudo '
+                        'label ignores it</span>')
         self.iou = None
         if an.mask is not None and src not in _PATCH_SOURCES:
-            self.iou = map_iou(m, an.mask, cls, self.threshold.value, None if src == "pseudo" else (self.mass.value or None))
+            self.iou = map_iou(m, an.mask, cls, self.threshold.value,
+                               None if src == "pseudo" else (self.mass.value or None))
             how = (f"attention mass {self.mass.value:.2f}" if self.mass.value and src != "pseudo"
                    else f"threshold {self.threshold.value:.2f}")
             rows.append(f"IoU with GT: <b>{self.iou:.3f}</b> (white outline: {how})")
         off = 0 if self.head_mask is None else int((~self.head_mask).sum())
         w_on = float(effective_weights(an, self.head_mask).sum())
-        rows.append(f"heads on: {an.num_maps - off}/{an.num_maps} · Σw on/all = {w_on:.2f}/{float(an.head_weights.sum()):.2f}")
+        rows.append(f"heads on: {an.num_maps - off}/{an.num_maps} · Σw on/all = "
+                    f"{w_on:.2f}/{float(an.head_weights.sum()):.2f}")
         self.info.value = "<div style='font-size:12px; line-height:1.5'>" + "<br>".join(rows) + "</div>"
 
     def _refresh_grid(self):
@@ -1042,7 +1104,8 @@ class HeadExplorer:
         if key == getattr(self, "_grid_key", None): return               # nothing the thumbnails show has changed
         self._grid_key = key
         (h, w) = an.grid
-        small = np.asarray(Image.fromarray(an.image).resize((max(1, round(w * t / max(h, w))), max(1, round(h * t / max(h, w)))),
+        small = np.asarray(Image.fromarray(an.image).resize((max(1, round(w * t / max(h, w))),
+                                                             max(1, round(h * t / max(h, w)))),
                                                               Image.BILINEAR))
         for (k, hd), (img, btn) in self._cells.items():
             m = affinity_row(an, patch, layer=k, head=hd) if patch is not None else head_map(an, k, hd, cls)
@@ -1060,7 +1123,8 @@ class HeadExplorer:
                 "map": self.source.value, "map_label": SOURCES[self.source.value], "beside": self.compare.value,
                 "layer": int(self.layer.value), "head": int(self.head.value),
                 "patch": [int(self.patch_r.value), int(self.patch_c.value)],
-                "threshold": float(self.threshold.value), "attention_mass": float(self.mass.value), "crf": bool(self.crf.value),
+                "threshold": float(self.threshold.value), "attention_mass": float(self.mass.value),
+                "crf": bool(self.crf.value),
                 "opacity": float(self.alpha.value), "colormap": self.cmap.value, "sqrt": bool(self.sqrt.value),
                 "heads_off": [[int(k), int(h)] for k, h in zip(*np.nonzero(~z))],
                 "iou": None if self.iou is None or np.isnan(self.iou) else round(float(self.iou), 4),
@@ -1079,8 +1143,8 @@ class HeadExplorer:
         with atomic_path(side) as tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
         for p in (path, side): os.chmod(p, 0o644)                       # world-readable (mkstemp makes 0600)
         b64 = base64.b64encode(data).decode()
-        self.export_html.value = (f'saved {html.escape(str(path))} (+ .json settings) · <a download="{html.escape(name)}" '
-                                  f'href="data:image/png;base64,{b64}">download</a>')
+        self.export_html.value = (f'saved {html.escape(str(path))} (+ .json settings) · <a '
+                                  f'download="{html.escape(name)}" href="data:image/png;base64,{b64}">download</a>')
         return path
 
     def _stem(self):
@@ -1094,7 +1158,8 @@ class HeadExplorer:
         return self._export(self.current_figure(), f"{self._stem()}_{self.source.value}.png")
 
     def export_grid(self) -> Path:
-        "Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png, settings recorded); returns the path."
+        """Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png, settings recorded); returns the
+        path."""
         if self.analysis is None: raise ValueError("no image is shown: nothing to export")
         patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
         fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
@@ -1129,7 +1194,7 @@ def head_explorer(model,                      # a WeakTr, or a checkpoint path (
                   dataset=None,               # SegDataset: images with labels and GT masks (optional)
                   images: Sequence | None = None,  # extra images: paths, PIL images or arrays
                   device: str = "cpu",
-                  **kw,                       # see `HeadExplorer` (class_names, max_side, thumb, view_side, export_dir, ...)
+                  **kw,                  # see `HeadExplorer` (class_names, max_side, thumb, view_side, export_dir, ...)
                  ) -> W.VBox:
     "Build the attention-head explorer; display the returned VBox (its `.explorer` holds the state)."
     return HeadExplorer(model, dataset, images, device, **kw).box

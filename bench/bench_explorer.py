@@ -218,6 +218,46 @@ def upload_ab(a, spec: dict):
     print(json.dumps(meta))
 
 
+def markdown(results: list[dict]) -> None:
+    "Print the markdown tables of one run's results (what --markdown prints; --render FILE reprints a saved run)."
+    r = {(x["what"], x["max_side"]): x for x in results}
+    c, cc = r["controls", "auto"]["controls"], r["controls", "auto"]["controls_cpu"]
+    up, ni = r["upload", "auto"], r["new_image", "auto"]
+    worst = max(c, key=c.get)
+    mem = lambda x: (f"{x['peak_rise_mib']:.0f} peak" if x["peak_rise_mib"] is not None
+                     else f"{x['rss_rise_mib']:.0f} resident (peak below the build's)")
+    rows = [("every control, worst median", f"{c[worst]:.3f} ({worst})", f"{cc[worst]:.3f}", "≤ 0.3 s"),
+            ("controls, median of the medians", f"{np.median(list(c.values())):.3f}",
+             f"{np.median(list(cc.values())):.3f}", "≤ 0.3 s"),
+            ("new image (dataset #)", f"{ni['new_image_s']:.3f}", f"{ni['new_image_cpu_s']:.3f}", "≤ 0.5 s"),
+            ("new image (next ▶)", f"{ni['next_button_s']:.3f}", f"{ni['next_button_cpu_s']:.3f}", "≤ 0.5 s"),
+            (f"1280×960 JPEG upload: fed {up['fed'][0]}×{up['fed'][1]}, grid {up['grid'][0]}×{up['grid'][1]}",
+             f"{up['upload_s']:.2f}", f"{up['upload_cpu_s']:.2f}", "≤ 1.5 s"),
+            ("1280×960 upload: memory rise (MiB)", mem(up), "", "≤ 500 MB")]
+    if ("checkpoint_b", "auto") in r:
+        b = r["checkpoint_b", "auto"]
+        rows += [(f"load checkpoint B ({b['checkpoint_mib']:.0f} MiB) and show it beside", f"{b['load_b_s']:.2f}",
+                  f"{b['load_b_cpu_s']:.2f}", ""),
+                 ("… of which reading the file into a model", "", f"{b['load_b_model_only_cpu_s']:.2f}", ""),
+                 ("… … torch.load of the file alone", "", f"{b['load_b_torch_load_cpu_s']:.2f}", ""),
+                 ("… … building a randomly initialised model alone", "",
+                  f"{b['load_b_build_random_init_cpu_s']:.2f}", ""),
+                 ("new image with checkpoint B beside (A and B analyse it)", f"{b['new_image_with_b_s']:.3f}",
+                  f"{b['new_image_with_b_cpu_s']:.3f}", "")]
+    if ("upload", 448) in r:
+        b = r["upload", 448]
+        rows += [(f"baseline (old fixed max_side=448): upload, fed {b['fed'][0]}×{b['fed'][1]}, grid "
+                  f"{b['grid'][0]}×{b['grid'][1]}",
+                  f"{b['upload_s']:.2f}", f"{b['upload_cpu_s']:.2f}",
+                  f"ours / baseline: **{up['upload_s'] / b['upload_s']:.2f}x** wall"),
+                 ("baseline: memory rise (MiB)", mem(b), "", "")]
+    print("| measurement | wall s | CPU s | target |\n|---|---|---|---|")
+    for row in rows: print("| " + " | ".join(row) + " |")
+    parts = up["upload_parts_cpu_s"]
+    print("\n1280×960 upload, CPU s per part: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    print("\nper control, median wall / CPU s: " + ", ".join(f"{k} {c[k]:.3f} / {cc[k]:.3f}" for k in c))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["demo", "deit-s"], default="demo")
@@ -228,8 +268,15 @@ def main(argv=None):
                     help="A/B: alternate the upload measurement of this checkout and of another checkout's "
                          "bench/bench_explorer.py (each in a fresh process importing its own weaktr), --rounds times")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the --against comparison")
+    ap.add_argument("--render", default=None, metavar="FILE",
+                    help="print the markdown tables of a saved run (an --out file) and its meta; measures nothing")
     add_process_args(ap)
     a = ap.parse_args(argv)
+    if a.render:
+        saved = json.loads(Path(a.render).read_text())
+        markdown(saved["results"])
+        print(json.dumps(saved["meta"]))
+        return
     if a._child:
         print(json.dumps(child(json.loads(a._child))))
         return
@@ -246,43 +293,7 @@ def main(argv=None):
                 command="python bench/bench_explorer.py " + " ".join(sys.argv[1:]), commit=git_commit())
     out = dict(meta=meta, results=results)
     if a.out: Path(a.out).write_text(json.dumps(out, indent=1))
-    if a.markdown:
-        r = {(x["what"], x["max_side"]): x for x in results}
-        c, cc = r["controls", "auto"]["controls"], r["controls", "auto"]["controls_cpu"]
-        up, ni = r["upload", "auto"], r["new_image", "auto"]
-        worst = max(c, key=c.get)
-        mem = lambda x: (f"{x['peak_rise_mib']:.0f} peak" if x["peak_rise_mib"] is not None
-                         else f"{x['rss_rise_mib']:.0f} resident (peak below the build's)")
-        rows = [("every control, worst median", f"{c[worst]:.3f} ({worst})", f"{cc[worst]:.3f}", "≤ 0.3 s"),
-                ("controls, median of the medians", f"{np.median(list(c.values())):.3f}",
-                 f"{np.median(list(cc.values())):.3f}", "≤ 0.3 s"),
-                ("new image (dataset #)", f"{ni['new_image_s']:.3f}", f"{ni['new_image_cpu_s']:.3f}", "≤ 0.5 s"),
-                ("new image (next ▶)", f"{ni['next_button_s']:.3f}", f"{ni['next_button_cpu_s']:.3f}", "≤ 0.5 s"),
-                (f"1280×960 JPEG upload: fed {up['fed'][0]}×{up['fed'][1]}, grid {up['grid'][0]}×{up['grid'][1]}",
-                 f"{up['upload_s']:.2f}", f"{up['upload_cpu_s']:.2f}", "≤ 1.5 s"),
-                ("1280×960 upload: memory rise (MiB)", mem(up), "", "≤ 500 MB")]
-        if ("checkpoint_b", "auto") in r:
-            b = r["checkpoint_b", "auto"]
-            rows += [(f"load checkpoint B ({b['checkpoint_mib']:.0f} MiB) and show it beside", f"{b['load_b_s']:.2f}",
-                      f"{b['load_b_cpu_s']:.2f}", ""),
-                     ("… of which reading the file into a model", "", f"{b['load_b_model_only_cpu_s']:.2f}", ""),
-                     ("… … torch.load of the file alone", "", f"{b['load_b_torch_load_cpu_s']:.2f}", ""),
-                     ("… … building a randomly initialised model alone", "",
-                      f"{b['load_b_build_random_init_cpu_s']:.2f}", ""),
-                     ("new image with checkpoint B beside (A and B analyse it)", f"{b['new_image_with_b_s']:.3f}",
-                      f"{b['new_image_with_b_cpu_s']:.3f}", "")]
-        if ("upload", 448) in r:
-            b = r["upload", 448]
-            rows += [(f"baseline (old fixed max_side=448): upload, fed {b['fed'][0]}×{b['fed'][1]}, grid "
-                      f"{b['grid'][0]}×{b['grid'][1]}",
-                      f"{b['upload_s']:.2f}", f"{b['upload_cpu_s']:.2f}",
-                      f"ours / baseline: **{up['upload_s'] / b['upload_s']:.2f}x** wall"),
-                     ("baseline: memory rise (MiB)", mem(b), "", "")]
-        print("| measurement | wall s | CPU s | target |\n|---|---|---|---|")
-        for row in rows: print("| " + " | ".join(row) + " |")
-        parts = up["upload_parts_cpu_s"]
-        print("\n1280×960 upload, CPU s per part: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-        print("\nper control, median wall / CPU s: " + ", ".join(f"{k} {c[k]:.3f} / {cc[k]:.3f}" for k in c))
+    if a.markdown: markdown(results)
     print(json.dumps(meta))
 
 

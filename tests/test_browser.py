@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 NB = REPO / "nbs" / "explore.ipynb"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
-TRAIN_SECONDS = 4.0            # the notebook's fine-tuning budget in this test
+TRAIN_STEPS = 30               # the notebook's fine-tuning steps in this test
 
 
 def find_chromium() -> str | None:
@@ -46,13 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def notebook_copy(dst: Path, train_seconds: float) -> Path:
-    "explore.ipynb with the fine-tuning budget of its parameters cell set to `train_seconds`."
+def notebook_copy(dst: Path, train_steps: int) -> Path:
+    "explore.ipynb with the fine-tuning steps of its parameters cell set to `train_steps`."
     nb = json.loads(NB.read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     src = "".join(cell["source"])
-    assert "train_seconds: float =" in src, "explore.ipynb's parameters cell has no train_seconds"
-    cell["source"] = "\n".join(f"train_seconds: float = {train_seconds}  # (test)" if l.startswith("train_seconds")
+    assert "train_steps: int =" in src, "explore.ipynb's parameters cell has no train_steps"
+    cell["source"] = "\n".join(f"train_steps: int = {train_steps}  # (test)" if l.startswith("train_steps")
                                else l
                                for l in src.splitlines())
     dst.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path):
 def lab(tmp_path):
     "A JupyterLab server over a copy of explore.ipynb: yields (base url, token, notebook name)."
     root = tmp_path / "nbs"
-    notebook_copy(root, TRAIN_SECONDS)
+    notebook_copy(root, TRAIN_STEPS)
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrun"),

@@ -27,7 +27,7 @@ def run_walkthrough(out: Path, **params) -> dict:
 
 
 def test_walkthrough_quick_synthetic(tmp_path):
-    text = run_walkthrough(tmp_path / "walkthrough.ipynb", quick=True, train_seconds=4.0, n_images=4)
+    text = run_walkthrough(tmp_path / "walkthrough.ipynb", quick=True, train_steps=30, n_images=4)
     assert "4 blocks x 4 heads" in text or "blocks x" in text
     assert "pseudo-label mIoU" in text and "GC mutes" in text and "walkthrough ran in" in text
     # one figure per call: no cell shows more pictures than it has show(...) calls (a pyplot figure returned by a

@@ -32,11 +32,11 @@ JCACHE = Path(os.environ.get("WEAKTR_DOCS_JCACHE", CACHE / "jupyter"))   # the e
 # Notebooks too slow at their defaults for every docs build get a fast setting here; each page says what it ran with.
 # name: (parameters injected after the `parameters` cell, why)
 DOCS_PARAMS: dict[str, tuple[dict, str]] = {
-    "walkthrough.ipynb": ({"train_seconds": 45.0, "n_images": 12},
-                          "fine-tuning budget 45 s and 12 images (defaults: 60 s, 16 images; a reading group uses 120 "
-                          "s or a trained checkpoint)"),
-    "explore.ipynb": ({"train_seconds": 15.0},
-                      "fine-tuning budget 15 s when `runs/demo` has no checkpoint (as the default); with `./kit demo` "
+    "walkthrough.ipynb": ({"train_steps": 400, "n_images": 12},
+                          "400 fine-tuning steps and 12 images (defaults: 500 steps, 16 images; a reading group uses "
+                          "1500 steps or a trained checkpoint)"),
+    "explore.ipynb": ({"train_steps": 150},
+                      "150 fine-tuning steps when `runs/demo` has no checkpoint (as the default); with `./kit demo` "
                       "run first, the page shows the demo's Phase-1 model"),
 }
 QUICK_EXECUTE = ("index.ipynb", "method_notes.ipynb", "03_head_fusion.ipynb", "07_decoder.ipynb")

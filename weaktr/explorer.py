@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_explorer.ipynb #d0ea0f0e
 from __future__ import annotations
-import base64, html, io, itertools, json, os, pickle, re, time, traceback
+import base64, html, io, itertools, json, os, pickle, re, tempfile, time, traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,14 +89,19 @@ def demo_model(num_classes: int,       # C
 
 def quick_finetune(model: WeakTr,        # trained in place
                    dataset,              # SegDataset (images + labels)
-                   seconds: float = 30,  # wall-clock budget
+                   steps: int = 200,     # optimizer updates (not seconds: the same steps give the same model anywhere)
                    batch_size: int = 16,
                    lr: float = 1e-3,
                    max_images: int = 600,  # first n images are preloaded as tensors
-                   max_steps: int | None = None,
                    seed: int = 0,
+                   progress: bool = False, # tqdm bars of the loop
                   ) -> list[float]:
-    "Train for `seconds` on random flips of preloaded images with the WeakTr loss; returns the per-step losses."
+    """`steps` updates of the WeakTr loss on random flips of preloaded images, with the kit's one training loop
+    (`weaktr.learner.Learner`: AdamW, one epoch of linear warmup, cosine decay; files in a temporary folder);
+    returns the per-step losses."""
+    from torch.utils.data import TensorDataset
+    from weaktr.learner import Learner
+    if steps < 1: raise ValueError(f"quick_finetune: steps must be >= 1, got {steps}")
     size = model.config.get("img_size", 64)
     size = (size, size) if isinstance(size, int) else tuple(size)
     m, s = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -107,23 +112,23 @@ def quick_finetune(model: WeakTr,        # trained in place
         im = smp["image"].resize(size[::-1], Image.BICUBIC) if smp["image"].size != size[::-1] else smp["image"]
         xs.append((torch.from_numpy(np.array(im, np.uint8)).permute(2, 0, 1).float() / 255 - m) / s)   # (3, H, W)
         ys.append(smp["labels"])
-    X, Y = torch.stack(xs), torch.stack(ys)                                # (n, 3, H, W), (n, C)
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.03)
-    model.train()
-    losses, t0 = [], time.time()
-    while time.time() - t0 < seconds and (max_steps is None or len(losses) < max_steps):
-        idx = torch.randint(n, (min(batch_size, n),), generator=g)
-        xb = X[idx]
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        for grp in opt.param_groups: grp["lr"] = lr * min(1.0, (len(losses) + 1) / 50)      # short linear warmup
-        loss = weaktr_loss(model(xb.to(device)), Y[idx].to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    data = TensorDataset(torch.stack(xs), torch.stack(ys))                  # (n, 3, H, W), (n, C)
+
+    def loss_fn(model, batch):
+        xb, yb = batch
+        flip = torch.rand(len(xb), device=xb.device) < 0.5                 # the loop seeds torch's RNG from `seed`
+        return weaktr_loss(model(torch.where(flip[:, None, None, None], xb.flip(-1), xb)), yb), {}
+
+    bs = min(batch_size, n)
+    per_epoch = n // bs                                                       # drop_last: full batches only
+    cfg = dict(epochs=-(-steps // per_epoch), max_steps=steps, batch_size=bs, lr=lr, lr_scale_by_batch=False,
+               weight_decay=0.03, schedule="cosine", sched_unit="step", warmup_epochs=1, reference_lag=False,
+               amp="off", seed=seed, device=str(next(model.parameters()).device), num_workers=0, log_every=10 ** 9,
+               ckpt_every=10 ** 9, select_metric=None, progress=progress, plot=False)
+    losses = []
+    with tempfile.TemporaryDirectory() as d:
+        Learner(model, loss_fn, data, cfg, run_dir=d, config_name="",
+                callbacks=dict(on_batch_end=lambda learner: losses.append(learner.loss))).fit()
     model.eval()
     return losses
 

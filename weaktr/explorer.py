@@ -15,6 +15,7 @@ import torch
 import ipywidgets as W
 from PIL import Image
 
+from fastcore.basics import patch
 from .core import atomic_path
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .data import runs_dir
@@ -132,7 +133,7 @@ def quick_finetune(model: WeakTr,        # trained in place
     model.eval()
     return losses
 
-# %% ../nbs/18_explorer.ipynb #2f60db99
+# %% ../nbs/18_explorer.ipynb #3889c9ca
 def _hex(rgb) -> str: return "#%02x%02x%02x" % tuple(int(v) for v in rgb)
 
 _REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -241,6 +242,7 @@ def _click_css(uid: str, rows: str, cols: str, lower: int) -> str:
             f"white-space: normal; text-align: left; pointer-events: none; z-index: 3}}"
             f"{b}:nth-child(n+{lower}):hover::after {{top: 0; bottom: auto}}</style>")
 
+# %% ../nbs/18_explorer.ipynb #086e4090
 class HeadExplorer:
     "State and widgets of the attention-head explorer (see `head_explorer`)."
     def __init__(self,
@@ -279,7 +281,6 @@ class HeadExplorer:
         with self._guarded():
             self._set_model(model)
 
-    # -- messages ---------------------------------------------------------------------------------------------
     def _msg(self, text: str, kind: str = "info"):
         "Show a message line (kind: info, warn, error) in the status lines of the current action (at most 3)."
         color = {"info": "#225", "warn": "#a60", "error": "#b00"}[kind]
@@ -312,7 +313,6 @@ class HeadExplorer:
         try: yield
         finally: self._suspend -= 1
 
-    # -- widgets ----------------------------------------------------------------------------------------------
     def _build_controls(self, threshold):
         sty, lay = dict(description_width="initial"), lambda w, **k: W.Layout(width=w, **k)
         self.title = W.HTML()
@@ -434,7 +434,6 @@ class HeadExplorer:
         self.ckpt2_drop.on_click(lambda b: self._act(self.load_compare_checkpoint, None))
         self._on(self.click_grid, lambda c: self._grid_clicked(c["new"]), names="index")
 
-    # -- model and images -------------------------------------------------------------------------------------
     @property
     def dataset_ok(self) -> bool:
         "The dataset's classes fit the model (labels, masks and names are used)."
@@ -446,755 +445,810 @@ class HeadExplorer:
         "Longer image side fed to the model (see `working_side`)."
         return working_side(self.model) if self.max_side_opt == "auto" else self.max_side_opt
 
-    def class_names(self) -> tuple:
-        C = self.model.num_classes
-        if self.dataset_ok: return tuple(self.dataset.class_names)
-        if self.user_class_names is not None and len(self.user_class_names) == C: return tuple(self.user_class_names)
-        return tuple(f"class {i}" for i in range(C))
+# %% ../nbs/18_explorer.ipynb #87c53ef0
+@patch
+def class_names(self: HeadExplorer) -> tuple:
+    C = self.model.num_classes
+    if self.dataset_ok: return tuple(self.dataset.class_names)
+    if self.user_class_names is not None and len(self.user_class_names) == C: return tuple(self.user_class_names)
+    return tuple(f"class {i}" for i in range(C))
 
-    def _set_model(self, model):
-        if isinstance(model, (str, Path)): model = load_explorer_model(model, self.device)
-        if not isinstance(model, WeakTr):
-            raise TypeError(f"expected a WeakTr model or a checkpoint path, got {type(model).__name__}")
-        self.model = model.to(self.device).eval()
-        self.cache.clear()
-        self.head_mask = None
-        self.export_html.value = ""
-        if self.model2 is not None and self.model2.num_classes != model.num_classes:
-            self.model2 = None
-            self.ckpt2_drop.disabled = True
-            self._msg("checkpoint B scores another number of classes than this model: dropped", "warn")
+@patch
+def _set_model(self: HeadExplorer, model):
+    if isinstance(model, (str, Path)): model = load_explorer_model(model, self.device)
+    if not isinstance(model, WeakTr):
+        raise TypeError(f"expected a WeakTr model or a checkpoint path, got {type(model).__name__}")
+    self.model = model.to(self.device).eval()
+    self.cache.clear()
+    self.head_mask = None
+    self.export_html.value = ""
+    if self.model2 is not None and self.model2.num_classes != model.num_classes:
+        self.model2 = None
+        self.ckpt2_drop.disabled = True
+        self._msg("checkpoint B scores another number of classes than this model: dropped", "warn")
+    self.cache2.clear()
+    L, nh = model.depth, model.num_heads
+    side = self.max_side
+    fed = f" · images fed at ≤ {side} px" if side else " · images fed at their own size"
+    self.title.value = (f'<div style="font-size:14px"><b>WeakTr head explorer</b> — '
+                        f'{html.escape(model_summary(model) + fed)}</div>')
+    with self._batch():
+        self.layer.max, self.head.max = L - 1, nh - 1
+    self._build_grid()
+    warn = []
+    if self.dataset is not None and not self.dataset_ok:
+        warn.append(f"the model has C={model.num_classes} class tokens but the dataset has "
+                    f"{self.dataset.num_classes} classes: dataset images are shown without their labels and masks "
+                    "(load a matching checkpoint)")
+    names = self.user_class_names
+    if names is not None and len(names) != model.num_classes and not self.dataset_ok:
+        warn.append(f"{len(self.user_class_names)} class names given for a model with C={model.num_classes}: names "
+                    "not used")
+    for t in warn: self._msg(t, "warn")
+    self.notice.value = "".join(f'<div style="color:#a60; font-size:13px">⚠ {html.escape(t)}</div>' for t in warn)
+    self._shown_key = None
+    self._update_image_options()
+    if self.image_dd.options: self._show_item(self.image_dd.value)
+
+@patch
+def load_checkpoint(self: HeadExplorer, path):
+    "Swap in a model from a checkpoint; refused (with a message) if its class count does not fit the dataset."
+    path = str(path).strip()
+    if not path: raise ValueError("type a checkpoint path (a run folder or a .pt file) first")
+    model = load_explorer_model(path, self.device)
+    if self.dataset is not None and model.num_classes != self.dataset.num_classes:
+        self._msg(f"checkpoint {path} has C={model.num_classes} classes but the dataset has "
+                  f"{self.dataset.num_classes}: not loaded, the current model stays", "error")
+        return False
+    self._set_model(model)
+    self._msg(f"loaded {path}")
+    return True
+
+@patch
+def _update_image_options(self: HeadExplorer):
+    opts = []
+    if self.dataset is not None:
+        n = len(self.dataset)
+        k = min(n, self.max_items)
+        opts += [(f"#{i} {self.dataset.ids[i]}", ("ds", i)) for i in range(k)]
+    opts += [(f"image: {self._image_name(j)}", ("img", j)) for j in range(len(self.images))]
+    opts += [(f"upload: {name}", ("up", j)) for j, (name, _) in enumerate(self.uploads)]
+    cur = self.image_dd.value
+    with self._batch():
+        self.image_dd.options = opts
+        if opts: self.image_dd.value = cur if cur in [v for _, v in opts] else opts[0][1]
+
+@patch
+def _image_name(self: HeadExplorer, j):
+    im = self.images[j]
+    return Path(im).name if isinstance(im, (str, Path)) else f"{j} ({type(im).__name__})"
+
+@patch
+def _pick_index(self: HeadExplorer, i):
+    n = len(self.dataset) if self.dataset is not None else 0
+    if not 0 <= int(i) < n:
+        cur = self._shown_key[1] if self._shown_key and self._shown_key[0] == "ds" else 0
+        with self._batch(): self.index.value = cur
+        raise ValueError(f"dataset # {i} is out of range: the dataset has {n} images, # 0 to {n - 1}"
+                         if n else "there is no dataset to pick from")
+    self._show_key(("ds", int(i)))
+
+@patch
+def _show_key(self: HeadExplorer, key):
+    "Show a menu entry (adding a dataset item beyond the listed ones)."
+    if key not in [v for _, v in self.image_dd.options]:
+        with self._batch():
+            self.image_dd.options = list(self.image_dd.options) + [(f"#{key[1]} {self.dataset.ids[key[1]]}", key)]
+    if self.image_dd.value == key: self._show_item(key)
+    else:
+        with self._batch(): self.image_dd.value = key
+        self._show_item(key)
+
+@patch
+def step_image(self: HeadExplorer, d: int):
+    "Previous (d=-1) / next (d=1) image: dataset items by index, then your images and uploads in menu order."
+    key = self._shown_key
+    if key is not None and key[0] == "ds":
+        i, n = key[1] + d, len(self.dataset)
+        if 0 <= i < n: return self._show_key(("ds", i))
+    vals = [v for _, v in self.image_dd.options]
+    j = vals.index(key) + d if key in vals else 0
+    if key is not None and key[0] == "ds" and d > 0:
+        j = next((k for k, v in enumerate(vals) if v[0] != "ds"), len(vals))
+    if not 0 <= j < len(vals):
+        self._msg(f"this is the {'first' if d < 0 else 'last'} image", "warn")
+        return
+    self._show_key(vals[j])
+
+@patch
+def _on_upload(self: HeadExplorer, value):
+    if not value: return
+    f = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
+    self.add_upload(f.get("name", "upload"), bytes(f["content"]))
+
+@patch
+def add_upload(self: HeadExplorer, name: str, data: bytes):
+    "Add an uploaded image file (bytes) and show it; unreadable files give a message."
+    from PIL import UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = im.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"upload {name!r} is not an image file PIL can read (unknown format or not an "
+                         "image)") from None
+    except (OSError, SyntaxError, ValueError) as e:         # truncated / corrupt data
+        raise ValueError(f"upload {name!r} is not an image file PIL can read (corrupt or truncated: "
+                         f"{readable_error(e)})") from None
+    ps = self.model.patch_size if isinstance(self.model.patch_size, int) else max(self.model.patch_size)
+    try: prepare_image(im, ps, None)                         # refuse unusable images before listing them
+    except (ValueError, TypeError) as e: raise ValueError(f"upload {name!r}: {e}") from None
+    self.uploads.append((name, data))
+    self._update_image_options()
+    self._show_key(("up", len(self.uploads) - 1))
+
+@patch
+def _load(self: HeadExplorer, key) -> dict:
+    kind, j = key
+    if kind == "ds":
+        s = self.dataset[j]
+        if self.dataset_ok: return dict(image=s["image"], labels=s["labels"], mask=s["mask"], id=s["id"])
+        return dict(image=s["image"], labels=None, mask=None, id=s["id"])
+    if kind == "img": return dict(image=self.images[j], labels=None, mask=None, id=self._image_name(j))
+    name, data = self.uploads[j]
+    return dict(image=Image.open(io.BytesIO(data)), labels=None, mask=None, id=name)
+
+@patch
+def _cell(self: HeadExplorer, an) -> int:
+    "Pixels per patch in the main view."
+    return max(1, self.view_side // max(an.grid))
+
+@patch
+def analyze(self: HeadExplorer, key) -> ImageAnalysis:
+    "The computed-once analysis of an image menu entry (cached with its display image)."
+    if key in self.cache:
+        self.cache.move_to_end(key)
+        return self.cache[key][0]
+    item = self._load(key)
+    full, _, notes = prepare_image(item["image"], 1, None)         # RGB at full resolution (kept for display only)
+    mask = item["mask"]
+    an = analyze_image(self.model, full, item["labels"], mask, self.class_names(), id=item["id"],
+                       max_side=self.max_side, device=self.device)   # the model works at its working size
+    an.notes = notes + an.notes
+    (h, w), cell = an.grid, self._cell(an)
+    base = np.asarray(full.resize((w * cell, h * cell),
+                                  Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
+    del full
+    self.cache[key] = (an, base)
+    while len(self.cache) > self.cache_size: self.cache.popitem(last=False)
+    return an
+
+@patch
+def _show_item(self: HeadExplorer, key):
+    if key is None: return
+    t0, prev = time.time(), self._shown_key
+    try:
+        an = self.analyze(key)
+    except Exception:                                                # keep showing the previous image
+        if prev is not None and prev != key:
+            with self._batch(): self.image_dd.value = prev
+        raise
+    self.analysis, self.base, self._shown_key = an, self.cache[key][1], key
+    self.export_html.value = ""                                     # a link to the previous image's export is stale
+    h, w = an.grid
+    with self._batch():
+        self.patch_r.max, self.patch_c.max = h - 1, w - 1
+        self.patch_r.value, self.patch_c.value = h // 2, w // 2
+        if key[0] == "ds": self.index.value = key[1]
+        self._update_class_options()
+        self._update_compare_options()
+    self._layout_view()
+    note = ("; ".join(an.notes) + ". ") if an.notes else ""
+    self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px fed to the model, grid {h}x{w}, analysed in "
+              f"{time.time() - t0:.2f} s. {note}")
+    self._refresh(grid=True)                                         # its warnings (e.g. a zero map) come last
+
+@patch
+def _update_compare_options(self: HeadExplorer, select=None):
+    "The 'beside it' menu: GT (if any), the image, checkpoint B (if loaded), every map; keeps the choice if it can."
+    an = self.analysis
+    if an is None:
+        return
+    opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
+           ([("checkpoint B: the same view", "ckpt_b")] if self.model2 is not None else []) + \
+           [(v, k) for k, v in SOURCES.items()]
+    cur = select or self.compare.value
+    with self._batch():
+        self.compare.options = opts
+        self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
+
+@patch
+def _update_class_options(self: HeadExplorer):
+    an = self.analysis
+    if an is None: return
+    present = set(an.present)
+    order = sorted(range(an.num_classes), key=lambda c: (c not in present, -float(an.scores["token"][c])))
+    if not self.all_classes.value: order = [c for c in order if c in present]
+    gt = an.labels is not None
+    def label(c):
+        tag = ("GT " if gt else "pred ") if c in present else ""
+        return f"{an.class_names[c]}  {tag}p={float(an.scores['token'][c]):.2f}"
+    cur = self.cls_dd.value
+    with self._batch():
+        self.cls_dd.options = [(label(c), c) for c in order]
+        self.cls_dd.value = cur if cur in order else order[0]
+    if not self._suspend: self._refresh(grid=True)
+
+@patch
+def _class_changed(self: HeadExplorer):
+    an, c = self.analysis, self.cls_dd.value
+    if an is not None and c is not None and c not in an.present:
+        self._msg(f"'{an.class_names[c]}' is not among this image's "
+                  f"{'labels' if an.labels is not None else 'predicted classes'}: its maps are shown, the pseudo "
+                  f"label ignores it", "warn")
+    self._refresh(grid=True)
+
+# %% ../nbs/18_explorer.ipynb #1cc32d74
+@patch
+def load_compare_checkpoint(self: HeadExplorer, path):
+    "Load checkpoint B (None: drop it); 'beside it' then shows the main view's map computed by B, with its IoU."
+    if path is None:
+        self.model2 = None
         self.cache2.clear()
-        L, nh = model.depth, model.num_heads
-        side = self.max_side
-        fed = f" · images fed at ≤ {side} px" if side else " · images fed at their own size"
-        self.title.value = (f'<div style="font-size:14px"><b>WeakTr head explorer</b> — '
-                            f'{html.escape(model_summary(model) + fed)}</div>')
-        with self._batch():
-            self.layer.max, self.head.max = L - 1, nh - 1
-        self._build_grid()
-        warn = []
-        if self.dataset is not None and not self.dataset_ok:
-            warn.append(f"the model has C={model.num_classes} class tokens but the dataset has "
-                        f"{self.dataset.num_classes} classes: dataset images are shown without their labels and masks "
-                        "(load a matching checkpoint)")
-        names = self.user_class_names
-        if names is not None and len(names) != model.num_classes and not self.dataset_ok:
-            warn.append(f"{len(self.user_class_names)} class names given for a model with C={model.num_classes}: names "
-                        "not used")
-        for t in warn: self._msg(t, "warn")
-        self.notice.value = "".join(f'<div style="color:#a60; font-size:13px">⚠ {html.escape(t)}</div>' for t in warn)
-        self._shown_key = None
-        self._update_image_options()
-        if self.image_dd.options: self._show_item(self.image_dd.value)
-
-    def load_checkpoint(self, path):
-        "Swap in a model from a checkpoint; refused (with a message) if its class count does not fit the dataset."
-        path = str(path).strip()
-        if not path: raise ValueError("type a checkpoint path (a run folder or a .pt file) first")
-        model = load_explorer_model(path, self.device)
-        if self.dataset is not None and model.num_classes != self.dataset.num_classes:
-            self._msg(f"checkpoint {path} has C={model.num_classes} classes but the dataset has "
-                      f"{self.dataset.num_classes}: not loaded, the current model stays", "error")
-            return False
-        self._set_model(model)
-        self._msg(f"loaded {path}")
-        return True
-
-    def _update_image_options(self):
-        opts = []
-        if self.dataset is not None:
-            n = len(self.dataset)
-            k = min(n, self.max_items)
-            opts += [(f"#{i} {self.dataset.ids[i]}", ("ds", i)) for i in range(k)]
-        opts += [(f"image: {self._image_name(j)}", ("img", j)) for j in range(len(self.images))]
-        opts += [(f"upload: {name}", ("up", j)) for j, (name, _) in enumerate(self.uploads)]
-        cur = self.image_dd.value
-        with self._batch():
-            self.image_dd.options = opts
-            if opts: self.image_dd.value = cur if cur in [v for _, v in opts] else opts[0][1]
-
-    def _image_name(self, j):
-        im = self.images[j]
-        return Path(im).name if isinstance(im, (str, Path)) else f"{j} ({type(im).__name__})"
-
-    def _pick_index(self, i):
-        n = len(self.dataset) if self.dataset is not None else 0
-        if not 0 <= int(i) < n:
-            cur = self._shown_key[1] if self._shown_key and self._shown_key[0] == "ds" else 0
-            with self._batch(): self.index.value = cur
-            raise ValueError(f"dataset # {i} is out of range: the dataset has {n} images, # 0 to {n - 1}"
-                             if n else "there is no dataset to pick from")
-        self._show_key(("ds", int(i)))
-
-    def _show_key(self, key):
-        "Show a menu entry (adding a dataset item beyond the listed ones)."
-        if key not in [v for _, v in self.image_dd.options]:
-            with self._batch():
-                self.image_dd.options = list(self.image_dd.options) + [(f"#{key[1]} {self.dataset.ids[key[1]]}", key)]
-        if self.image_dd.value == key: self._show_item(key)
-        else:
-            with self._batch(): self.image_dd.value = key
-            self._show_item(key)
-
-    def step_image(self, d: int):
-        "Previous (d=-1) / next (d=1) image: dataset items by index, then your images and uploads in menu order."
-        key = self._shown_key
-        if key is not None and key[0] == "ds":
-            i, n = key[1] + d, len(self.dataset)
-            if 0 <= i < n: return self._show_key(("ds", i))
-        vals = [v for _, v in self.image_dd.options]
-        j = vals.index(key) + d if key in vals else 0
-        if key is not None and key[0] == "ds" and d > 0:
-            j = next((k for k, v in enumerate(vals) if v[0] != "ds"), len(vals))
-        if not 0 <= j < len(vals):
-            self._msg(f"this is the {'first' if d < 0 else 'last'} image", "warn")
-            return
-        self._show_key(vals[j])
-
-    def _on_upload(self, value):
-        if not value: return
-        f = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
-        self.add_upload(f.get("name", "upload"), bytes(f["content"]))
-
-    def add_upload(self, name: str, data: bytes):
-        "Add an uploaded image file (bytes) and show it; unreadable files give a message."
-        from PIL import UnidentifiedImageError
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                im = im.copy()
-        except UnidentifiedImageError:
-            raise ValueError(f"upload {name!r} is not an image file PIL can read (unknown format or not an "
-                             "image)") from None
-        except (OSError, SyntaxError, ValueError) as e:         # truncated / corrupt data
-            raise ValueError(f"upload {name!r} is not an image file PIL can read (corrupt or truncated: "
-                             f"{readable_error(e)})") from None
-        ps = self.model.patch_size if isinstance(self.model.patch_size, int) else max(self.model.patch_size)
-        try: prepare_image(im, ps, None)                         # refuse unusable images before listing them
-        except (ValueError, TypeError) as e: raise ValueError(f"upload {name!r}: {e}") from None
-        self.uploads.append((name, data))
-        self._update_image_options()
-        self._show_key(("up", len(self.uploads) - 1))
-
-    def _load(self, key) -> dict:
-        kind, j = key
-        if kind == "ds":
-            s = self.dataset[j]
-            if self.dataset_ok: return dict(image=s["image"], labels=s["labels"], mask=s["mask"], id=s["id"])
-            return dict(image=s["image"], labels=None, mask=None, id=s["id"])
-        if kind == "img": return dict(image=self.images[j], labels=None, mask=None, id=self._image_name(j))
-        name, data = self.uploads[j]
-        return dict(image=Image.open(io.BytesIO(data)), labels=None, mask=None, id=name)
-
-    def _cell(self, an) -> int:
-        "Pixels per patch in the main view."
-        return max(1, self.view_side // max(an.grid))
-
-    def analyze(self, key) -> ImageAnalysis:
-        "The computed-once analysis of an image menu entry (cached with its display image)."
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key][0]
-        item = self._load(key)
-        full, _, notes = prepare_image(item["image"], 1, None)         # RGB at full resolution (kept for display only)
-        mask = item["mask"]
-        an = analyze_image(self.model, full, item["labels"], mask, self.class_names(), id=item["id"],
-                           max_side=self.max_side, device=self.device)   # the model works at its working size
-        an.notes = notes + an.notes
-        (h, w), cell = an.grid, self._cell(an)
-        base = np.asarray(full.resize((w * cell, h * cell),
-                                      Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
-        del full
-        self.cache[key] = (an, base)
-        while len(self.cache) > self.cache_size: self.cache.popitem(last=False)
-        return an
-
-    def _show_item(self, key):
-        if key is None: return
-        t0, prev = time.time(), self._shown_key
-        try:
-            an = self.analyze(key)
-        except Exception:                                                # keep showing the previous image
-            if prev is not None and prev != key:
-                with self._batch(): self.image_dd.value = prev
-            raise
-        self.analysis, self.base, self._shown_key = an, self.cache[key][1], key
-        self.export_html.value = ""                                     # a link to the previous image's export is stale
-        h, w = an.grid
-        with self._batch():
-            self.patch_r.max, self.patch_c.max = h - 1, w - 1
-            self.patch_r.value, self.patch_c.value = h // 2, w // 2
-            if key[0] == "ds": self.index.value = key[1]
-            self._update_class_options()
-            self._update_compare_options()
-        self._layout_view()
-        note = ("; ".join(an.notes) + ". ") if an.notes else ""
-        self._msg(f"{an.id}: {an.image.shape[1]}x{an.image.shape[0]} px fed to the model, grid {h}x{w}, analysed in "
-                  f"{time.time() - t0:.2f} s. {note}")
-        self._refresh(grid=True)                                         # its warnings (e.g. a zero map) come last
-
-    def _update_compare_options(self, select=None):
-        "The 'beside it' menu: GT (if any), the image, checkpoint B (if loaded), every map; keeps the choice if it can."
-        an = self.analysis
-        if an is None:
-            return
-        opts = ([("ground truth", "gt")] if an.mask is not None else []) + [("the image", "image")] + \
-               ([("checkpoint B: the same view", "ckpt_b")] if self.model2 is not None else []) + \
-               [(v, k) for k, v in SOURCES.items()]
-        cur = select or self.compare.value
-        with self._batch():
-            self.compare.options = opts
-            self.compare.value = cur if cur in [v for _, v in opts] else opts[0][1]
-
-    # -- checkpoint B (side-by-side compare of two checkpoints) --------------------------------------------------
-    def load_compare_checkpoint(self, path):
-        "Load checkpoint B (None: drop it); 'beside it' then shows the main view's map computed by B, with its IoU."
-        if path is None:
-            self.model2 = None
-            self.cache2.clear()
-            self.ckpt2_drop.disabled = True
-            self._update_compare_options()
-            self._refresh()
-            self._msg("checkpoint B dropped")
-            return False
-        path = str(path).strip()
-        if not path:
-            raise ValueError("type the path of checkpoint B (a run folder or a .pt file) first")
-        model = load_explorer_model(path, self.device)       # errors name the file and say what it is
-        if model.num_classes != self.model.num_classes:
-            raise ValueError(f"checkpoint B {path} has C={model.num_classes} classes but the model shown has "
-                             f"C={self.model.num_classes}: not loaded (both must score the same classes)")
-        self.model2 = model.to(self.device).eval()
-        self.cache2.clear()
-        self.ckpt2_drop.disabled = False
-        self._update_compare_options(select="ckpt_b")
+        self.ckpt2_drop.disabled = True
+        self._update_compare_options()
         self._refresh()
-        self._msg(f"checkpoint B: {model_summary(model)}")
-        return True
+        self._msg("checkpoint B dropped")
+        return False
+    path = str(path).strip()
+    if not path:
+        raise ValueError("type the path of checkpoint B (a run folder or a .pt file) first")
+    model = load_explorer_model(path, self.device)       # errors name the file and say what it is
+    if model.num_classes != self.model.num_classes:
+        raise ValueError(f"checkpoint B {path} has C={model.num_classes} classes but the model shown has "
+                         f"C={self.model.num_classes}: not loaded (both must score the same classes)")
+    self.model2 = model.to(self.device).eval()
+    self.cache2.clear()
+    self.ckpt2_drop.disabled = False
+    self._update_compare_options(select="ckpt_b")
+    self._refresh()
+    self._msg(f"checkpoint B: {model_summary(model)}")
+    return True
 
-    def analyze_b(self, key) -> ImageAnalysis:
-        "Checkpoint B's analysis of an image menu entry (same image, labels and mask as the main view; cached)."
-        if key in self.cache2:
-            self.cache2.move_to_end(key)
-            return self.cache2[key]
-        item = self._load(key)
-        side = working_side(self.model2) if self.max_side_opt == "auto" else self.max_side_opt
-        an = analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
-                           max_side=side, device=self.device)
-        self.cache2[key] = an
-        while len(self.cache2) > self.cache_size:
-            self.cache2.popitem(last=False)
-        return an
+@patch
+def analyze_b(self: HeadExplorer, key) -> ImageAnalysis:
+    "Checkpoint B's analysis of an image menu entry (same image, labels and mask as the main view; cached)."
+    if key in self.cache2:
+        self.cache2.move_to_end(key)
+        return self.cache2[key]
+    item = self._load(key)
+    side = working_side(self.model2) if self.max_side_opt == "auto" else self.max_side_opt
+    an = analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
+                       max_side=side, device=self.device)
+    self.cache2[key] = an
+    while len(self.cache2) > self.cache_size:
+        self.cache2.popitem(last=False)
+    return an
 
-    def _view_b(self):
-        "Checkpoint B's map of the main view's settings: (analysis, map, patch on B's grid, notes)."
-        an, anb, notes = self.analysis, self.analyze_b(self._shown_key), []
-        (h, w), (hb, wb) = an.grid, anb.grid
-        patch = (min(hb - 1, int((self.patch_r.value + 0.5) * hb / h)),       # B's patch under the middle of A's
-                 min(wb - 1, int((self.patch_c.value + 0.5) * wb / w)))
-        z = self.head_mask
-        if z is not None and z.shape != (anb.depth, anb.num_heads):
-            z = None
-            notes.append(f"B has {anb.depth} × {anb.num_heads} heads: all on")
-        k, hd = min(int(self.layer.value), anb.depth - 1), min(int(self.head.value), anb.num_heads - 1)
-        if self.source.value in ("head", "head_affinity") and (k, hd) != (self.layer.value, self.head.value):
-            notes.append(f"B shows layer {k}, head {hd}")
-        m = source_map(anb, self.source.value, self.cls_dd.value, k, hd, z, patch, self.threshold.value, self.crf.value)
-        return anb, m, patch, notes
+@patch
+def _view_b(self: HeadExplorer):
+    "Checkpoint B's map of the main view's settings: (analysis, map, patch on B's grid, notes)."
+    an, anb, notes = self.analysis, self.analyze_b(self._shown_key), []
+    (h, w), (hb, wb) = an.grid, anb.grid
+    patch = (min(hb - 1, int((self.patch_r.value + 0.5) * hb / h)),       # B's patch under the middle of A's
+             min(wb - 1, int((self.patch_c.value + 0.5) * wb / w)))
+    z = self.head_mask
+    if z is not None and z.shape != (anb.depth, anb.num_heads):
+        z = None
+        notes.append(f"B has {anb.depth} × {anb.num_heads} heads: all on")
+    k, hd = min(int(self.layer.value), anb.depth - 1), min(int(self.head.value), anb.num_heads - 1)
+    if self.source.value in ("head", "head_affinity") and (k, hd) != (self.layer.value, self.head.value):
+        notes.append(f"B shows layer {k}, head {hd}")
+    m = source_map(anb, self.source.value, self.cls_dd.value, k, hd, z, patch, self.threshold.value, self.crf.value)
+    return anb, m, patch, notes
 
-    def _update_class_options(self):
-        an = self.analysis
-        if an is None: return
-        present = set(an.present)
-        order = sorted(range(an.num_classes), key=lambda c: (c not in present, -float(an.scores["token"][c])))
-        if not self.all_classes.value: order = [c for c in order if c in present]
-        gt = an.labels is not None
-        def label(c):
-            tag = ("GT " if gt else "pred ") if c in present else ""
-            return f"{an.class_names[c]}  {tag}p={float(an.scores['token'][c]):.2f}"
-        cur = self.cls_dd.value
-        with self._batch():
-            self.cls_dd.options = [(label(c), c) for c in order]
-            self.cls_dd.value = cur if cur in order else order[0]
-        if not self._suspend: self._refresh(grid=True)
+# %% ../nbs/18_explorer.ipynb #27ad1a02
+@patch
+def _layout_view(self: HeadExplorer):
+    "Size the main view and lay the transparent click buttons over it (one per patch, or per block of patches)."
+    an = self.analysis
+    (h, w), cell = an.grid, self._cell(an)
+    step = max(1, int(np.ceil(max(h, w) / 28)))                     # at most 28 buttons a side
+    gr, gc = -(-h // step), -(-w // step)
+    self._click = (step, gr, gc)
+    H, Wd = h * cell, w * cell
+    rows = " ".join(f"{(min(r + step, h) - r) * cell}px" for r in range(0, h, step))
+    cols = " ".join(f"{(min(c + step, w) - c) * cell}px" for c in range(0, w, step))
+    self.main.layout.width, self.main.layout.height = f"{Wd}px", f"{H}px"
+    with self._batch():
+        if len(self.click_grid.options) != gr * gc:
+            self.click_grid.options = [("", i) for i in range(gr * gc)]
+        self.click_grid.index = None
+    self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
+    self.hover_css.value = _click_css(self._uid, rows, cols, (gr // 2) * gc + 1)
+    self.view_stack.layout.width, self.view_stack.layout.height = f"{Wd}px", f"{H}px"
+    self.view2.layout.width = f"{round(Wd * 0.6)}px"                # the panel beside keeps its size
 
-    def _class_changed(self):
-        an, c = self.analysis, self.cls_dd.value
-        if an is not None and c is not None and c not in an.present:
-            self._msg(f"'{an.class_names[c]}' is not among this image's "
-                      f"{'labels' if an.labels is not None else 'predicted classes'}: its maps are shown, the pseudo "
-                      f"label ignores it", "warn")
-        self._refresh(grid=True)
+@patch
+def _grid_clicked(self: HeadExplorer, i):
+    "The click overlay's index changed (a click in the browser): pick that patch, then clear the selection."
+    if i is None:
+        return
+    with self._batch():
+        self.click_grid.index = None                             # a second click on the same patch is a new change
+    self.click_view(i)
 
-    # -- click grid over the main view, head grid ---------------------------------------------------------------
-    def _layout_view(self):
-        "Size the main view and lay the transparent click buttons over it (one per patch, or per block of patches)."
-        an = self.analysis
-        (h, w), cell = an.grid, self._cell(an)
-        step = max(1, int(np.ceil(max(h, w) / 28)))                     # at most 28 buttons a side
-        gr, gc = -(-h // step), -(-w // step)
-        self._click = (step, gr, gc)
-        H, Wd = h * cell, w * cell
-        rows = " ".join(f"{(min(r + step, h) - r) * cell}px" for r in range(0, h, step))
-        cols = " ".join(f"{(min(c + step, w) - c) * cell}px" for c in range(0, w, step))
-        self.main.layout.width, self.main.layout.height = f"{Wd}px", f"{H}px"
-        with self._batch():
-            if len(self.click_grid.options) != gr * gc:
-                self.click_grid.options = [("", i) for i in range(gr * gc)]
-            self.click_grid.index = None
-        self.click_grid.layout.width, self.click_grid.layout.height = f"{Wd}px", f"{H}px"
-        self.hover_css.value = _click_css(self._uid, rows, cols, (gr // 2) * gc + 1)
-        self.view_stack.layout.width, self.view_stack.layout.height = f"{Wd}px", f"{H}px"
-        self.view2.layout.width = f"{round(Wd * 0.6)}px"                # the panel beside keeps its size
+@patch
+def patch_of(self: HeadExplorer, i: int) -> tuple[int, int]:
+    "The patch (row, col) that click-overlay button i stands for (the middle patch of its block)."
+    step, gr, gc = self._click
+    (h, w) = self.analysis.grid
+    br, bc = divmod(int(i), gc)
+    return min(br * step + step // 2, h - 1), min(bc * step + step // 2, w - 1)
 
-    def _grid_clicked(self, i):
-        "The click overlay's index changed (a click in the browser): pick that patch, then clear the selection."
-        if i is None:
-            return
-        with self._batch():
-            self.click_grid.index = None                             # a second click on the same patch is a new change
-        self.click_view(i)
+@patch
+def click_view(self: HeadExplorer, i: int):
+    "A click on the main view's button i: the query patch under it (and the map's value there)."
+    self.pick_patch(*self.patch_of(i))
 
-    def patch_of(self, i: int) -> tuple[int, int]:
-        "The patch (row, col) that click-overlay button i stands for (the middle patch of its block)."
-        step, gr, gc = self._click
-        (h, w) = self.analysis.grid
-        br, bc = divmod(int(i), gc)
-        return min(br * step + step // 2, h - 1), min(bc * step + step // 2, w - 1)
+@patch
+def _value_at(self: HeadExplorer, m, r, c) -> str:
+    an = self.analysis
+    (h, w) = an.grid
+    m = np.asarray(m)
+    if m.dtype.kind in "iub":                                        # a label map at image size
+        H, W = m.shape
+        v = int(m[min(H - 1, int((r + 0.5) * H / h)), min(W - 1, int((c + 0.5) * W / w))])
+        return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
+    mx = float(np.clip(m, 0, None).max())
+    v = float(m[r, c])
+    return f"{v:.4g}" + (f" ({100 * max(v, 0) / mx:.0f} % of the max)" if mx > 0 else "")
 
-    def click_view(self, i: int):
-        "A click on the main view's button i: the query patch under it (and the map's value there)."
-        self.pick_patch(*self.patch_of(i))
+@patch
+def pick_patch(self: HeadExplorer, r: int, c: int):
+    "Select query patch (row, col): the value of the shown map there; its affinity row unless 'value only'."
+    src = self.source.value
+    name = SOURCES[src].split(" (")[0]
+    val = self._value_at(self.current_map(), r, c)
+    with self._batch():
+        self.patch_r.value, self.patch_c.value = int(r), int(c)
+        if self.click_shows.value == "affinity" and src not in _PATCH_SOURCES: self.source.value = "affinity"
+    self._refresh(grid=True)
+    self._msg(f"patch ({r}, {c}): {name} = {val}")
 
-    def _value_at(self, m, r, c) -> str:
-        an = self.analysis
-        (h, w) = an.grid
-        m = np.asarray(m)
-        if m.dtype.kind in "iub":                                        # a label map at image size
-            H, W = m.shape
-            v = int(m[min(H - 1, int((r + 0.5) * H / h)), min(W - 1, int((c + 0.5) * W / w))])
-            return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
-        mx = float(np.clip(m, 0, None).max())
-        v = float(m[r, c])
-        return f"{v:.4g}" + (f" ({100 * max(v, 0) / mx:.0f} % of the max)" if mx > 0 else "")
+@patch
+def _thumb_side(self: HeadExplorer) -> int:
+    return self.thumb_opt or int(np.clip(600 // self.model.depth - 16, 28, 64))
 
-    def pick_patch(self, r: int, c: int):
-        "Select query patch (row, col): the value of the shown map there; its affinity row unless 'value only'."
-        src = self.source.value
-        name = SOURCES[src].split(" (")[0]
-        val = self._value_at(self.current_map(), r, c)
-        with self._batch():
-            self.patch_r.value, self.patch_c.value = int(r), int(c)
-            if self.click_shows.value == "affinity" and src not in _PATCH_SOURCES: self.source.value = "affinity"
-        self._refresh(grid=True)
-        self._msg(f"patch ({r}, {c}): {name} = {val}")
-
-    # -- hover readout ------------------------------------------------------------------------------------------
-    def _head_shares(self, src):
-        "Per patch, the switched-on head contributing most to the map's fusion: (m (P,), share (P,)), or None."
-        an = self.analysis
-        if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"):
-            return None
-        C = an.num_classes
-        row = C + patch_index(an, (self.patch_r.value, self.patch_c.value)) if src == "affinity" else self.cls_dd.value
-        contrib = effective_weights(an, self.head_mask)[:, None] * an.attn_stack[:, row, C:]   # (M, P): w_m A_m[row, p]
-        top = contrib.argmax(0)                                                                 # (P,)
-        share = contrib.gather(0, top[None])[0] / contrib.sum(0).clamp_min(1e-12)
-        return top.numpy(), share.numpy()
-
-    def readouts(self, m=None) -> list[str]:
-        """The hover readout of every click-overlay button (one per patch, or the middle patch of a block): patch
-        (row, col), the shown map's value there (and its share of the max), the class, the GT class under it, and
-        which head contributes most to the fused attention there (fused maps) or the selected head's weight."""
-        an, src = self.analysis, self.source.value
-        m = np.asarray(self.current_map() if m is None else m)
-        (h, w), (_, gr, gc) = an.grid, self._click
-        name, cname = SOURCES[src].split(" (")[0], an.class_names[self.cls_dd.value]
-        L, wg = an.depth, an.head_weight_grid()
-        def at(a, r, c):                                   # an (H, W) array's value at the middle of patch (r, c)
-            H, Wd = a.shape[:2]
-            return a[min(H - 1, int((r + 0.5) * H / h)), min(Wd - 1, int((c + 0.5) * Wd / w))]
-        def label(v):
-            v = int(v)
-            return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
-        mx = 0.0 if m.dtype.kind in "iub" else float(np.clip(m, 0, None).max())
-        shares = self._head_shares(src)
-        k, hd = int(self.layer.value), int(self.head.value)
-        out = []
-        for i in range(gr * gc):
-            r, c = self.patch_of(i)
-            if m.dtype.kind in "iub":
-                t = f"patch ({r}, {c}) · {name}: {label(at(m, r, c))}"
-            else:
-                v = float(m[r, c])
-                t = f"patch ({r}, {c}) · {name}" + ("" if src in _PATCH_SOURCES else f" '{cname}'") + f" = {v:.3g}"
-                if mx > 0:
-                    t += f" ({100 * max(v, 0) / mx:.0f} % of the max)"
-            if an.mask is not None:
-                t += f" · GT: {label(at(an.mask, r, c))}"
-            if shares is not None:
-                j = shares[0][r * w + c]
-                t += (f" · top head here: L{j % L} h{j // L} ({100 * shares[1][r * w + c]:.0f} % of the fused "
-                      f"attention, w = {wg[j % L, j // L]:.2f})")
-            elif src in ("head", "head_affinity"):
-                t += f" · layer {k}, head {hd}: w = {wg[k, hd]:.2f}"
-            out.append(t)
-        return out
-
-    def _thumb_side(self) -> int:
-        return self.thumb_opt or int(np.clip(600 // self.model.depth - 16, 28, 64))
-
-    def _build_grid(self):
-        L, nh, t = self.model.depth, self.model.num_heads, self._thumb_side()
-        small = W.Layout(width=f"{t}px", height="22px", padding="0", margin="0", min_width="0")
-        cells, self._cells, self._rows, self._cols = [W.HTML("")], {}, [], []
+@patch
+def _build_grid(self: HeadExplorer):
+    L, nh, t = self.model.depth, self.model.num_heads, self._thumb_side()
+    small = W.Layout(width=f"{t}px", height="22px", padding="0", margin="0", min_width="0")
+    cells, self._cells, self._rows, self._cols = [W.HTML("")], {}, [], []
+    for hd in range(nh):
+        b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer",
+                           layout=small)
+        b.add_class(f"weaktr-col-{hd}")
+        self._on(b, lambda c, hd=hd: self._set_column(hd, c["new"]))
+        self._cols.append(b)
+        cells.append(b)
+    for k in range(L):
+        b = W.ToggleButton(value=True, description=f"L{k}", tooltip=f"switch all heads of layer {k}",
+                           layout=W.Layout(width="34px", height=f"{t}px", padding="0", margin="0", min_width="0"))
+        b.add_class(f"weaktr-row-{k}")
+        self._on(b, lambda c, k=k: self._set_row(k, c["new"]))
+        self._rows.append(b)
+        cells.append(b)
         for hd in range(nh):
-            b = W.ToggleButton(value=True, description=f"h{hd}", tooltip=f"switch head {hd} of every layer",
-                               layout=small)
-            b.add_class(f"weaktr-col-{hd}")
-            self._on(b, lambda c, hd=hd: self._set_column(hd, c["new"]))
-            self._cols.append(b)
-            cells.append(b)
-        for k in range(L):
-            b = W.ToggleButton(value=True, description=f"L{k}", tooltip=f"switch all heads of layer {k}",
-                               layout=W.Layout(width="34px", height=f"{t}px", padding="0", margin="0", min_width="0"))
-            b.add_class(f"weaktr-row-{k}")
-            self._on(b, lambda c, k=k: self._set_row(k, c["new"]))
-            self._rows.append(b)
-            cells.append(b)
-            for hd in range(nh):
-                img = W.Image(format="png", layout=W.Layout(width=f"{t}px", margin="0"))
-                btn = W.Button(description="", layout=small)
-                btn.style.font_size = "9px"
-                btn.add_class(f"weaktr-cell-{k}-{hd}")
-                btn.on_click(lambda b, k=k, hd=hd: self._act(self.click_head, k, hd))
-                self._cells[k, hd] = (img, btn)
-                cells.append(W.VBox([img, btn], layout=W.Layout(margin="0")))
-        self.grid_box.children = cells
-        self.grid_box.layout = W.Layout(grid_template_columns=f"34px repeat({nh}, {t}px)", grid_gap="1px 2px")
-        self.grid_help.value = (f'<div style="font-size:11px; line-height:1.3; max-width:{34 + nh * (t + 2)}px">rows = '
-                                'layers, columns = heads; under each head its AAF weight w (orange = switched '
-                                'off)</div>')
+            img = W.Image(format="png", layout=W.Layout(width=f"{t}px", margin="0"))
+            btn = W.Button(description="", layout=small)
+            btn.style.font_size = "9px"
+            btn.add_class(f"weaktr-cell-{k}-{hd}")
+            btn.on_click(lambda b, k=k, hd=hd: self._act(self.click_head, k, hd))
+            self._cells[k, hd] = (img, btn)
+            cells.append(W.VBox([img, btn], layout=W.Layout(margin="0")))
+    self.grid_box.children = cells
+    self.grid_box.layout = W.Layout(grid_template_columns=f"34px repeat({nh}, {t}px)", grid_gap="1px 2px")
+    self.grid_help.value = (f'<div style="font-size:11px; line-height:1.3; max-width:{34 + nh * (t + 2)}px">rows = '
+                            'layers, columns = heads; under each head its AAF weight w (orange = switched '
+                            'off)</div>')
 
-    def click_head(self, layer: int, head: int):
-        "A click on a grid cell: enlarge the head (mode 'select') or switch it on/off (mode 'toggle')."
-        if self.click_mode.value == "toggle":
-            z = self.mask_grid()
-            z[layer, head] = not z[layer, head]
-            self.set_head_mask(z)
-        else:
-            self._select_head(layer, head)
-
-    def _select_head(self, layer, head):
-        with self._batch():
-            self.layer.value, self.head.value = int(layer), int(head)
-            self.source.value = "head_affinity" if self.source.value in _PATCH_SOURCES else "head"
-        self._refresh(grid=True)
-
-    def mask_grid(self) -> np.ndarray:
-        "The current head mask as an (L, nh) bool grid (a copy)."
-        return np.ones((self.model.depth, self.model.num_heads),
-                       bool) if self.head_mask is None else self.head_mask.copy()
-
-    def set_head_mask(self, z):
-        "Set the heads in the fusion: (L, nh) bool [layer, head], or None for all; the row/column toggles follow."
-        self.head_mask = None if z is None else np.asarray(z, bool).copy()
-        if self.head_mask is not None and self.head_mask.all(): self.head_mask = None
-        self._sync_toggles()
-        if self.head_mask is not None and not self.head_mask.any():
-            self._msg("all heads are switched off: every fused map is zero", "warn")
-        self._refresh(grid=True)
-
-    def _sync_toggles(self):
-        "Row/column toggles show whether every head of that layer/column is on (derived from `head_mask`)."
+@patch
+def click_head(self: HeadExplorer, layer: int, head: int):
+    "A click on a grid cell: enlarge the head (mode 'select') or switch it on/off (mode 'toggle')."
+    if self.click_mode.value == "toggle":
         z = self.mask_grid()
-        with self._batch():
-            for k, b in enumerate(self._rows):
-                if b.value != bool(z[k].all()): b.value = bool(z[k].all())
-            for hd, b in enumerate(self._cols):
-                if b.value != bool(z[:, hd].all()): b.value = bool(z[:, hd].all())
-
-    def _set_row(self, k, on):
-        z = self.mask_grid()
-        z[k, :] = on
+        z[layer, head] = not z[layer, head]
         self.set_head_mask(z)
+    else:
+        self._select_head(layer, head)
 
-    def _set_column(self, hd, on):
-        z = self.mask_grid()
-        z[:, hd] = on
-        self.set_head_mask(z)
+@patch
+def _select_head(self: HeadExplorer, layer, head):
+    with self._batch():
+        self.layer.value, self.head.value = int(layer), int(head)
+        self.source.value = "head_affinity" if self.source.value in _PATCH_SOURCES else "head"
+    self._refresh(grid=True)
 
-    # -- drawing ----------------------------------------------------------------------------------------------
-    def current_map(self, source: str | None = None) -> np.ndarray:
-        "The map of `source` (default: the main view's) for the current controls."
-        an = self.analysis
-        return source_map(an, source or self.source.value, self.cls_dd.value, self.layer.value, self.head.value,
-                          self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value,
-                          self.crf.value)
+@patch
+def mask_grid(self: HeadExplorer) -> np.ndarray:
+    "The current head mask as an (L, nh) bool grid (a copy)."
+    return np.ones((self.model.depth, self.model.num_heads),
+                   bool) if self.head_mask is None else self.head_mask.copy()
 
-    def view_title(self, source: str | None = None, an=None) -> str:
-        "Plain-text title of a view (of `an`, default: the main analysis; no reprs: ints, names, rounded floats)."
-        an, src = an or self.analysis, source or self.source.value
-        name = an.class_names[self.cls_dd.value]
-        k, hd = min(int(self.layer.value), an.depth - 1), min(int(self.head.value), an.num_heads - 1)
-        r, c = int(self.patch_r.value), int(self.patch_c.value)
-        t = {"head": f"layer {k}, head {hd}: '{name}' token → patches (w = {float(an.head_weight_grid()[k, hd]):.2f})",
-             "affinity": f"patch ({r}, {c}) → patches, fused affinity",
-             "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches",
-             }.get(src, f"{SOURCES[src]} · '{name}'")
-        if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
-        z = self.head_mask
-        if z is not None and z.shape == (an.depth, an.num_heads) and src not in ("head", "head_affinity", "coarse"):
-            t += f" · {int((~z).sum())} heads off"                      # (a checkpoint B of another L x nh: all on)
-        return t
+@patch
+def set_head_mask(self: HeadExplorer, z):
+    "Set the heads in the fusion: (L, nh) bool [layer, head], or None for all; the row/column toggles follow."
+    self.head_mask = None if z is None else np.asarray(z, bool).copy()
+    if self.head_mask is not None and self.head_mask.all(): self.head_mask = None
+    self._sync_toggles()
+    if self.head_mask is not None and not self.head_mask.any():
+        self._msg("all heads are switched off: every fused map is zero", "warn")
+    self._refresh(grid=True)
 
-    def current_figure(self):
-        "The main view as a matplotlib Figure (`weaktr.viz.plot_overlay`, with a colour bar), for export."
-        src, cls = self.source.value, self.cls_dd.value
-        patchy = src in _PATCH_SOURCES
-        return plot_overlay(self.analysis, self.current_map(), cls=None if patchy else cls, title=self.view_title(),
-                            alpha=self.alpha.value, cmap=self.cmap.value, sqrt=self.sqrt.value,
-                            threshold=None if src == "pseudo" else self.threshold.value, mass=self.mass.value or None,
-                            patch=(self.patch_r.value, self.patch_c.value) if patchy else None)
+@patch
+def _sync_toggles(self: HeadExplorer):
+    "Row/column toggles show whether every head of that layer/column is on (derived from `head_mask`)."
+    z = self.mask_grid()
+    with self._batch():
+        for k, b in enumerate(self._rows):
+            if b.value != bool(z[k].all()): b.value = bool(z[k].all())
+        for hd, b in enumerate(self._cols):
+            if b.value != bool(z[:, hd].all()): b.value = bool(z[:, hd].all())
 
-    def _render(self, m, src, scale: float = 1.0, an=None, patch=None):
-        """A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its
-        region."""
-        an, base = an or self.analysis, self.base
-        pr, pc = patch or (self.patch_r.value, self.patch_c.value)
-        if scale != 1.0:
-            base = np.asarray(Image.fromarray(base).resize((max(1, round(base.shape[1] * scale)),
-                                                            max(1, round(base.shape[0] * scale))), Image.BILINEAR))
-        Hd, Wd = base.shape[:2]
-        m = np.asarray(m)
-        cls, region = self.cls_dd.value, None
-        if m.dtype.kind in "iub":                                        # label map (pseudo label, GT)
-            lab = _resize_nearest(m, (Hd, Wd))
-            out = overlay_image(base, lab, self.alpha.value if src != "gt" else 0.7)
-            region = lab == cls + 1
+@patch
+def _set_row(self: HeadExplorer, k, on):
+    z = self.mask_grid()
+    z[k, :] = on
+    self.set_head_mask(z)
+
+@patch
+def _set_column(self: HeadExplorer, hd, on):
+    z = self.mask_grid()
+    z[:, hd] = on
+    self.set_head_mask(z)
+
+# %% ../nbs/18_explorer.ipynb #f97aa508
+@patch
+def _head_shares(self: HeadExplorer, src):
+    "Per patch, the switched-on head contributing most to the map's fusion: (m (P,), share (P,)), or None."
+    an = self.analysis
+    if src in _HEADLESS_SOURCES or src in ("head", "head_affinity"):
+        return None
+    C = an.num_classes
+    row = C + patch_index(an, (self.patch_r.value, self.patch_c.value)) if src == "affinity" else self.cls_dd.value
+    contrib = effective_weights(an, self.head_mask)[:, None] * an.attn_stack[:, row, C:]   # (M, P): w_m A_m[row, p]
+    top = contrib.argmax(0)                                                                 # (P,)
+    share = contrib.gather(0, top[None])[0] / contrib.sum(0).clamp_min(1e-12)
+    return top.numpy(), share.numpy()
+
+@patch
+def readouts(self: HeadExplorer, m=None) -> list[str]:
+    """The hover readout of every click-overlay button (one per patch, or the middle patch of a block): patch
+    (row, col), the shown map's value there (and its share of the max), the class, the GT class under it, and
+    which head contributes most to the fused attention there (fused maps) or the selected head's weight."""
+    an, src = self.analysis, self.source.value
+    m = np.asarray(self.current_map() if m is None else m)
+    (h, w), (_, gr, gc) = an.grid, self._click
+    name, cname = SOURCES[src].split(" (")[0], an.class_names[self.cls_dd.value]
+    L, wg = an.depth, an.head_weight_grid()
+    def at(a, r, c):                                   # an (H, W) array's value at the middle of patch (r, c)
+        H, Wd = a.shape[:2]
+        return a[min(H - 1, int((r + 0.5) * H / h)), min(Wd - 1, int((c + 0.5) * Wd / w))]
+    def label(v):
+        v = int(v)
+        return "background" if v == 0 else ("ignored" if v == 255 else an.class_names[v - 1])
+    mx = 0.0 if m.dtype.kind in "iub" else float(np.clip(m, 0, None).max())
+    shares = self._head_shares(src)
+    k, hd = int(self.layer.value), int(self.head.value)
+    out = []
+    for i in range(gr * gc):
+        r, c = self.patch_of(i)
+        if m.dtype.kind in "iub":
+            t = f"patch ({r}, {c}) · {name}: {label(at(m, r, c))}"
         else:
-            out = overlay_image(base, m, self.alpha.value, self.cmap.value, self.sqrt.value)
-            if map_note(m) is None and src not in _PATCH_SOURCES:
-                region = binarize(m, self.threshold.value, self.mass.value or None, size=(Hd, Wd))
-        out = out.copy()
-        if region is not None and region.any() and not region.all(): out[_edge(region)] = 255
-        if src != "image":                                               # the query patch, on every map
-            (h, w) = an.grid
-            ch, cw = Hd / h, Wd / w
-            r0, c0 = int(pr * ch), int(pc * cw)
-            r1, c1 = min(Hd, int((pr + 1) * ch)) - 1, min(Wd, int((pc + 1) * cw)) - 1
-            for color, d in ((255, 0), (0, 1)):
-                out[r0 + d, c0 + d:c1 - d + 1] = color
-                out[r1 - d, c0 + d:c1 - d + 1] = color
-                out[r0 + d:r1 - d + 1, c0 + d] = color
-                out[r0 + d:r1 - d + 1, c1 - d] = color
-        return png_bytes(out, compress_level=1), region
+            v = float(m[r, c])
+            t = f"patch ({r}, {c}) · {name}" + ("" if src in _PATCH_SOURCES else f" '{cname}'") + f" = {v:.3g}"
+            if mx > 0:
+                t += f" ({100 * max(v, 0) / mx:.0f} % of the max)"
+        if an.mask is not None:
+            t += f" · GT: {label(at(an.mask, r, c))}"
+        if shares is not None:
+            j = shares[0][r * w + c]
+            t += (f" · top head here: L{j % L} h{j // L} ({100 * shares[1][r * w + c]:.0f} % of the fused "
+                  f"attention, w = {wg[j % L, j // L]:.2f})")
+        elif src in ("head", "head_affinity"):
+            t += f" · layer {k}, head {hd}: w = {wg[k, hd]:.2f}"
+        out.append(t)
+    return out
 
-    def _refresh(self, grid: bool = False):
-        if self._suspend or self.analysis is None or self.cls_dd.value is None: return
-        an, cls, src = self.analysis, self.cls_dd.value, self.source.value
-        m = self.current_map()
-        self.main.value, region = self._render(m, src)
-        title = self.view_title()
-        note = None if m.dtype.kind in "iub" else map_note(m)
-        if note == "zero":
-            why = ("every head is switched off" if self.head_mask is not None and not self.head_mask.any() else
-                   f"ReLU(M) of '{an.class_names[cls]}' is 0 everywhere: the CAM head does not fire for this class"
-                   if src in ("coarse", "fused", "refined", "refined_uniform") and not (an.cam_coarse[cls] > 0).any()
-                   else
-                   "no positive value")
-            self._msg(f"the map is zero everywhere ({why}): the view shows the plain image", "warn")
-            title += " · zero everywhere"
-        elif note == "flat":
-            self._msg("the map is flat (max − min ≤ 0.1 % of the max): no region is outlined", "warn")
-            title += " · flat"
-        style = "font-size:13px; font-weight:600; line-height:1.4"
-        self.title_main.value = f'<div style="{style}">{html.escape(title)}</div>'
-        H = self.base.shape[0]
-        if m.dtype.kind in "iub": self.colorbar.value = _legend_html(an, an.present)
-        else:
-            mm = np.clip(m.astype(np.float64), 0, None)
-            self.colorbar.value = _colorbar_html(self.cmap.value, float(mm.min()), float(mm.max()), self.sqrt.value,
-                                                 H - 8)
-        if src == "pseudo":
-            self._msg(f"pseudo label at t={self.threshold.value:.2f}{' + CRF' if self.crf.value else ''} for "
-                      f"{', '.join(an.class_names[c] for c in an.present)} "
-                      f"({'GT labels' if an.labels is not None else 'predicted classes, p > 0.5'})")
-        self.click_grid.tooltips = self.readouts(m)                    # the hover readout of every patch
-        self._refresh_view2(m)
-        self._update_info(m, region)
-        if grid: self._refresh_grid()
+# %% ../nbs/18_explorer.ipynb #52de9e2b
+@patch
+def current_map(self: HeadExplorer, source: str | None = None) -> np.ndarray:
+    "The map of `source` (default: the main view's) for the current controls."
+    an = self.analysis
+    return source_map(an, source or self.source.value, self.cls_dd.value, self.layer.value, self.head.value,
+                      self.head_mask, (self.patch_r.value, self.patch_c.value), self.threshold.value,
+                      self.crf.value)
 
-    def _iou(self, m, mask, src):
-        "IoU of a map's region (threshold or attention mass) with the GT class region; None without GT, patch maps."
-        if mask is None or src in _PATCH_SOURCES:
-            return None
-        mass = None if src == "pseudo" else (self.mass.value or None)
-        return map_iou(m, mask, self.cls_dd.value, self.threshold.value, mass)
+@patch
+def view_title(self: HeadExplorer, source: str | None = None, an=None) -> str:
+    "Plain-text title of a view (of `an`, default: the main analysis; no reprs: ints, names, rounded floats)."
+    an, src = an or self.analysis, source or self.source.value
+    name = an.class_names[self.cls_dd.value]
+    k, hd = min(int(self.layer.value), an.depth - 1), min(int(self.head.value), an.num_heads - 1)
+    r, c = int(self.patch_r.value), int(self.patch_c.value)
+    t = {"head": f"layer {k}, head {hd}: '{name}' token → patches (w = {float(an.head_weight_grid()[k, hd]):.2f})",
+         "affinity": f"patch ({r}, {c}) → patches, fused affinity",
+         "head_affinity": f"layer {k}, head {hd}: patch ({r}, {c}) → patches",
+         }.get(src, f"{SOURCES[src]} · '{name}'")
+    if src == "pseudo": t += f" · t = {float(self.threshold.value):.2f}" + (" + CRF" if self.crf.value else "")
+    z = self.head_mask
+    if z is not None and z.shape == (an.depth, an.num_heads) and src not in ("head", "head_affinity", "coarse"):
+        t += f" · {int((~z).sum())} heads off"                      # (a checkpoint B of another L x nh: all on)
+    return t
 
-    def _refresh_view2(self, m=None):
-        "The panel beside the main view: the GT, the plain image, a second map, or checkpoint B's view (a compare)."
-        an, key, cls = self.analysis, self.compare.value, self.cls_dd.value
-        self.iou2, heads = None, ""
-        if key == "ckpt_b" and self.model2 is None:
-            key = "image"
-        if key == "ckpt_b":
-            try:
-                anb, m2, patch, notes = self._view_b()
-            except (ValueError, TypeError, RuntimeError) as e:          # e.g. an image smaller than B's patch
-                self._msg(f"checkpoint B cannot show this image: {readable_error(e)}", "warn")
-                key = "image"
-        if key == "ckpt_b":
-            src = self.source.value
-            png, _ = self._render(m2, src, 0.6, an=anb, patch=patch)
-            name = Path(getattr(self.model2, "checkpoint_path", "") or "B").name
-            t = f"checkpoint B ({name}): {self.view_title(an=anb)}" + "".join(f" · {n}" for n in notes)
-            self.iou2 = self._iou(m2, anb.mask, src)
-            iou_a = self._iou(self.current_map() if m is None else m, an.mask, src)
-            if self.iou2 is not None and iou_a is not None:
-                t += f" · IoU B {self.iou2:.2f} vs A {iou_a:.2f}"
-            heads = _weights_pair_html(an, anb, self.mask_grid(), round(self.base.shape[1] * 0.6))
-        elif key == "gt":
-            png, _ = self._render(an.mask, "gt", 0.6)
-            t = "ground truth"
-        elif key == "image":
-            png, t = png_bytes(np.asarray(Image.fromarray(self.base).resize(
-                (round(self.base.shape[1] * 0.6), round(self.base.shape[0] * 0.6)), Image.BILINEAR)),
-                               compress_level=1), f"{an.id}"
-        else:
-            m2 = self.current_map(key)
-            png, _ = self._render(m2, key, 0.6)
-            t = self.view_title(key)
-            if an.mask is not None and key not in _PATCH_SOURCES:
-                self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value,
-                                    None if key == "pseudo" else (self.mass.value or None))
-                t += f" · IoU {self.iou2:.2f}"
-        self.view2.value = png
-        self.view2_heads.value = heads
-        self.view2_title.value = ('<div style="font-size:12px; line-height:1.35; '
-                                  f'max-width:{round(self.base.shape[1] * 0.6)}px">{html.escape(t)}</div>')
-        self._view2_text = t                                             # the plain title, for the pair export
+@patch
+def current_figure(self: HeadExplorer):
+    "The main view as a matplotlib Figure (`weaktr.viz.plot_overlay`, with a colour bar), for export."
+    src, cls = self.source.value, self.cls_dd.value
+    patchy = src in _PATCH_SOURCES
+    return plot_overlay(self.analysis, self.current_map(), cls=None if patchy else cls, title=self.view_title(),
+                        alpha=self.alpha.value, cmap=self.cmap.value, sqrt=self.sqrt.value,
+                        threshold=None if src == "pseudo" else self.threshold.value, mass=self.mass.value or None,
+                        patch=(self.patch_r.value, self.patch_c.value) if patchy else None)
 
-    def _update_info(self, m, region):
-        an, cls, src = self.analysis, self.cls_dd.value, self.source.value
-        rows = [f"<b>{html.escape(an.id)}</b> · class <b>{html.escape(an.class_names[cls])}</b> · scores: token "
-                + " · ".join(f"{k} {float(an.scores[k][cls]):.2f}"
-                             for k in ("token", "coarse", "fine")).replace("token ", "", 1)]
-        if cls not in an.present:
-            rows.append(f'<span style="color:#a60">"{html.escape(an.class_names[cls])}" is not among this image\'s '
-                        f'{"labels" if an.labels is not None else "predicted classes"}; the pseudo '
-                        'label ignores it</span>')
-        self.iou = None
-        if an.mask is not None and src not in _PATCH_SOURCES:
-            self.iou = map_iou(m, an.mask, cls, self.threshold.value,
-                               None if src == "pseudo" else (self.mass.value or None))
-            how = (f"attention mass {self.mass.value:.2f}" if self.mass.value and src != "pseudo"
-                   else f"threshold {self.threshold.value:.2f}")
-            rows.append(f"IoU with GT: <b>{self.iou:.3f}</b> (white outline: {how})")
-        off = 0 if self.head_mask is None else int((~self.head_mask).sum())
-        w_on = float(effective_weights(an, self.head_mask).sum())
-        rows.append(f"heads on: {an.num_maps - off}/{an.num_maps} · Σw on/all = "
-                    f"{w_on:.2f}/{float(an.head_weights.sum()):.2f}")
-        self.info.value = "<div style='font-size:12px; line-height:1.5'>" + "<br>".join(rows) + "</div>"
-
-    def _refresh_grid(self):
-        an = self.analysis
-        if an is None: return
-        cls, z, wg, t = self.cls_dd.value, self.mask_grid(), an.head_weight_grid(), self._thumb_side()
-        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
-        sel = (self.layer.value, self.head.value) if self.source.value in ("head", "head_affinity") else None
-        cmap = "viridis" if self.cmap.value == "jet" else self.cmap.value
-        key = (id(an), cls, patch, sel, cmap, self.sqrt.value, z.tobytes())
-        if key == getattr(self, "_grid_key", None): return               # nothing the thumbnails show has changed
-        self._grid_key = key
+@patch
+def _render(self: HeadExplorer, m, src, scale: float = 1.0, an=None, patch=None):
+    """A view as PNG bytes at the display size (numpy only): overlay, region outline, query-patch marker; + its
+    region."""
+    an, base = an or self.analysis, self.base
+    pr, pc = patch or (self.patch_r.value, self.patch_c.value)
+    if scale != 1.0:
+        base = np.asarray(Image.fromarray(base).resize((max(1, round(base.shape[1] * scale)),
+                                                        max(1, round(base.shape[0] * scale))), Image.BILINEAR))
+    Hd, Wd = base.shape[:2]
+    m = np.asarray(m)
+    cls, region = self.cls_dd.value, None
+    if m.dtype.kind in "iub":                                        # label map (pseudo label, GT)
+        lab = _resize_nearest(m, (Hd, Wd))
+        out = overlay_image(base, lab, self.alpha.value if src != "gt" else 0.7)
+        region = lab == cls + 1
+    else:
+        out = overlay_image(base, m, self.alpha.value, self.cmap.value, self.sqrt.value)
+        if map_note(m) is None and src not in _PATCH_SOURCES:
+            region = binarize(m, self.threshold.value, self.mass.value or None, size=(Hd, Wd))
+    out = out.copy()
+    if region is not None and region.any() and not region.all(): out[_edge(region)] = 255
+    if src != "image":                                               # the query patch, on every map
         (h, w) = an.grid
-        small = np.asarray(Image.fromarray(an.image).resize((max(1, round(w * t / max(h, w))),
-                                                             max(1, round(h * t / max(h, w)))),
-                                                              Image.BILINEAR))
-        for (k, hd), (img, btn) in self._cells.items():
-            m = affinity_row(an, patch, layer=k, head=hd) if patch is not None else head_map(an, k, hd, cls)
-            img.value = thumbnail_png(m, t, cmap, self.sqrt.value, dim=not z[k, hd], image=small)
-            btn.description = f"{wg[k, hd]:.2f}"
-            btn.tooltip = f"layer {k}, head {hd}: AAF weight {wg[k, hd]:.3f}" + ("" if z[k, hd] else " (switched off)")
-            btn.button_style = "info" if sel == (k, hd) else ("warning" if not z[k, hd] else "")
+        ch, cw = Hd / h, Wd / w
+        r0, c0 = int(pr * ch), int(pc * cw)
+        r1, c1 = min(Hd, int((pr + 1) * ch)) - 1, min(Wd, int((pc + 1) * cw)) - 1
+        for color, d in ((255, 0), (0, 1)):
+            out[r0 + d, c0 + d:c1 - d + 1] = color
+            out[r1 - d, c0 + d:c1 - d + 1] = color
+            out[r0 + d:r1 - d + 1, c0 + d] = color
+            out[r0 + d:r1 - d + 1, c1 - d] = color
+    return png_bytes(out, compress_level=1), region
 
-    # -- export -----------------------------------------------------------------------------------------------
-    def settings(self) -> dict:
-        "What the current view shows: image, class, map, heads, thresholds, look, model (recorded with exports)."
-        an = self.analysis
-        z = self.mask_grid()
-        return {"image": an.id, "class": an.class_names[self.cls_dd.value], "class_index": int(self.cls_dd.value),
-                "map": self.source.value, "map_label": SOURCES[self.source.value], "beside": self.compare.value,
-                "layer": int(self.layer.value), "head": int(self.head.value),
-                "patch": [int(self.patch_r.value), int(self.patch_c.value)],
-                "threshold": float(self.threshold.value), "attention_mass": float(self.mass.value),
-                "crf": bool(self.crf.value),
-                "opacity": float(self.alpha.value), "colormap": self.cmap.value, "sqrt": bool(self.sqrt.value),
-                "heads_off": [[int(k), int(h)] for k, h in zip(*np.nonzero(~z))],
-                "iou": None if self.iou is None or np.isnan(self.iou) else round(float(self.iou), 4),
-                "model": model_summary(self.model), "checkpoint": getattr(self.model, "checkpoint_path", None),
-                "checkpoint_b": None if self.model2 is None else getattr(self.model2, "checkpoint_path", None),
-                "iou_beside": None if self.iou2 is None or np.isnan(self.iou2) else round(float(self.iou2), 4),
-                "image_size_fed": [int(an.image.shape[1]), int(an.image.shape[0])], "grid": [int(g) for g in an.grid],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+@patch
+def _refresh(self: HeadExplorer, grid: bool = False):
+    if self._suspend or self.analysis is None or self.cls_dd.value is None: return
+    an, cls, src = self.analysis, self.cls_dd.value, self.source.value
+    m = self.current_map()
+    self.main.value, region = self._render(m, src)
+    title = self.view_title()
+    note = None if m.dtype.kind in "iub" else map_note(m)
+    if note == "zero":
+        why = ("every head is switched off" if self.head_mask is not None and not self.head_mask.any() else
+               f"ReLU(M) of '{an.class_names[cls]}' is 0 everywhere: the CAM head does not fire for this class"
+               if src in ("coarse", "fused", "refined", "refined_uniform") and not (an.cam_coarse[cls] > 0).any()
+               else
+               "no positive value")
+        self._msg(f"the map is zero everywhere ({why}): the view shows the plain image", "warn")
+        title += " · zero everywhere"
+    elif note == "flat":
+        self._msg("the map is flat (max − min ≤ 0.1 % of the max): no region is outlined", "warn")
+        title += " · flat"
+    style = "font-size:13px; font-weight:600; line-height:1.4"
+    self.title_main.value = f'<div style="{style}">{html.escape(title)}</div>'
+    H = self.base.shape[0]
+    if m.dtype.kind in "iub": self.colorbar.value = _legend_html(an, an.present)
+    else:
+        mm = np.clip(m.astype(np.float64), 0, None)
+        self.colorbar.value = _colorbar_html(self.cmap.value, float(mm.min()), float(mm.max()), self.sqrt.value,
+                                             H - 8)
+    if src == "pseudo":
+        self._msg(f"pseudo label at t={self.threshold.value:.2f}{' + CRF' if self.crf.value else ''} for "
+                  f"{', '.join(an.class_names[c] for c in an.present)} "
+                  f"({'GT labels' if an.labels is not None else 'predicted classes, p > 0.5'})")
+    self.click_grid.tooltips = self.readouts(m)                    # the hover readout of every patch
+    self._refresh_view2(m)
+    self._update_info(m, region)
+    if grid: self._refresh_grid()
 
-    def _export(self, fig, name) -> Path:
-        meta = self.settings()
-        data = png_bytes(fig, dpi=110, metadata={"Software": "weaktr explorer", "weaktr:settings": json.dumps(meta)})
-        path = self.export_dir / name
-        with atomic_path(path) as tmp: Path(tmp).write_bytes(data)
-        side = path.with_suffix(".json")
-        with atomic_path(side) as tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
-        for p in (path, side): os.chmod(p, 0o644)                       # world-readable (mkstemp makes 0600)
-        b64 = base64.b64encode(data).decode()
-        self.export_html.value = (f'saved {html.escape(str(path))} (+ .json settings) · <a '
-                                  f'download="{html.escape(name)}" href="data:image/png;base64,{b64}">download</a>')
-        return path
+@patch
+def _iou(self: HeadExplorer, m, mask, src):
+    "IoU of a map's region (threshold or attention mass) with the GT class region; None without GT, patch maps."
+    if mask is None or src in _PATCH_SOURCES:
+        return None
+    mass = None if src == "pseudo" else (self.mass.value or None)
+    return map_iou(m, mask, self.cls_dd.value, self.threshold.value, mass)
 
-    def _stem(self):
-        an = self.analysis
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(an.id).stem or "image")
-        return f"{safe}_{an.class_names[self.cls_dd.value].replace(' ', '_')}"
+@patch
+def _refresh_view2(self: HeadExplorer, m=None):
+    "The panel beside the main view: the GT, the plain image, a second map, or checkpoint B's view (a compare)."
+    an, key, cls = self.analysis, self.compare.value, self.cls_dd.value
+    self.iou2, heads = None, ""
+    if key == "ckpt_b" and self.model2 is None:
+        key = "image"
+    if key == "ckpt_b":
+        try:
+            anb, m2, patch, notes = self._view_b()
+        except (ValueError, TypeError, RuntimeError) as e:          # e.g. an image smaller than B's patch
+            self._msg(f"checkpoint B cannot show this image: {readable_error(e)}", "warn")
+            key = "image"
+    if key == "ckpt_b":
+        src = self.source.value
+        png, _ = self._render(m2, src, 0.6, an=anb, patch=patch)
+        name = Path(getattr(self.model2, "checkpoint_path", "") or "B").name
+        t = f"checkpoint B ({name}): {self.view_title(an=anb)}" + "".join(f" · {n}" for n in notes)
+        self.iou2 = self._iou(m2, anb.mask, src)
+        iou_a = self._iou(self.current_map() if m is None else m, an.mask, src)
+        if self.iou2 is not None and iou_a is not None:
+            t += f" · IoU B {self.iou2:.2f} vs A {iou_a:.2f}"
+        heads = _weights_pair_html(an, anb, self.mask_grid(), round(self.base.shape[1] * 0.6))
+    elif key == "gt":
+        png, _ = self._render(an.mask, "gt", 0.6)
+        t = "ground truth"
+    elif key == "image":
+        png, t = png_bytes(np.asarray(Image.fromarray(self.base).resize(
+            (round(self.base.shape[1] * 0.6), round(self.base.shape[0] * 0.6)), Image.BILINEAR)),
+                           compress_level=1), f"{an.id}"
+    else:
+        m2 = self.current_map(key)
+        png, _ = self._render(m2, key, 0.6)
+        t = self.view_title(key)
+        if an.mask is not None and key not in _PATCH_SOURCES:
+            self.iou2 = map_iou(m2, an.mask, cls, self.threshold.value,
+                                None if key == "pseudo" else (self.mass.value or None))
+            t += f" · IoU {self.iou2:.2f}"
+    self.view2.value = png
+    self.view2_heads.value = heads
+    self.view2_title.value = ('<div style="font-size:12px; line-height:1.35; '
+                              f'max-width:{round(self.base.shape[1] * 0.6)}px">{html.escape(t)}</div>')
+    self._view2_text = t                                             # the plain title, for the pair export
 
-    def export_view(self) -> Path:
-        "Write the current main view as PNG (export_dir/<id>_<class>_<source>.png, settings in its text + a .json)."
-        if self.analysis is None: raise ValueError("no image is shown: nothing to export")
-        return self._export(self.current_figure(), f"{self._stem()}_{self.source.value}.png")
+@patch
+def _update_info(self: HeadExplorer, m, region):
+    an, cls, src = self.analysis, self.cls_dd.value, self.source.value
+    rows = [f"<b>{html.escape(an.id)}</b> · class <b>{html.escape(an.class_names[cls])}</b> · scores: token "
+            + " · ".join(f"{k} {float(an.scores[k][cls]):.2f}"
+                         for k in ("token", "coarse", "fine")).replace("token ", "", 1)]
+    if cls not in an.present:
+        rows.append(f'<span style="color:#a60">"{html.escape(an.class_names[cls])}" is not among this image\'s '
+                    f'{"labels" if an.labels is not None else "predicted classes"}; the pseudo '
+                    'label ignores it</span>')
+    self.iou = None
+    if an.mask is not None and src not in _PATCH_SOURCES:
+        self.iou = map_iou(m, an.mask, cls, self.threshold.value,
+                           None if src == "pseudo" else (self.mass.value or None))
+        how = (f"attention mass {self.mass.value:.2f}" if self.mass.value and src != "pseudo"
+               else f"threshold {self.threshold.value:.2f}")
+        rows.append(f"IoU with GT: <b>{self.iou:.3f}</b> (white outline: {how})")
+    off = 0 if self.head_mask is None else int((~self.head_mask).sum())
+    w_on = float(effective_weights(an, self.head_mask).sum())
+    rows.append(f"heads on: {an.num_maps - off}/{an.num_maps} · Σw on/all = "
+                f"{w_on:.2f}/{float(an.head_weights.sum()):.2f}")
+    self.info.value = "<div style='font-size:12px; line-height:1.5'>" + "<br>".join(rows) + "</div>"
 
-    def export_grid(self) -> Path:
-        """Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png, settings recorded); returns the
-        path."""
-        if self.analysis is None: raise ValueError("no image is shown: nothing to export")
-        patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
-        fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
-                             selected=(self.layer.value, self.head.value), sqrt=self.sqrt.value)
-        return self._export(fig, f"{self._stem()}_grid.png")
+@patch
+def _refresh_grid(self: HeadExplorer):
+    an = self.analysis
+    if an is None: return
+    cls, z, wg, t = self.cls_dd.value, self.mask_grid(), an.head_weight_grid(), self._thumb_side()
+    patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
+    sel = (self.layer.value, self.head.value) if self.source.value in ("head", "head_affinity") else None
+    cmap = "viridis" if self.cmap.value == "jet" else self.cmap.value
+    key = (id(an), cls, patch, sel, cmap, self.sqrt.value, z.tobytes())
+    if key == getattr(self, "_grid_key", None): return               # nothing the thumbnails show has changed
+    self._grid_key = key
+    (h, w) = an.grid
+    small = np.asarray(Image.fromarray(an.image).resize((max(1, round(w * t / max(h, w))),
+                                                         max(1, round(h * t / max(h, w)))),
+                                                          Image.BILINEAR))
+    for (k, hd), (img, btn) in self._cells.items():
+        m = affinity_row(an, patch, layer=k, head=hd) if patch is not None else head_map(an, k, hd, cls)
+        img.value = thumbnail_png(m, t, cmap, self.sqrt.value, dim=not z[k, hd], image=small)
+        btn.description = f"{wg[k, hd]:.2f}"
+        btn.tooltip = f"layer {k}, head {hd}: AAF weight {wg[k, hd]:.3f}" + ("" if z[k, hd] else " (switched off)")
+        btn.button_style = "info" if sel == (k, hd) else ("warning" if not z[k, hd] else "")
 
-    def pair_figure(self):
-        "The main view and the panel beside it (GT, a second map, checkpoint B) as one Figure, with their titles."
-        from matplotlib.figure import Figure
-        import textwrap
-        ims = [np.asarray(Image.open(io.BytesIO(v)).convert("RGB")) for v in (self.main.value, self.view2.value)]
-        titles = [self.view_title(), getattr(self, "_view2_text", "")]
-        if self.iou is not None and not np.isnan(self.iou):
-            titles[0] += f" · IoU {self.iou:.2f}"
-        ratios = [im.shape[1] / im.shape[0] for im in ims]
-        fig = Figure(figsize=(3.4 * sum(ratios), 3.4 + 0.7), dpi=100)
-        axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=ratios, wspace=0.05))
-        for ax, im, t, r in zip(axes, ims, titles, ratios):
-            ax.imshow(im)
-            ax.set_axis_off()
-            ax.set_title(textwrap.fill(t, max(20, int(52 * r))), fontsize=8, loc="left")
-        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.8)
-        return fig
+# %% ../nbs/18_explorer.ipynb #5b823543
+@patch
+def settings(self: HeadExplorer) -> dict:
+    "What the current view shows: image, class, map, heads, thresholds, look, model (recorded with exports)."
+    an = self.analysis
+    z = self.mask_grid()
+    return {"image": an.id, "class": an.class_names[self.cls_dd.value], "class_index": int(self.cls_dd.value),
+            "map": self.source.value, "map_label": SOURCES[self.source.value], "beside": self.compare.value,
+            "layer": int(self.layer.value), "head": int(self.head.value),
+            "patch": [int(self.patch_r.value), int(self.patch_c.value)],
+            "threshold": float(self.threshold.value), "attention_mass": float(self.mass.value),
+            "crf": bool(self.crf.value),
+            "opacity": float(self.alpha.value), "colormap": self.cmap.value, "sqrt": bool(self.sqrt.value),
+            "heads_off": [[int(k), int(h)] for k, h in zip(*np.nonzero(~z))],
+            "iou": None if self.iou is None or np.isnan(self.iou) else round(float(self.iou), 4),
+            "model": model_summary(self.model), "checkpoint": getattr(self.model, "checkpoint_path", None),
+            "checkpoint_b": None if self.model2 is None else getattr(self.model2, "checkpoint_path", None),
+            "iou_beside": None if self.iou2 is None or np.isnan(self.iou2) else round(float(self.iou2), 4),
+            "image_size_fed": [int(an.image.shape[1]), int(an.image.shape[0])], "grid": [int(g) for g in an.grid],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    def export_pair(self) -> Path:
-        "Write the main view and the panel beside it side by side (export_dir/<id>_<class>_<map>_vs_<beside>.png)."
-        if self.analysis is None:
-            raise ValueError("no image is shown: nothing to export")
-        return self._export(self.pair_figure(), f"{self._stem()}_{self.source.value}_vs_{self.compare.value}.png")
+@patch
+def _export(self: HeadExplorer, fig, name) -> Path:
+    meta = self.settings()
+    data = png_bytes(fig, dpi=110, metadata={"Software": "weaktr explorer", "weaktr:settings": json.dumps(meta)})
+    path = self.export_dir / name
+    with atomic_path(path) as tmp: Path(tmp).write_bytes(data)
+    side = path.with_suffix(".json")
+    with atomic_path(side) as tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
+    for p in (path, side): os.chmod(p, 0o644)                       # world-readable (mkstemp makes 0600)
+    b64 = base64.b64encode(data).decode()
+    self.export_html.value = (f'saved {html.escape(str(path))} (+ .json settings) · <a '
+                              f'download="{html.escape(name)}" href="data:image/png;base64,{b64}">download</a>')
+    return path
 
+@patch
+def _stem(self: HeadExplorer):
+    an = self.analysis
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(an.id).stem or "image")
+    return f"{safe}_{an.class_names[self.cls_dd.value].replace(' ', '_')}"
+
+@patch
+def export_view(self: HeadExplorer) -> Path:
+    "Write the current main view as PNG (export_dir/<id>_<class>_<source>.png, settings in its text + a .json)."
+    if self.analysis is None: raise ValueError("no image is shown: nothing to export")
+    return self._export(self.current_figure(), f"{self._stem()}_{self.source.value}.png")
+
+@patch
+def export_grid(self: HeadExplorer) -> Path:
+    """Write the whole layer x head grid as PNG (export_dir/<id>_<class>_grid.png, settings recorded); returns the
+    path."""
+    if self.analysis is None: raise ValueError("no image is shown: nothing to export")
+    patch = (self.patch_r.value, self.patch_c.value) if self.source.value in _PATCH_SOURCES else None
+    fig = plot_head_grid(self.analysis, self.cls_dd.value, self.head_mask, patch=patch,
+                         selected=(self.layer.value, self.head.value), sqrt=self.sqrt.value)
+    return self._export(fig, f"{self._stem()}_grid.png")
+
+@patch
+def pair_figure(self: HeadExplorer):
+    "The main view and the panel beside it (GT, a second map, checkpoint B) as one Figure, with their titles."
+    from matplotlib.figure import Figure
+    import textwrap
+    ims = [np.asarray(Image.open(io.BytesIO(v)).convert("RGB")) for v in (self.main.value, self.view2.value)]
+    titles = [self.view_title(), getattr(self, "_view2_text", "")]
+    if self.iou is not None and not np.isnan(self.iou):
+        titles[0] += f" · IoU {self.iou:.2f}"
+    ratios = [im.shape[1] / im.shape[0] for im in ims]
+    fig = Figure(figsize=(3.4 * sum(ratios), 3.4 + 0.7), dpi=100)
+    axes = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=ratios, wspace=0.05))
+    for ax, im, t, r in zip(axes, ims, titles, ratios):
+        ax.imshow(im)
+        ax.set_axis_off()
+        ax.set_title(textwrap.fill(t, max(20, int(52 * r))), fontsize=8, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.8)
+    return fig
+
+@patch
+def export_pair(self: HeadExplorer) -> Path:
+    "Write the main view and the panel beside it side by side (export_dir/<id>_<class>_<map>_vs_<beside>.png)."
+    if self.analysis is None:
+        raise ValueError("no image is shown: nothing to export")
+    return self._export(self.pair_figure(), f"{self._stem()}_{self.source.value}_vs_{self.compare.value}.png")
+
+# %% ../nbs/18_explorer.ipynb #951532af
 def head_explorer(model,                      # a WeakTr, or a checkpoint path (run folder / .pt)
                   dataset=None,               # SegDataset: images with labels and GT masks (optional)
                   images: Sequence | None = None,  # extra images: paths, PIL images or arrays

@@ -26,10 +26,10 @@ from .testing import tiny_weaktr
 from .transforms import ms_flip_views
 
 # %% auto #0
-__all__ = ['CAM_FORMAT', 'CAM_DTYPES', 'minmax_normalize', 'cams_reference', 'plot_cam_views', 'expand_cams', 'cams_batched',
-           'image_sizes', 'CamViewDataset', 'collate_views', 'SizeBucketBatchSampler', 'cam_loader', 'save_cams',
-           'load_cams', 'cam_size', 'load_reference_npy', 'evaluate_cams', 'CamGenCfg', 'resolve_paths', 'data_record',
-           'cam_record', 'generate_cams', 'plot_cams']
+__all__ = ['CAM_FORMAT', 'CAM_DTYPES', 'CAM_GEN_DEMO', 'minmax_normalize', 'cams_reference', 'plot_cam_views', 'expand_cams',
+           'cams_batched', 'image_sizes', 'CamViewDataset', 'collate_views', 'SizeBucketBatchSampler', 'cam_loader',
+           'save_cams', 'load_cams', 'cam_size', 'load_reference_npy', 'evaluate_cams', 'CamGenCfg', 'resolve_paths',
+           'data_record', 'cam_record', 'generate_cams', 'plot_cams']
 
 # %% ../nbs/10_camgen.ipynb #5c5f050b
 def minmax_normalize(cam_sum: torch.Tensor,  # (..., K, H, W) summed maps
@@ -499,6 +499,11 @@ def generate_cams(cfg: CamGenCfg) -> dict:
                    checkpoint_sha256=record["checkpoint_sha256"], cams_dir=str(cams_dir), num_classes=ds.num_classes)
     atomic_save_json(summary, run_dir / "summary.json")
     return summary
+
+# %% ../nbs/10_camgen.ipynb #3130c827
+# What the run notebook nbs/runs/gen_cams.ipynb applies over CamGenCfg's (reference) defaults: the CPU demo's values.
+# Its parameters cell is checked against CamGenCfg + this dict (weaktr.grid.parameter_drift).
+CAM_GEN_DEMO = dict(data="synthetic", split="train", checkpoint="runs/train_cam", backbone="deit_tiny_patch16_224")
 
 # %% ../nbs/10_camgen.ipynb #c06d8105
 def plot_cams(image: Image.Image,     # original image

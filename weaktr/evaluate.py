@@ -29,10 +29,10 @@ from .model import load_torch_file
 from .learner import save_figure
 
 # %% auto #0
-__all__ = ['MS_RATIOS', 'INFER_MS_FLIP', 'MODEL_JSON', 'window_anchors', 'upsample_to_window', 'InferCfg', 'image_tensor',
-           'eval_views', 'merge_windows', 'predict_windowed_reference', 'predict', 'export_lut', 'crf_on_probs',
-           'evaluate_model', 'plot_predictions', 'save_model_spec', 'load_seg_checkpoint', 'eval_norm', 'EvalCfg',
-           'check_eval_cfg', 'open_eval_dataset', 'evaluate_seg']
+__all__ = ['MS_RATIOS', 'INFER_MS_FLIP', 'MODEL_JSON', 'EVAL_DEMO', 'window_anchors', 'upsample_to_window', 'InferCfg',
+           'image_tensor', 'eval_views', 'merge_windows', 'predict_windowed_reference', 'predict', 'export_lut',
+           'crf_on_probs', 'evaluate_model', 'plot_predictions', 'save_model_spec', 'load_seg_checkpoint', 'eval_norm',
+           'EvalCfg', 'check_eval_cfg', 'open_eval_dataset', 'evaluate_seg']
 
 # %% ../nbs/13_evaluate.ipynb #da529397
 def window_anchors(length: int,  # L, image side in pixels (>= window)
@@ -422,7 +422,7 @@ _CRF_PRESETS = dict(voc=CRF_VOC_PROBS, coco=CRF_COCO_PROBS)
 @dataclass
 class EvalCfg:
     "Phase-2 evaluation run (defaults: the reference's final VOC evaluation, method notes §final-eval)."
-    run_dir: str = "runs/eval"        # config.json, preds/, iou_table.md, predictions.png, summary.json
+    run_dir: str = "runs/evaluate"    # config.json, preds/, iou_table.md, predictions.png, summary.json
     checkpoint: str = ""              # train_seg run dir / last.pt / best.pt, or an official Phase-2 checkpoint.pth
     data: str = "voc"                 # "synthetic" | "voc" | "coco" | "coco80" | "folder"
     data_root: str = ""               # dataset folder ("" only for synthetic: the default set)
@@ -598,3 +598,8 @@ def evaluate_seg(cfg: EvalCfg) -> dict:
     summary.update(finished=True, config=conf_dict)
     atomic_save_json(summary, sp)
     return summary
+
+# %% ../nbs/13_evaluate.ipynb #d8b89817
+# What the run notebook nbs/runs/evaluate.ipynb applies over EvalCfg's (reference) defaults: the CPU demo's values.
+# Its parameters cell is checked against EvalCfg + this dict (weaktr.grid.parameter_drift).
+EVAL_DEMO = dict(data="synthetic", checkpoint="runs/train_seg")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast, csv, hashlib, io, itertools, json, math, multiprocessing as mp, os, re, sys, time, warnings
 import concurrent.futures as cf
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -21,10 +22,10 @@ if TYPE_CHECKING: from traitlets.config import Config   # kernel_config's return
 __all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POINT', 'SETUP_CELL', 'grid_points', 'point_name',
            'point_names', 'parse_value', 'split_values', 'parse_assignment', 'notebook_parameters', 'check_parameters',
            'flatten_summary', 'default_metric', 'runs_notebook_dir', 'StageSpec', 'stage_spec', 'spec_of',
-           'notebook_defaults', 'check_value', 'validate_params', 'kernel_env', 'quiet_papermill', 'kernel_config',
-           'run_notebook', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row', 'plot_grid',
-           'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset', 'check_preset',
-           'grid_main', 'main']
+           'notebook_defaults', 'check_value', 'validate_params', 'parameter_drift', 'kernel_env', 'quiet_papermill',
+           'kernel_config', 'run_notebook', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row',
+           'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset',
+           'check_preset', 'grid_main', 'main']
 
 # %% ../nbs/16_grid.ipynb #7c8c447f
 def grid_points(grid: dict[str, Sequence], # parameter -> values; first axis varies slowest
@@ -232,6 +233,8 @@ class StageSpec:
     neutral: tuple[str, ...] = ()        # parameters that do not change the result
     result_format: int = 0               # summary.json format version (1: mIoU as fractions where it was percent)
     title: str = ""                      # one line for banners and listings
+    # "module:NAME" of the dict the run notebook's defaults apply over the config's ("": the config's defaults)
+    demo: str = ""
 
     @property
     def path(self) -> Path:
@@ -252,21 +255,22 @@ _CPU = ("progress", "log_every", "resume")
 REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("train_cam", "train_cam.ipynb", "weaktr.train_cam:CamTrainCfg", "weaktr.train_cam:check_cam_cfg",
               inputs=("data_root", "pretrained", "init_checkpoint"), neutral=_CPU,
-              title="Phase 1: WeakTr trained on image labels"),
+              title="Phase 1: WeakTr trained on image labels", demo="weaktr.train_cam:CAM_TRAIN_DEMO"),
     StageSpec("gen_cams", "gen_cams.ipynb", "weaktr.camgen:CamGenCfg", "",
               inputs=("checkpoint", "data_root"), neutral=("num_workers", "overwrite"),
-              title="CAM generation: multi-scale + flip, patch-affinity refinement"),
+              title="CAM generation: multi-scale + flip, patch-affinity refinement", demo="weaktr.camgen:CAM_GEN_DEMO"),
     StageSpec("pseudo_labels", "pseudo_labels.ipynb", "weaktr.pseudo:PseudoCfg", "",
               inputs=("cams_dir", "data_root"), neutral=("workers", "overwrite"),
-              title="pseudo labels: background threshold + dense CRF"),
+              title="pseudo labels: background threshold + dense CRF", demo="weaktr.pseudo:PSEUDO_DEMO"),
     StageSpec("train_seg", "train_seg.ipynb", "weaktr.train_seg:SegTrainCfg", "weaktr.train_seg:check_seg_cfg",
               inputs=("pseudo_dir", "init_path", "data_root"), neutral=_CPU,
               result_format=1,
-              title="Phase 2: Segmenter on the pseudo labels, gradient-clipping loss"),
+              title="Phase 2: Segmenter on the pseudo labels, gradient-clipping loss",
+              demo="weaktr.train_seg:SEG_TRAIN_DEMO"),
     StageSpec("evaluate", "evaluate.ipynb", "weaktr.evaluate:EvalCfg", "weaktr.evaluate:check_eval_cfg",
               inputs=("checkpoint", "data_root"), neutral=("progress", "n_fig"),
               result_format=1,
-              title="evaluation: multi-scale, flip, two outputs, CRF"),
+              title="evaluation: multi-scale, flip, two outputs, CRF", demo="weaktr.evaluate:EVAL_DEMO"),
     StageSpec("ablation", "ablation.ipynb", "weaktr.ablation:AblationCfg", "",
               inputs=("data_root", "cam_run", "cams", "scratch_run", "scratch_cams", "pseudo_run", "seg_eval",
                       "seg_eval_nogc"),
@@ -336,6 +340,47 @@ def validate_params(stage: str | StageSpec, # a registered stage (or its spec)
     except (TypeError, ValueError, FileNotFoundError) as e:
         raise ValueError(f"{where}{e}") from None
     return cfg
+
+# %% ../nbs/16_grid.ipynb #649c5067
+def _ann_names(ann) -> set[str]:
+    "The type names in a field annotation (a string under `from __future__ import annotations`): {'tuple', 'float'}."
+    return set(re.findall(r"[A-Za-z_]\w*", ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))))
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING: return f.default
+    if f.default_factory is not dataclasses.MISSING: return f.default_factory()
+    return dataclasses.MISSING
+
+def _same_value(a, b, type_name: str) -> bool:
+    """Equal as parameter values: tuples and lists alike; None and {} alike for a `dict` parameter (a cell cannot hold
+    None)."""
+    if type_name == "dict": a, b = ({} if a is None else a), ({} if b is None else b)
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (tuple, list)) else v
+    return norm(a) == norm(b)
+
+def parameter_drift(stage: str | StageSpec) -> list[str]:
+    """Where a stage's run notebook parameters cell disagrees with `config(**demo)`: missing or unknown names, a
+    declared type the field does not have, a default that differs. [] when they agree (see the section text)."""
+    spec = stage_spec(stage)
+    cls = spec.config_class()
+    if cls is None: return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    params, defaults = spec.parameters(), notebook_defaults(spec.path)
+    demo = _import(spec.demo) if spec.demo else {}
+    nb, name = spec.path.name, cls.__name__
+    out = [f"{spec.demo}: {k!r} is not a {name} field" for k in sorted(set(demo) - set(fields))]
+    out += [f"{nb}: {name}.{k} has no parameter" for k in sorted(set(fields) - set(params))]
+    out += [f"{nb}: parameter {k!r} is not a {name} field" for k in sorted(set(params) - set(fields))]
+    for k in sorted(set(fields) & set(params)):
+        t = params[k]["inferred_type_name"]
+        if t not in _ann_names(fields[k].type):
+            out.append(f"{nb}: {k} is declared `{t}`, {name}.{k} is `{fields[k].type}`")
+        if k not in defaults:
+            out.append(f"{nb}: {k}'s default {params[k]['default']!r} is not a literal")
+            continue
+        want, src = (demo[k], spec.demo) if k in demo else (_field_default(fields[k]), f"{name}'s default")
+        if not _same_value(defaults[k], want, t): out.append(f"{nb}: {k} = {defaults[k]!r}, expected {want!r} ({src})")
+    return out
 
 # %% ../nbs/16_grid.ipynb #6b321ca9
 GRID_POINT = "grid_point.json"   # the point's notebook + parameters + status, next to its executed notebook
@@ -731,7 +776,8 @@ def _grid_parser():
     p = argparse.ArgumentParser(prog="python -m weaktr.grid",
                                 description="Run a papermill run notebook over a parameter grid "
                                 "(one run folder per point; finished points are skipped). Other commands: "
-                                "`export-preset PRESET STAGE [--set NAME=V ...]`, `check-preset PRESET ...`.")
+                                "`export-preset PRESET STAGE [--set NAME=V ...]`, `check-preset PRESET ...`, "
+                                "`check-parameters [STAGE ...]`.")
     p.add_argument("notebook", help="run notebook, e.g. nbs/runs/pseudo_labels.ipynb")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2", help="a grid axis (repeatable)")
     p.add_argument("--base", action="append", default=[], metavar="NAME=V",
@@ -785,6 +831,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         types = notebook_parameters(stage_notebook(a.stage)) if stage_notebook(a.stage).is_file() else {}
         sys.stdout.write(export_preset(a.preset, a.stage, dict(parse_assignment(s, types=types) for s in a.set)))
         return 0
+    if argv[:1] == ["check-parameters"]:
+        p = argparse.ArgumentParser(prog="python -m weaktr.grid check-parameters",
+                                    description="Check every registered stage's run notebook parameters cell against "
+                                    "its config dataclass and demo preset (names, types, defaults).")
+        p.add_argument("stages", nargs="*", help=f"stages (default: all of {list(REGISTRY)})")
+        a = p.parse_args(argv[1:])
+        problems = [d for s in (a.stages or REGISTRY) for d in parameter_drift(s)]
+        print("\n".join(problems) if problems else "parameters cells agree with their configs: "
+                                                   f"{list(a.stages or REGISTRY)}")
+        return 1 if problems else 0
     if argv[:1] == ["check-preset"]:
         p = argparse.ArgumentParser(prog="python -m weaktr.grid check-preset",
                                     description="Check preset keys against the run notebooks' parameters.")

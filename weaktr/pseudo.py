@@ -21,9 +21,9 @@ from .metrics import confusion_matrix, miou, threshold_confusions, threshold_ran
 from .camgen import CamGenCfg, data_record, generate_cams, load_cams
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'PR_SET_PDEATHSIG', 'THRESHOLD_MODES', 'cam_to_label', 'crf_preset', 'crf_label', 'run_tasks',
-           'write_pseudo_labels', 'otsu_threshold', 'label_free_threshold', 'sweep_threshold', 'best_threshold',
-           'sweep_csv', 'plot_sweep', 'PseudoCfg', 'resolve_cams_dir', 'cams_record', 'pseudo_record',
+__all__ = ['CRF_PRESETS', 'PR_SET_PDEATHSIG', 'THRESHOLD_MODES', 'PSEUDO_DEMO', 'cam_to_label', 'crf_preset', 'crf_label',
+           'run_tasks', 'write_pseudo_labels', 'otsu_threshold', 'label_free_threshold', 'sweep_threshold',
+           'best_threshold', 'sweep_csv', 'plot_sweep', 'PseudoCfg', 'resolve_cams_dir', 'cams_record', 'pseudo_record',
            'make_pseudo_labels', 'plot_pseudo_labels']
 
 # %% ../nbs/12_pseudo.ipynb #9e3834b7
@@ -448,6 +448,11 @@ def make_pseudo_labels(cfg: PseudoCfg) -> dict:
         summary.update(miou=m, per_class_iou=[None if np.isnan(v) else float(v) for v in per_class])
     atomic_save_json(summary, run_dir / "summary.json")
     return summary
+
+# %% ../nbs/12_pseudo.ipynb #cc1e26e3
+# What the run notebook nbs/runs/pseudo_labels.ipynb applies over PseudoCfg's (reference) defaults: the CPU demo's
+# values. Its parameters cell is checked against PseudoCfg + this dict (weaktr.grid.parameter_drift).
+PSEUDO_DEMO = dict(data="synthetic", split="train", cams_dir="runs/gen_cams", threshold_mode="sweep")
 
 # %% ../nbs/12_pseudo.ipynb #ff051226
 def plot_pseudo_labels(ds,                       # the SegDataset the labels were made for

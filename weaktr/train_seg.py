@@ -40,7 +40,8 @@ _RANGES = (  # (field, low, high, low excluded, high excluded): checked in SegTr
 class SegTrainCfg:
     """Phase-2 training run (defaults: the reference VOC run, §phase2-data, §phase2-optim, §gc-loss, §phase2-val,
     §phase2-recipe)."""
-    run_dir: str = "runs/seg"      # config.json, model.json, last.pt, best.pt, metrics.jsonl, metrics.png, summary.json
+    # config.json, model.json, last.pt, best.pt, metrics.jsonl, metrics.png, summary.json
+    run_dir: str = "runs/train_seg"
     data: str = "voc"                  # "synthetic" | "voc" | "coco" | "coco80" | "folder"
     data_root: str = ""                # dataset folder ("" only for synthetic: the default set)
     train_split: str = "train_aug"     # training ids (10,582 for VOC)

@@ -32,12 +32,9 @@ JCACHE = Path(os.environ.get("WEAKTR_DOCS_JCACHE", CACHE / "jupyter"))   # the e
 # Notebooks too slow at their defaults for every docs build get a fast setting here; each page says what it ran with.
 # name: (parameters injected after the `parameters` cell, why)
 DOCS_PARAMS: dict[str, tuple[dict, str]] = {
-    "walkthrough.ipynb": ({"train_steps": 400, "n_images": 12},
-                          "400 fine-tuning steps and 12 images (defaults: 500 steps, 16 images; a reading group uses "
-                          "1500 steps or a trained checkpoint)"),
-    "explore.ipynb": ({"train_steps": 150},
-                      "150 fine-tuning steps when `runs/demo` has no checkpoint (as the default); with `./kit demo` "
-                      "run first, the page shows the demo's Phase-1 model"),
+    "walkthrough.ipynb": ({"n_images": 12},
+                          "12 images in the live experiments (default 16; the model is the default one, shared with "
+                          "explore.ipynb: with `./kit demo` run first, the demo's Phase-1 checkpoint)"),
 }
 QUICK_EXECUTE = ("index.ipynb", "method_notes.ipynb", "03_head_fusion.ipynb", "07_decoder.ipynb")
 RUNS = "runs"                                 # papermill run notebooks: recipes, not executed

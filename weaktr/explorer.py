@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_explorer.ipynb #d0ea0f0e
 from __future__ import annotations
-import base64, html, io, itertools, json, os, pickle, re, tempfile, time, traceback
+import base64, hashlib, html, io, itertools, json, os, pickle, re, tempfile, time, traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +26,8 @@ from .viz import (SOURCES, CMAPS, ImageAnalysis, analyze_image, prepare_image, s
                         plot_overlay, plot_head_grid, patch_index)
 
 # %% auto #0
-__all__ = ['load_explorer_model', 'find_demo_checkpoint', 'demo_model', 'quick_finetune', 'readable_error', 'working_side',
-           'model_summary', 'HeadExplorer', 'head_explorer']
+__all__ = ['NOTEBOOK_MODEL_VERSION', 'load_explorer_model', 'find_demo_checkpoint', 'demo_model', 'quick_finetune',
+           'notebook_model', 'readable_error', 'working_side', 'model_summary', 'HeadExplorer', 'head_explorer']
 
 # %% ../nbs/18_explorer.ipynb #a6c1aed0
 def load_explorer_model(checkpoint,                     # run folder, learner .pt or official Phase-1 checkpoint
@@ -132,6 +132,39 @@ def quick_finetune(model: WeakTr,        # trained in place
                 callbacks=dict(on_batch_end=lambda learner: losses.append(learner.loss))).fit()
     model.eval()
     return losses
+
+NOTEBOOK_MODEL_VERSION = 1   # part of the cache key: bump when demo_model or quick_finetune change what they compute
+
+def notebook_model(dataset,               # SegDataset to fine-tune on (the training split)
+                   steps: int = 300,      # quick_finetune steps
+                   seed: int = 0,
+                   cache: bool = True,    # reuse / keep the weights under runs/notebook_models/
+                   device: str | torch.device = "cpu",
+                  ) -> WeakTr:
+    """The notebooks' shared small model: `demo_model` fine-tuned by `quick_finetune` for `steps`. The same arguments
+    give the same model; with `cache` the first notebook that trains it saves it (safetensors + a JSON card with the
+    losses) and the others load it. `model.description` says which happened; `model.losses` holds the losses."""
+    from safetensors.torch import load_model, save_model
+    model = demo_model(dataset.num_classes, seed=seed)
+    ids = hashlib.sha1("\n".join(map(str, getattr(dataset, "ids", range(len(dataset))))).encode()).hexdigest()
+    key = dict(version=NOTEBOOK_MODEL_VERSION, model=model.description, C=dataset.num_classes, steps=steps, seed=seed,
+               data=str(getattr(dataset, "root", "")), n=len(dataset), ids=ids)
+    h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = runs_dir() / "notebook_models" / f"finetune_{h}.safetensors"
+    card = path.with_suffix(".json")
+    if cache and path.is_file() and card.is_file():
+        load_model(model, str(path))                                     # strict: every tensor, every shape
+        model.losses = json.loads(card.read_text())["losses"]
+        how = f"loaded from {path.name} (cached by the first notebook that trained it)"
+    else:
+        model.losses = quick_finetune(model.to(device), dataset, steps=steps, seed=seed)
+        how = "trained here"
+        if cache:
+            with atomic_path(path) as tmp: save_model(model, tmp)
+            with atomic_path(card) as tmp:
+                Path(tmp).write_text(json.dumps(dict(key=key, losses=model.losses), indent=1) + "\n")
+    model.description += f"; fine-tuned {steps} steps (seed {seed}), {how}"
+    return model.to(device).eval()
 
 # %% ../nbs/18_explorer.ipynb #3889c9ca
 def _hex(rgb) -> str: return "#%02x%02x%02x" % tuple(int(v) for v in rgb)

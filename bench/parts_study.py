@@ -52,6 +52,10 @@ VARIANTS = dict(
                      note="parts pretraining set, labels + grouping loss on 2 heads x last 2 blocks"),
     parts_group_all=dict(pretrain=dict(body_labels=True, group_weight=1.0, group_blocks=4, group_heads=2),
                          note="labels + grouping loss on 2 heads of every block"),
+    parts_group_strong=dict(pretrain=dict(body_labels=True, group_weight=3.0, group_blocks=4, group_heads=2),
+                            note="labels + grouping loss (weight 3) on 2 heads of every block"),
+    parts_group_heavy=dict(pretrain=dict(body_labels=True, group_weight=3.0, group_blocks=4, group_heads=3),
+                           note="labels + grouping loss (weight 3) on 3 of 4 heads of every block"),
 )
 GROUP_BLOCKS, GROUP_HEADS = (2, 3), 2        # the heads reported as "grouping heads" for every backbone
 THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.951, 0.05)]
@@ -67,7 +71,7 @@ def backbone_files(name, args, runs, data_pre, state):
     "-> (weights path, card dict) of a variant's backbone (pretraining it if needed)."
     v = VARIANTS[name]
     if v["pretrain"] is None: return asset_path(DEMO_ASSET), asset_card(DEMO_ASSET)
-    cfg = dict(run_dir=str(runs / f"pre_{name}"), data_root=str(data_pre), epochs=args.pre_epochs,
+    cfg = dict(run_dir=str(runs / f"pre_{name}_e{args.pre_epochs}"), data_root=str(data_pre), epochs=args.pre_epochs,
                n_train=SYNTH_PARTS_PRETRAIN["n_train"], n_val=SYNTH_PARTS_PRETRAIN["n_val"], design="parts",
                num_classes=SYNTH_PARTS_PRETRAIN["num_classes"], max_objects=2, clutter=SYNTH_PARTS_PRETRAIN["clutter"],
                threads=args.threads, **ARCH, **v["pretrain"])
@@ -126,10 +130,12 @@ def run_variant(name, args, runs, data, data_pre, state):
     vit = load_classifier(wfile, card)
     res["backbone_affinity"] = own_object_mass_of(vit, imgs, masks, ARCH["patch_size"], GROUP_BLOCKS, GROUP_HEADS)
     log(state, step="backbone_affinity", variant=name, **res["backbone_affinity"])
-    tc = dict(run_dir=str(runs / f"cam_{name}"), data="synthetic", data_root=str(data), backbone="vit_tiny_patch16_224",
+    tc = dict(run_dir=str(runs / f"cam_{name}_pre{args.pre_epochs}_cam{args.cam_epochs}_lr{args.cam_lr:g}"),
+              data="synthetic", data_root=str(data), backbone="vit_tiny_patch16_224",
               embed_dim=ARCH["embed_dim"], depth=ARCH["depth"], num_heads=ARCH["num_heads"],
               patch_size=ARCH["patch_size"], img_size=ARCH["img_size"], pretrained=str(wfile), device="cpu",
-              train_split="train", val_split="val", cam_split="train", epochs=args.cam_epochs, batch_size=32, lr=1e-3,
+              train_split="train", val_split="val", cam_split="train", epochs=args.cam_epochs, batch_size=32,
+              lr=args.cam_lr,
               warmup_epochs=1, weight_decay=0.05, drop_path=0.1, crop_scale=(0.35, 1.0), cam_eval_max_images=100,
               cam_t_range=(0.05, 0.95, 0.05), num_workers=0, eval_every=max(args.cam_epochs // 3, 1), progress=False)
     t0 = time.time()
@@ -137,7 +143,7 @@ def run_variant(name, args, runs, data, data_pre, state):
     res["phase1"] = dict(epochs=args.cam_epochs, seconds=round(time.time() - t0, 1), best=s["best"]["value"],
                          best_epoch=s["best"]["epoch"], final=s["final"])
     log(state, step="train_cam", variant=name, **res["phase1"])
-    model = load_cam_model(runs / f"cam_{name}", device="cpu")
+    model = load_cam_model(tc["run_dir"], device="cpu")
     ds = synthetic_dataset(data, "val", labels="masks")
     cams = {}
     for key, at, ref in (("fused_refined", "fused", True), ("fused_unrefined", "fused", False),
@@ -164,6 +170,8 @@ def main():
     ap.add_argument("--variants", default="palette,parts_cls,parts_group")
     ap.add_argument("--pre-epochs", type=int, default=12)
     ap.add_argument("--cam-epochs", type=int, default=12)
+    ap.add_argument("--cam-lr", type=float, default=1e-3,
+                    help="Phase-1 lr as written (scaled by batch/512, as the demo)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/parts_study")
     ap.add_argument("--out", default="results/parts_study.json")
@@ -176,7 +184,8 @@ def main():
                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  command="python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
                  data=dict(wsss={k: list(v) if isinstance(v, tuple) else v for k, v in SYNTH_PARTS.items()},
-                           pretrain={k: list(v) if isinstance(v, tuple) else v for k, v in SYNTH_PARTS_PRETRAIN.items()},
+                           pretrain={k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in SYNTH_PARTS_PRETRAIN.items()},
                            eval_split="val", thresholds=[THRESHOLDS[0], THRESHOLDS[-1], 0.05], scales=[1.0],
                            flip=True, crf=False),
                  metrics_doc=dict(
@@ -191,10 +200,12 @@ def main():
         try:
             r = run_variant(name, args, runs, data, data_pre, state)
             r["wall_s"] = round(time.time() - t0, 1)
-            r["args"] = dict(pre_epochs=args.pre_epochs, cam_epochs=args.cam_epochs)
-            state["variants"][f"{name}@pre{args.pre_epochs}_cam{args.cam_epochs}"] = r
+            r["args"] = dict(pre_epochs=args.pre_epochs, cam_epochs=args.cam_epochs, cam_lr=args.cam_lr)
+            r["command"], r["date"] = state["command"], state["date"]
+            state["variants"][f"{name}@pre{args.pre_epochs}_cam{args.cam_epochs}_lr{args.cam_lr:g}"] = r
         except Exception as e:           # a failed variant is a result too: logged, the others still run
-            log(state, step="failed", variant=name, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-800:])
+            log(state, step="failed", variant=name, error=f"{type(e).__name__}: {e}",
+                trace=traceback.format_exc()[-800:])
         atomic_save_json(state, out)
     print(json.dumps({k: v.get("summary") for k, v in state["variants"].items()}, indent=1))
 

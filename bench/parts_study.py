@@ -37,8 +37,9 @@ from weaktr.camgen import cams_batched  # noqa: E402
 from weaktr.core import atomic_save_json  # noqa: E402
 from weaktr.metrics import miou, threshold_confusions  # noqa: E402
 from weaktr.model import load_cam_model  # noqa: E402
-from weaktr.pretrain import (DEMO_BACKBONE, cpu_info, grid_groups, load_classifier, load_split_tensors,  # noqa: E402
-                             normalize_u8, own_object_mass, own_object_mass_of, pretrain_backbone)
+from weaktr.pretrain import (DEMO_BACKBONE, AttentionTap, cpu_info, grid_groups, grouping_targets,  # noqa: E402
+                             load_classifier, load_split_tensors, normalize_u8, own_object_mass, own_object_mass_of,
+                             pretrain_backbone)
 from weaktr.synth import SYNTH_PARTS, SYNTH_PARTS_PRETRAIN, make_synthetic_keyed, synthetic_dataset  # noqa: E402
 from weaktr.train_cam import train_cam  # noqa: E402
 from weaktr.zoo import DEMO_ASSET, asset_card, asset_path  # noqa: E402
@@ -120,6 +121,36 @@ def trained_affinity(model, imgs, masks):
                 head_weight_std=avg(out["hw_std"]), head_weight_mean=avg(out["hw_mean"]))
 
 
+@torch.no_grad()
+def head_diagnostics(wfile, card, imgs, masks):
+    "Per block x head own-object mass of a backbone, and the grouping KL of object rows vs background rows."
+    vit = load_classifier(wfile, card)
+    nb, nh = len(vit.blocks), vit.blocks[0].attn.num_heads
+    with AttentionTap(vit, range(nb), nh) as tap: vit(normalize_u8(imgs))
+    g = grid_groups(masks.long(), ARCH["patch_size"])
+    P, T, obj = g.shape[1], grouping_targets(g), g > 0
+    mass = [[own_object_mass(tap.maps[b][:, h, -P:, -P:], g)["own_mass"] for h in range(nh)] for b in range(nb)]
+    kl = {}
+    for b in range(nb):
+        a = tap.maps[b][:, :, -P:, -P:].clamp_min(1e-8)                        # (B, nh, P, P)
+        r = (T[:, None] * (T[:, None].clamp_min(1e-8).log() - a.log())).sum(-1)  # (B, nh, P) row KL
+        kl[b] = dict(object_rows=[r[:, h][obj].mean().item() for h in range(nh)],
+                     background_rows=[r[:, h][~obj].mean().item() for h in range(nh)])
+    return dict(own_mass_block_head=mass, row_kl=kl,
+                cls_mass=[tap.maps[b][:, :, 1:, 0].mean().item() for b in range(nb)])
+
+
+def diagnose(state, runs, data):
+    "head_diagnostics of every backbone the study has pretrained (and the shipped asset) -> state['diagnostics']."
+    imgs, masks, _ = load_split_tensors(data, "val")
+    found = {"palette (shipped asset)": (asset_path(DEMO_ASSET), asset_card(DEMO_ASSET))}
+    for d in sorted(runs.glob("pre_*_e*")):
+        if (d / "card.json").is_file():
+            found[d.name] = (d / "backbone.safetensors", json.loads((d / "card.json").read_text()))
+    state["diagnostics"] = {k: head_diagnostics(w, c, imgs, masks) for k, (w, c) in found.items()}
+    log(state, step="diagnose", backbones=list(found))
+
+
 def run_variant(name, args, runs, data, data_pre, state):
     res = dict(variant=name, note=VARIANTS[name]["note"])
     wfile, card = backbone_files(name, args, runs, data_pre, state)
@@ -173,6 +204,8 @@ def main():
     ap.add_argument("--cam-lr", type=float, default=1e-3,
                     help="Phase-1 lr as written (scaled by batch/512, as the demo)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="only: per-head own mass and row KL of the backbones in --runs")
     ap.add_argument("--runs", default="runs/parts_study")
     ap.add_argument("--out", default="results/parts_study.json")
     args = ap.parse_args()
@@ -195,6 +228,10 @@ def main():
                      head_weight_std="std of the AAF weights over the L*nh heads, averaged over val images"))
     data = make_synthetic_keyed(ROOT / "runs" / "data", **SYNTH_PARTS)
     data_pre = make_synthetic_keyed(ROOT / "runs" / "data", **SYNTH_PARTS_PRETRAIN)
+    if args.diagnose:
+        diagnose(state, runs, data)
+        atomic_save_json(state, out)
+        return
     for name in args.variants.split(","):
         t0 = time.time()
         try:

@@ -1,4 +1,4 @@
-"""The "parts" synthetic design (weaktr.synth, nbs/01a_synth.ipynb): deterministic files, VOC layout, whole-object masks."""
+"""The "parts" synthetic design (weaktr.synth, nbs/01a_synth.ipynb): deterministic files, VOC layout, whole objects."""
 import json
 
 import numpy as np
@@ -15,10 +15,12 @@ def test_parts_files_are_deterministic_and_voc_laid_out(tmp_path):
     b = make_synthetic(tmp_path / "b", n_train=5, n_val=3, **KW)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    for f in files: assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert (a / "ImageSets/Segmentation/val.txt").read_text().split() == ["val_00000", "val_00001", "val_00002"]
     meta = json.loads((a / "meta.json").read_text())
-    assert meta["params"]["design"] == "parts" and meta["class_names"] == [f"{s}-{t}" for s, t in synth_classes(6, "parts")]
+    assert meta["params"]["design"] == "parts"
+    assert meta["class_names"] == [f"{s}-{t}" for s, t in synth_classes(6, "parts")]
     labels = json.loads((a / "cls_labels.json").read_text())
     ds = synthetic_dataset(a, "train")
     for i, id in enumerate(ds.ids):

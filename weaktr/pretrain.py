@@ -59,11 +59,11 @@ class PretrainCfg:
     drop_path_rate: float = 0.05        # stochastic depth
     mimetic: bool = False               # mimetic initialisation of the attention weights (Trockman & Kolter 2023)
     loss: str = "bce"                   # "bce" (BCE with logits) or "mlsm" (multi-label soft margin, WeakTr's loss)
-    body_labels: bool = False           # also classify the body textures of the present classes (meta.json; design "parts")
+    body_labels: bool = False           # also classify the body textures of the present classes (design "parts")
     # --- attention grouping (off by default; see "Rewarding whole objects")
     group_weight: float = 0.0           # weight of the attention-grouping loss (0 = off)
     group_blocks: int = 2               # ... on the last this-many blocks
-    group_heads: int = 2                # ... on the first this-many heads of each of those blocks (the others stay free)
+    group_heads: int = 2                # ... on the first this-many heads of each such block (the others stay free)
     # --- augmentation (batched, on the device)
     crop_scale_min: float = 0.3         # random-resized-crop area range (crop_scale_min, 1)
     hflip: float = 0.5                  # horizontal flip probability
@@ -90,7 +90,8 @@ class PretrainCfg:
         if self.channel_shuffle and self.design == "palette":
             raise ValueError("PretrainCfg.channel_shuffle=True would erase the class hue of design='palette'; set it False")
         if self.group_weight < 0: raise ValueError(f"PretrainCfg.group_weight: expected >= 0, got {self.group_weight}")
-        if self.group_weight > 0 and not (1 <= self.group_blocks <= self.depth and 1 <= self.group_heads <= self.num_heads):
+        ok = 1 <= self.group_blocks <= self.depth and 1 <= self.group_heads <= self.num_heads
+        if self.group_weight > 0 and not ok:
             raise ValueError(f"PretrainCfg.group_blocks={self.group_blocks}, group_heads={self.group_heads}: expected "
                              f"1..depth={self.depth} blocks and 1..num_heads={self.num_heads} heads")
         if self.img_size % self.patch_size: raise ValueError(f"PretrainCfg.img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
@@ -313,7 +314,8 @@ def body_label_matrix(meta: dict, # a make_synthetic meta.json
     "(C, T) 0/1 matrix class -> body texture and the T texture names (in order of first use)."
     tex = [c["texture"] for c in meta["classes"]]
     names = list(dict.fromkeys(tex))
-    if len(names) < 2: raise ValueError(f"body_labels: the set's classes use {len(names)} texture(s) {names}; need >= 2")
+    if len(names) < 2:
+        raise ValueError(f"body_labels: the set's classes use {len(names)} texture(s) {names}; need >= 2")
     return torch.tensor([[float(t == n) for n in names] for t in tex]), names
 
 def with_body_labels(y: torch.Tensor, # (B, C) multi-hot class labels
@@ -387,20 +389,24 @@ def own_object_mass_of(vit: nn.Module, # timm ViT
                        masks: torch.Tensor, # (N, S, S) class maps
                        patch: int, blocks, heads: int, batch_size: int = 64) -> dict:
     "own_object_mass of the mean patch attention of the tapped heads (`val_own_mass*`) and of all heads of all blocks."
-    was = vit.training; vit.eval()
+    was = vit.training
+    vit.eval()
     dev = next(vit.parameters()).device
     nb, nh = len(vit.blocks), vit.blocks[0].attn.num_heads
-    tot = dict(val_own_mass=0.0, val_own_mass_all=0.0, val_own_share=0.0); n = 0
+    tot, n = dict(val_own_mass=0.0, val_own_mass_all=0.0, val_own_share=0.0), 0
     for i in range(0, len(images), batch_size):
-        x, g = normalize_u8(images[i:i + batch_size].to(dev)), grid_groups(masks[i:i + batch_size].to(dev).long(), patch)
+        x = normalize_u8(images[i:i + batch_size].to(dev))
+        g = grid_groups(masks[i:i + batch_size].to(dev).long(), patch)
         with AttentionTap(vit, range(nb), nh) as tap: vit(x)
         sup = torch.cat([tap.maps[b][:, :heads] for b in blocks], 1).mean(1)   # (B, N, N)
         al = torch.cat([tap.maps[b] for b in range(nb)], 1).mean(1)
-        P = g.shape[1]; k = len(x)
+        P, k = g.shape[1], len(x)
         r_sup, r_all = own_object_mass(sup[:, -P:, -P:], g), own_object_mass(al[:, -P:, -P:], g)
         if math.isnan(r_sup["own_mass"]): continue
-        tot["val_own_mass"] += k * r_sup["own_mass"]; tot["val_own_mass_all"] += k * r_all["own_mass"]
-        tot["val_own_share"] += k * r_sup["own_share"]; n += k
+        tot["val_own_mass"] += k * r_sup["own_mass"]
+        tot["val_own_mass_all"] += k * r_all["own_mass"]
+        tot["val_own_share"] += k * r_sup["own_share"]
+        n += k
     vit.train(was)
     return {key: v / max(n, 1) for key, v in tot.items()}
 
@@ -441,7 +447,7 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
                     num_workers=0, drop_last=True, log_every=10, select_metric="val_map", select_mode="max", plot=True)
     aug = dict(scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, channel_shuffle=cfg.channel_shuffle, crop_labels=cfg.crop_labels)
 
-    gb = tuple(range(cfg.depth - cfg.group_blocks, cfg.depth))                 # supervised blocks: the last group_blocks
+    gb = tuple(range(cfg.depth - cfg.group_blocks, cfg.depth))      # supervised blocks: the last group_blocks
 
     def loss_fn(m, batch):
         imgs, masks, labels = batch
@@ -479,7 +485,8 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
                   params={k: list(v) if isinstance(v, tuple) else v for k, v in synth_params(cfg).items()}),
         training=dict(config=cdict, train_cfg=cfg_to_dict(tcfg), best_epoch=best["best"]["epoch"],
                       epochs_run=learner.epoch, loss=cfg.loss, body_labels=cfg.body_labels,
-                      grouping=dict(weight=cfg.group_weight, blocks=list(gb), heads=cfg.group_heads) if cfg.group_weight else None),
+                      grouping=(dict(weight=cfg.group_weight, blocks=list(gb), heads=cfg.group_heads)
+                                if cfg.group_weight else None)),
         command=reproduce_command(cfg),
         machine=cpu_info() | dict(device=str(learner.device)),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),

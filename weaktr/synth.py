@@ -304,7 +304,7 @@ def _paint_parts(rng, img, X, Y, classes, objects, obj_scale, min_visible, part_
         lay[region] = 3
     n_obj = min(int(rng.integers(objects[0], objects[1] + 1)), C)
     cls = rng.choice(C, n_obj, replace=False)
-    inst = np.zeros((S, S), np.int16); part = np.zeros((S, S), np.int16); areas = []
+    inst, part, areas = np.zeros((S, S), np.int16), np.zeros((S, S), np.int16), []
     for j, c in enumerate(cls):
         shape, tex = classes[c]
         for _ in range(30):
@@ -317,19 +317,25 @@ def _paint_parts(rng, img, X, Y, classes, objects, obj_scale, min_visible, part_
             prt = _shape_mask(shape, u / r, v / r)
             region = _ellipse(x, y, R, asp) | prt
             if prt.sum() < 6 or region.sum() < 12: continue
-            trial = inst.copy(); trial[region] = j + 1
-            tpart = part.copy(); tpart[region] = 0; tpart[prt] = j + 1
+            trial = inst.copy()
+            trial[region] = j + 1
+            tpart = part.copy()
+            tpart[region] = 0
+            tpart[prt] = j + 1
             if all((trial == k + 1).sum() >= max(min_visible * a, 10) and (tpart == k + 1).sum() >= 0.6 * pa
                    for k, (a, pa) in enumerate(areas) if a):
                 break
         else:
-            areas.append((0, 0)); continue                # no valid placement: drop it
+            areas.append((0, 0))                          # no valid placement: drop it
+            continue
         obj = _body_look(rng, tex, x, y, R)
         hsv = ((c / 8 + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.75, 1.0), rng.uniform(0.6, 1.0))
         obj[prt] = np.array(colorsys.hsv_to_rgb(*hsv)) * 255
-        img[region] = obj[region]; inst, part = trial, tpart
+        img[region] = obj[region]
+        inst, part = trial, tpart
         areas.append((int(region.sum()), int(prt.sum())))
-    lay[inst > 0] = 1; lay[part > 0] = 2
+    lay[inst > 0] = 1
+    lay[part > 0] = 2
     lut = np.concatenate([[0], cls + 1]).astype(np.uint8)
     return img, lut[inst], lay
 

@@ -27,7 +27,9 @@ from .metrics import class_map, sample_map
 __all__ = ['DEMO_BACKBONE', 'SMOKE_PRETRAIN', 'PretrainCfg', 'resolved_cfg', 'model_kwargs', 'synth_params', 'pretrain_data_root',
            'load_split_tensors', 'crop_affine', 'labels_from_masks', 'augment_batch', 'normalize_u8', 'mimetic_init_',
            'create_classifier', 'multilabel_loss', 'classifier_scores', 'val_metrics', 'export_backbone',
-           'load_classifier', 'cpu_info', 'sha256', 'reproduce_command', 'pretrain_backbone']
+           'load_classifier', 'cpu_info', 'sha256', 'reproduce_command', 'body_label_matrix', 'with_body_labels',
+           'grid_groups', 'grouping_targets', 'grouping_kl', 'AttentionTap', 'own_object_mass', 'own_object_mass_of',
+           'pretrain_backbone']
 
 # %% ../nbs/15_pretrain.ipynb #3c5a8783
 DEMO_BACKBONE = dict(backbone="vit_tiny_patch16_224", patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4)
@@ -57,6 +59,11 @@ class PretrainCfg:
     drop_path_rate: float = 0.05        # stochastic depth
     mimetic: bool = False               # mimetic initialisation of the attention weights (Trockman & Kolter 2023)
     loss: str = "bce"                   # "bce" (BCE with logits) or "mlsm" (multi-label soft margin, WeakTr's loss)
+    body_labels: bool = False           # also classify the body textures of the present classes (design "parts")
+    # --- attention grouping (off by default; see "Rewarding whole objects")
+    group_weight: float = 0.0           # weight of the attention-grouping loss (0 = off)
+    group_blocks: int = 2               # ... on the last this-many blocks
+    group_heads: int = 2                # ... on the first this-many heads of each such block (the others stay free)
     # --- augmentation (batched, on the device)
     crop_scale_min: float = 0.3         # random-resized-crop area range (crop_scale_min, 1)
     hflip: float = 0.5                  # horizontal flip probability
@@ -82,6 +89,11 @@ class PretrainCfg:
         if not 0 < self.crop_scale_min <= 1: raise ValueError(f"PretrainCfg.crop_scale_min: expected a value in (0, 1], got {self.crop_scale_min}")
         if self.channel_shuffle and self.design == "palette":
             raise ValueError("PretrainCfg.channel_shuffle=True would erase the class hue of design='palette'; set it False")
+        if self.group_weight < 0: raise ValueError(f"PretrainCfg.group_weight: expected >= 0, got {self.group_weight}")
+        ok = 1 <= self.group_blocks <= self.depth and 1 <= self.group_heads <= self.num_heads
+        if self.group_weight > 0 and not ok:
+            raise ValueError(f"PretrainCfg.group_blocks={self.group_blocks}, group_heads={self.group_heads}: expected "
+                             f"1..depth={self.depth} blocks and 1..num_heads={self.num_heads} heads")
         if self.img_size % self.patch_size: raise ValueError(f"PretrainCfg.img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
 
 SMOKE_PRETRAIN = dict(n_train=64, n_val=32, embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=16)
@@ -157,15 +169,17 @@ def augment_batch(images: torch.Tensor, # (B, 3, S, S) uint8
                   hflip: float = 0.5, channel_shuffle: bool = True, crop_labels: bool = True,
                   min_pixels: int = 16, min_frac: float = 0.3, # a cropped class must keep max(min_pixels, min_frac * its pixels)
                   generator: torch.Generator | None = None,
+                  return_mask: bool = False, # also return the cropped class map (B, S, S) long
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Crop, flip, RGB-permute and normalise a uint8 batch: -> (x (B, 3, S, S) float, labels (B, C))."
+    "Crop, flip, RGB-permute and normalise a uint8 batch: -> (x (B, 3, S, S) float, labels (B, C)[, masks])."
     B, _, S, _ = images.shape
     dev = images.device
     theta = crop_affine(B, scale, hflip, ratio, device=dev, generator=generator)
     grid = F.affine_grid(theta, (B, 3, S, S), align_corners=False)      # (B, S, S, 2)
     x = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    if crop_labels:
+    if crop_labels or return_mask:
         m = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+    if crop_labels:
         C = labels.shape[1]
         before = F.one_hot(masks.long().flatten(1), C + 1).sum(1)[:, 1:]   # (B, C) pixels per class
         after = F.one_hot(m.round().long().flatten(1), C + 1).sum(1)[:, 1:]
@@ -175,7 +189,8 @@ def augment_batch(images: torch.Tensor, # (B, 3, S, S) uint8
         perm = torch.rand(B, 3, device=dev, generator=generator).argsort(1)  # (B, 3)
         x = x.gather(1, perm[:, :, None, None].expand_as(x))
     mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1); std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-    return (x - mean) / std, labels
+    x = (x - mean) / std
+    return (x, labels, m.round().long()) if return_mask else (x, labels)
 
 def normalize_u8(images: torch.Tensor) -> torch.Tensor:
     "uint8 (B, 3, H, W) -> ImageNet-normalised float."
@@ -293,6 +308,108 @@ def reproduce_command(cfg: PretrainCfg) -> str:
                   if v != getattr(default, k))
     return (f"papermill nbs/runs/pretrain_backbone.ipynb {rel(cfg.run_dir)}/pretrain_backbone.ipynb {ps}").strip()
 
+# %% ../nbs/15_pretrain.ipynb #06f01f28
+def body_label_matrix(meta: dict, # a make_synthetic meta.json
+                     ) -> tuple[torch.Tensor, list[str]]:
+    "(C, T) 0/1 matrix class -> body texture and the T texture names (in order of first use)."
+    tex = [c["texture"] for c in meta["classes"]]
+    names = list(dict.fromkeys(tex))
+    if len(names) < 2:
+        raise ValueError(f"body_labels: the set's classes use {len(names)} texture(s) {names}; need >= 2")
+    return torch.tensor([[float(t == n) for n in names] for t in tex]), names
+
+def with_body_labels(y: torch.Tensor, # (B, C) multi-hot class labels
+                     M: torch.Tensor, # (C, T) from body_label_matrix
+                    ) -> torch.Tensor: # (B, C + T)
+    "Append the body-texture labels of the present classes."
+    return torch.cat([y, (y @ M).clamp(max=1.0)], 1)
+
+def grid_groups(masks: torch.Tensor, # (B, S, S) class map (long), 0 = background
+                patch: int, # patch size p (S a multiple of p)
+               ) -> torch.Tensor: # (B, P) group id of each patch, row-major
+    "The class map on the token grid: the majority value of each p x p patch (ties: the smaller id)."
+    B, S, _ = masks.shape
+    if S % patch: raise ValueError(f"grid_groups: mask side {S} is not a multiple of patch={patch}")
+    K = int(masks.max()) + 1
+    oh = F.one_hot(masks.long(), K).permute(0, 3, 1, 2).float()                  # (B, K, S, S)
+    return F.avg_pool2d(oh, patch).argmax(1).flatten(1)                          # (B, K, h, w) -> (B, h, w) -> (B, P)
+
+def grouping_targets(groups: torch.Tensor, # (B, P) group ids
+                    ) -> torch.Tensor: # (B, P, P) rows uniform over the query's own group
+    "T[b, i, j] = [g_i == g_j] / |group of i|."
+    same = (groups[:, :, None] == groups[:, None, :]).float()
+    return same / same.sum(-1, keepdim=True)
+
+def grouping_kl(attn: torch.Tensor, # (B, H, N, N) attention probabilities, N = prefix + P
+                T: torch.Tensor, # (B, P, P) targets
+                eps: float = 1e-8,
+               ) -> torch.Tensor:
+    "Mean over heads and patch queries of KL(T_i || a_i) on the patch-to-patch block (prefix tokens left out)."
+    P = T.shape[-1]
+    a = attn[..., -P:, -P:].float().clamp_min(eps)                              # (B, H, P, P)
+    Tt = T[:, None]
+    return (Tt * (Tt.clamp_min(eps).log() - a.log())).sum(-1).mean()
+
+class AttentionTap:
+    "Context manager: the attention probabilities (B, heads, N, N) of the first `heads` heads of `blocks`, per forward."
+    def __init__(self, vit: nn.Module, blocks, heads: int):
+        self.vit, self.blocks, self.heads, self.maps, self.handles = vit, tuple(blocks), heads, {}, []
+    def _hook(self, b):
+        attn = self.vit.blocks[b].attn
+        def f(mod, inp, qkv):                                                  # qkv: (B, N, 3 D)
+            B, N, _ = qkv.shape
+            q, k = qkv.reshape(B, N, 3, attn.num_heads, -1)[:, :, :2, :self.heads].permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            self.maps[b] = (q * attn.scale @ k.transpose(-2, -1)).softmax(-1)    # (B, heads, N, N)
+        return f
+    def __enter__(self):
+        self.maps = {}
+        self.handles = [self.vit.blocks[b].attn.qkv.register_forward_hook(self._hook(b)) for b in self.blocks]
+        return self
+    def __exit__(self, *exc):
+        for h in self.handles: h.remove()
+        self.handles = []
+
+def own_object_mass(A: torch.Tensor, # (B, P, P) patch-to-patch attention (rows need not sum to 1)
+                    groups: torch.Tensor, # (B, P) group ids, 0 = background
+                   ) -> dict:
+    "Mean over object patches of the row mass on the own object (rows renormalised over patches) and its area share."
+    A = A.float() / A.float().sum(-1, keepdim=True).clamp_min(1e-12)
+    same = (groups[:, :, None] == groups[:, None, :]).float()
+    mass, share = (A * same).sum(-1), same.mean(-1)                             # (B, P) each
+    obj = groups > 0
+    if not obj.any(): return dict(own_mass=float("nan"), own_share=float("nan"), row_entropy_frac=float("nan"))
+    ent = -(A * A.clamp_min(1e-12).log()).sum(-1) / math.log(A.shape[-1])       # (B, P) fraction of the max entropy
+    return dict(own_mass=mass[obj].mean().item(), own_share=share[obj].mean().item(),
+                row_entropy_frac=ent[obj].mean().item())
+
+@torch.no_grad()
+def own_object_mass_of(vit: nn.Module, # timm ViT
+                       images: torch.Tensor, # (N, 3, S, S) uint8
+                       masks: torch.Tensor, # (N, S, S) class maps
+                       patch: int, blocks, heads: int, batch_size: int = 64) -> dict:
+    "own_object_mass of the mean patch attention of the tapped heads (`val_own_mass*`) and of all heads of all blocks."
+    was = vit.training
+    vit.eval()
+    dev = next(vit.parameters()).device
+    nb, nh = len(vit.blocks), vit.blocks[0].attn.num_heads
+    tot, n = dict(val_own_mass=0.0, val_own_mass_all=0.0, val_own_share=0.0), 0
+    for i in range(0, len(images), batch_size):
+        x = normalize_u8(images[i:i + batch_size].to(dev))
+        g = grid_groups(masks[i:i + batch_size].to(dev).long(), patch)
+        with AttentionTap(vit, range(nb), nh) as tap: vit(x)
+        sup = torch.cat([tap.maps[b][:, :heads] for b in blocks], 1).mean(1)   # (B, N, N)
+        al = torch.cat([tap.maps[b] for b in range(nb)], 1).mean(1)
+        P, k = g.shape[1], len(x)
+        r_sup, r_all = own_object_mass(sup[:, -P:, -P:], g), own_object_mass(al[:, -P:, -P:], g)
+        if math.isnan(r_sup["own_mass"]): continue
+        tot["val_own_mass"] += k * r_sup["own_mass"]
+        tot["val_own_mass_all"] += k * r_all["own_mass"]
+        tot["val_own_share"] += k * r_sup["own_share"]
+        n += k
+    vit.train(was)
+    return {key: v / max(n, 1) for key, v in tot.items()}
+
 # %% ../nbs/15_pretrain.ipynb #8df2d911
 def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     "Pretrain the demo ViT as a multi-label classifier on synthetic data; export weights + card; -> summary dict."
@@ -312,9 +429,15 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     t0 = time.time()
     root = pretrain_data_root(cfg)
     tr_img, tr_mask, tr_lab = load_split_tensors(root, "train")
-    va_img, _, va_lab = load_split_tensors(root, "val")
-    C = tr_lab.shape[1]
-    class_names = json.loads((root / "meta.json").read_text())["class_names"]
+    va_img, va_mask, va_lab = load_split_tensors(root, "val")
+    meta = json.loads((root / "meta.json").read_text())
+    class_names = meta["class_names"]
+    M = None
+    if cfg.body_labels:
+        M, bodies = body_label_matrix(meta)
+        class_names = class_names + [f"body-{t}" for t in bodies]
+        va_lab = with_body_labels(va_lab, M)
+    C = len(class_names)
     torch.manual_seed(cfg.seed)
     model = create_classifier(cfg, C)
     random_init = val_metrics(model, va_img, va_lab)
@@ -324,13 +447,26 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
                     num_workers=0, drop_last=True, log_every=10, select_metric="val_map", select_mode="max", plot=True)
     aug = dict(scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, channel_shuffle=cfg.channel_shuffle, crop_labels=cfg.crop_labels)
 
+    gb = tuple(range(cfg.depth - cfg.group_blocks, cfg.depth))      # supervised blocks: the last group_blocks
+
     def loss_fn(m, batch):
         imgs, masks, labels = batch
-        x, y = augment_batch(imgs, masks, labels, **aug)
-        loss = multilabel_loss(m(x), y, cfg.loss)
-        return loss, dict(pos_per_img=y.sum(1).mean())
+        x, y, mk = augment_batch(imgs, masks, labels, **aug, return_mask=True)
+        if M is not None: y = with_body_labels(y, M.to(y.device))
+        if cfg.group_weight == 0:
+            loss = multilabel_loss(m(x), y, cfg.loss)
+            return loss, dict(pos_per_img=y.sum(1).mean())
+        with AttentionTap(m, gb, cfg.group_heads) as tap: logits = m(x)
+        cls_loss = multilabel_loss(logits, y, cfg.loss)
+        T = grouping_targets(grid_groups(mk, cfg.patch_size))
+        g_loss = sum(grouping_kl(tap.maps[b], T) for b in gb) / len(gb)
+        return cls_loss + cfg.group_weight * g_loss, dict(pos_per_img=y.sum(1).mean(), cls_loss=cls_loss.detach(),
+                                                          group_kl=g_loss.detach())
 
-    eval_fn = lambda m, epoch: val_metrics(m, va_img, va_lab)
+    def eval_fn(m, epoch):
+        r = val_metrics(m, va_img, va_lab)
+        if cfg.group_weight > 0: r |= own_object_mass_of(m, va_img, va_mask, cfg.patch_size, gb, cfg.group_heads)
+        return r
     learner = Learner(model, loss_fn, TensorDataset(tr_img, tr_mask, tr_lab), tcfg, run, eval_fn=eval_fn,
                       config_name="train_config.json")          # config.json stays the PretrainCfg
     learner.fit(resume="auto")
@@ -348,7 +484,9 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
         data=dict(generator="weaktr.data.make_synthetic", root=str(root) if cfg.data_root else "generated",
                   params={k: list(v) if isinstance(v, tuple) else v for k, v in synth_params(cfg).items()}),
         training=dict(config=cdict, train_cfg=cfg_to_dict(tcfg), best_epoch=best["best"]["epoch"],
-                      epochs_run=learner.epoch, loss=cfg.loss),
+                      epochs_run=learner.epoch, loss=cfg.loss, body_labels=cfg.body_labels,
+                      grouping=(dict(weight=cfg.group_weight, blocks=list(gb), heads=cfg.group_heads)
+                                if cfg.group_weight else None)),
         command=reproduce_command(cfg),
         machine=cpu_info() | dict(device=str(learner.device)),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),

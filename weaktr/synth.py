@@ -14,22 +14,27 @@ from PIL import Image
 from .data import SegDataset, need_dir, runs_dir, voc_layout_dataset, voc_palette
 
 # %% auto #0
-__all__ = ['SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DESIGNS', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN', 'SYNTH_SMOKE',
-           'synth_classes', 'render_synthetic', 'make_synthetic', 'synthetic_dataset', 'make_synthetic_keyed',
-           'make_default_synthetic']
+__all__ = ['SYNTH_SHAPES', 'SYNTH_TEXTURES', 'SYNTH_VERSION', 'SYNTH_DESIGNS', 'PARTS_BODIES', 'SYNTH_DEFAULT', 'SYNTH_PRETRAIN',
+           'SYNTH_PARTS', 'SYNTH_PARTS_PRETRAIN', 'SYNTH_SMOKE', 'synth_classes', 'render_synthetic', 'make_synthetic',
+           'synthetic_dataset', 'make_synthetic_keyed', 'make_default_synthetic']
 
 # %% ../nbs/01a_synth.ipynb #b3751b33
 SYNTH_SHAPES = ("disk", "square", "triangle", "cross", "star", "crescent", "annulus", "bar")
 SYNTH_TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "waves", "pinwheel", "outline")
 SYNTH_VERSION = 1  # bump when the generator's output changes
 
-SYNTH_DESIGNS = ("conjunction", "distinct", "palette")
+SYNTH_DESIGNS = ("conjunction", "distinct", "palette", "parts")
+PARTS_BODIES = ("stripes", "checker", "waves")   # design "parts": body texture of class c is PARTS_BODIES[c % 3]
 
-def synth_classes(num_classes: int, # C: at most 16 ("conjunction") or 8 ("distinct", "palette")
+def synth_classes(num_classes: int, # C: at most 16 ("conjunction") or 8 (the others)
                   design: str = "conjunction", # how classes are told apart, see SYNTH_DESIGNS
                  ) -> list[tuple[str, str]]:
     "(shape, texture) of each synthetic class (see the design list above)."
     if design not in SYNTH_DESIGNS: raise ValueError(f"design={design!r}: expected one of {SYNTH_DESIGNS}")
+    if design == "parts":
+        if not 1 <= num_classes <= len(SYNTH_SHAPES):
+            raise ValueError(f"num_classes={num_classes}: design='parts' makes 1..8 classes (one part shape each)")
+        return [(SYNTH_SHAPES[c], PARTS_BODIES[c % len(PARTS_BODIES)]) for c in range(num_classes)]
     if design != "conjunction":
         if not 1 <= num_classes <= min(len(SYNTH_SHAPES), len(SYNTH_TEXTURES)):
             raise ValueError(f"num_classes={num_classes}: design={design!r} makes 1..8 classes (one shape and texture each)")
@@ -120,7 +125,8 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
                      obj_scale: tuple[float, float] = (0.12, 0.26), # object radius range, fraction of size
                      min_visible: float = 0.5, # every object keeps at least this fraction visible
                      noise: float = 3.0, # std of the final pixel noise
-                     design: str = "conjunction", # "conjunction", "distinct" or "palette" (see synth_classes)
+                     design: str = "conjunction", # one of SYNTH_DESIGNS (see synth_classes)
+                     layers: bool = False, # also return the "parts" layer map (see _paint_parts)
                     ) -> tuple[np.ndarray, np.ndarray]:
     "Draw one synthetic image: -> (image (S, S, 3) uint8, mask (S, S) uint8 with values 0..C)."
     S, classes = size, synth_classes(num_classes, design)
@@ -150,6 +156,11 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
             L, w = rng.uniform(0.2, 0.7) * S, rng.uniform(0.6, 1.5)
             region = (np.abs(x) <= L / 2) & (np.abs(y) <= w)
             img[region] = rng.uniform(0, 255, 3)
+    if design == "parts":                                                       # bodies + parts (section below)
+        img, mask, lay = _paint_parts(rng, img, X, Y, classes, objects, obj_scale, min_visible)
+        img = np.clip(np.rint(img + rng.normal(0, noise, img.shape)), 0, 255).astype(np.uint8)
+        return (img, mask, lay) if layers else (img, mask)
+    if layers: raise ValueError(f"layers=True: only design='parts' has layers, got design={design!r}")
     # objects
     n_obj = min(int(rng.integers(objects[0], objects[1] + 1)), num_classes)
     cls = rng.choice(num_classes, n_obj, replace=False)
@@ -181,6 +192,9 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
 SYNTH_DEFAULT = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 2), clutter=0.3, seed=0,
                      obj_scale=(0.2, 0.35), design="palette")      # the demo's set (see 20_pipeline for why it is this easy)
 SYNTH_PRETRAIN = dict(size=64, num_classes=8, n_train=8000, n_val=400, objects=(1, 3), clutter=0.5, seed=1, design="palette")
+SYNTH_PARTS = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 2), clutter=0.3, seed=0,
+                   obj_scale=(0.22, 0.34), design="parts")          # the "parts" world (see below), demo-sized
+SYNTH_PARTS_PRETRAIN = dict(SYNTH_PARTS, num_classes=8, n_train=4000, n_val=200, seed=1)   # its pretraining set
 
 def _same_set(root: Path, meta: dict) -> bool:
     "Does `root` hold a finished set with exactly this meta.json?"
@@ -197,7 +211,7 @@ def make_synthetic(root, # output folder (created; reused if it holds the same s
                    obj_scale: tuple[float, float] = (0.12, 0.26), # object radius range, fraction of size
                    min_visible: float = 0.5, # visible fraction every object keeps
                    noise: float = 3.0, # pixel noise std
-                   design: str = "conjunction", # class design: "conjunction", "distinct" or "palette" (see synth_classes)
+                   design: str = "conjunction", # class design: one of SYNTH_DESIGNS (see synth_classes)
                    overwrite: bool = False, # replace a set made with other parameters
                   ) -> Path:
     "Write a deterministic synthetic segmentation set in the VOC layout and return its root."
@@ -266,6 +280,64 @@ def synthetic_dataset(root, # folder written by make_synthetic
     names = json.loads(mp.read_text())["class_names"]
     return voc_layout_dataset(root, split, image_dir="JPEGImages", mask_dir="SegmentationClass", class_names=names,
                               labels=labels, transform=transform)
+
+# %% ../nbs/01a_synth.ipynb #850f0cd9
+def _body_look(rng, tex, x, y, R):
+    "A body's look: texture `tex` in two random colours (luminance contrast >= 60) with a shading ramp."
+    a_col, b_col = _two_colours(rng, 60)
+    pat = _texture(tex, x, y, rng.uniform(3.2, 5.0), rng.uniform())
+    gd = rng.uniform(0, 2 * np.pi)
+    shade = 1 + rng.uniform(0, 0.2) * ((x * math.cos(gd) + y * math.sin(gd)) / R)
+    return np.where(pat[..., None], a_col, b_col) * shade[..., None]
+
+def _ellipse(x, y, R, asp): return (x / (R * asp)) ** 2 + (y * asp / R) ** 2 <= 1.0
+
+def _paint_parts(rng, img, X, Y, classes, objects, obj_scale, min_visible, part_scale=0.4, part_offset=0.55):
+    "Design 'parts': distractor bodies, then objects (body + class part). -> (img, class map, layer map)."
+    S, C = img.shape[0], len(classes)
+    lay = np.zeros((S, S), np.uint8)                      # 0 other, 1 body, 2 part, 3 distractor body (visible pixels)
+    for _ in range(int(rng.integers(0, 3))):              # part-less distractor bodies: background
+        R, asp = rng.uniform(*obj_scale) * S, math.exp(rng.uniform(-0.35, 0.35))
+        x, y = _frame(X, Y, *rng.uniform(0, S, 2), rng.uniform(0, 2 * np.pi))
+        region = _ellipse(x, y, R, asp)
+        img[region] = _body_look(rng, PARTS_BODIES[rng.integers(len(PARTS_BODIES))], x, y, R)[region]
+        lay[region] = 3
+    n_obj = min(int(rng.integers(objects[0], objects[1] + 1)), C)
+    cls = rng.choice(C, n_obj, replace=False)
+    inst, part, areas = np.zeros((S, S), np.int16), np.zeros((S, S), np.int16), []
+    for j, c in enumerate(cls):
+        shape, tex = classes[c]
+        for _ in range(30):
+            R, asp = rng.uniform(*obj_scale) * S, math.exp(rng.uniform(-0.35, 0.35))
+            cx, cy = rng.uniform(0.6 * R, S - 0.6 * R, 2)
+            x, y = _frame(X, Y, cx, cy, rng.uniform(0, 2 * np.pi))
+            phi, r = rng.uniform(0, 2 * np.pi), part_scale * R * rng.uniform(0.9, 1.1)
+            px, py = part_offset * R * asp * math.cos(phi), part_offset * R / asp * math.sin(phi)   # in the body frame
+            u, v = _frame(x, y, px, py, rng.uniform(0, 2 * np.pi))
+            prt = _shape_mask(shape, u / r, v / r)
+            region = _ellipse(x, y, R, asp) | prt
+            if prt.sum() < 6 or region.sum() < 12: continue
+            trial = inst.copy()
+            trial[region] = j + 1
+            tpart = part.copy()
+            tpart[region] = 0
+            tpart[prt] = j + 1
+            if all((trial == k + 1).sum() >= max(min_visible * a, 10) and (tpart == k + 1).sum() >= 0.6 * pa
+                   for k, (a, pa) in enumerate(areas) if a):
+                break
+        else:
+            areas.append((0, 0))                          # no valid placement: drop it
+            continue
+        obj = _body_look(rng, tex, x, y, R)
+        hsv = ((c / 8 + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.75, 1.0), rng.uniform(0.6, 1.0))
+        obj[prt] = np.array(colorsys.hsv_to_rgb(*hsv)) * 255
+        img[region] = obj[region]
+        inst, part = trial, tpart
+        areas.append((int(region.sum()), int(prt.sum())))
+    lay[inst > 0] = 1
+    lay[part > 0] = 2
+    lut = np.concatenate([[0], cls + 1]).astype(np.uint8)
+    return img, lut[inst], lay
 
 # %% ../nbs/01a_synth.ipynb #5b1e0a06
 def make_synthetic_keyed(parent, # folder that holds the sets

@@ -13,7 +13,8 @@ def _vit():
 def test_grouping_loss_reaches_only_the_supervised_heads():
     vit = _vit()
     x = torch.randn(2, 3, 64, 64)
-    masks = torch.zeros(2, 64, 64, dtype=torch.long); masks[:, 8:40, 16:48] = 2
+    masks = torch.zeros(2, 64, 64, dtype=torch.long)
+    masks[:, 8:40, 16:48] = 2
     T = grouping_targets(grid_groups(masks, 8))
     with AttentionTap(vit, (2,), 2) as tap: vit(x)
     grouping_kl(tap.maps[2], T).backward()
@@ -34,7 +35,9 @@ def test_targets_and_mass_definitions():
     assert r["own_mass"] == 1.0 and abs(r["own_share"] - (2 / 6 * 2 + 1 / 6) / 3) < 1e-6
     r = own_object_mass(torch.ones(1, 6, 6), g)                  # uniform rows: mass = area share
     assert abs(r["own_mass"] - r["own_share"]) < 1e-6
-    A = torch.zeros(1, 1, 7, 7); A[0, 0, 1:, 1:] = T[0]
+    A = torch.zeros(1, 1, 7, 7)
+    A[0, 0, 1:, 1:] = T[0]
     assert grouping_kl(A, T).item() < 1e-6
-    A[0, 0, 1:, 0] = 0.5; A[0, 0, 1:, 1:] *= 0.5                 # half of every row on the CLS token
+    A[0, 0, 1:, 0] = 0.5
+    A[0, 0, 1:, 1:] *= 0.5                                       # half of every row on the CLS token
     assert abs(grouping_kl(A, T).item() - torch.log(torch.tensor(2.0)).item()) < 1e-5

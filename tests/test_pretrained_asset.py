@@ -1,9 +1,9 @@
-"""The shipped demo backbone (weaktr/assets/<DEMO_ASSET>.*) loads with the current architecture and is better than random init.
+"""The shipped demo backbone (weaktr/assets/<DEMO_ASSET>.*) loads with the current architecture and is better than
+random init.
 
 Fast (< 30 s on a 2-core CPU): builds the demo WeakTr and Segmenter, and recomputes the classifier's val mAP on the
 SYNTH_PRETRAIN val images (regenerated: the generator is seeded per image, so n_train does not change them).
 """
-import json
 
 import pytest
 import torch
@@ -24,7 +24,8 @@ def card():
 def val_split(card, tmp_path_factory):
     p = dict(card["data"]["params"])
     p["n_train"] = 1
-    root = make_synthetic(tmp_path_factory.mktemp("pre") / "syn", **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+    root = make_synthetic(tmp_path_factory.mktemp("pre") / "syn",
+                          **{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
     imgs, _, labels = load_split_tensors(root, "val")
     return imgs, labels
 
@@ -51,7 +52,8 @@ def test_loads_into_demo_weaktr(card):
     assert rep.unexpected == []
     clf = load_classifier(asset_path(DEMO_ASSET), card)
     D = arch["kwargs"]["embed_dim"]
-    assert torch.equal(m.cls_token.detach(), clf.cls_token.detach().expand(1, 6, D))      # CLS replicated into 6 class tokens
+    # CLS replicated into 6 class tokens
+    assert torch.equal(m.cls_token.detach(), clf.cls_token.detach().expand(1, 6, D))
     assert torch.equal(m.blocks[0].attn.qkv.weight.detach(), clf.blocks[0].attn.qkv.weight.detach())
     with torch.no_grad():
         out = m.eval()(torch.randn(2, 3, 64, 64))

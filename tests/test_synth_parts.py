@@ -39,7 +39,9 @@ def test_parts_geometry():
                                       KW["obj_scale"], design="parts", layers=True)
         assert ((m > 0) == np.isin(lay, (1, 2))).all()          # the mask is the whole object: body and part
         assert (m[lay == 3] == 0).all()                          # part-less distractor bodies are background
-        obj += int((m > 0).sum()); part += int((lay == 2).sum()); dis += int((lay == 3).sum())
+        obj += int((m > 0).sum())
+        part += int((lay == 2).sum())
+        dis += int((lay == 3).sum())
         for c in np.unique(m[m > 0]): assert (lay[m == c] == 2).any()   # every object shows its part
     assert 0.05 < part / obj < 0.25 and dis > 0
 

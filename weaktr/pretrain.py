@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_pretrain.ipynb #92f9ae50
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, platform, shutil, sys, time
+import dataclasses, hashlib, json, math, os, platform, shutil, time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset   # also importable from here
-from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict, get_device
+from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset  # noqa: F401 (importable here too)
+from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
-from .synth import SYNTH_PRETRAIN, make_synthetic, synthetic_dataset
+from .synth import make_synthetic, synthetic_dataset
 from .data import runs_dir
 from .learner import Learner, TrainCfg
 from .metrics import class_map, sample_map
@@ -40,10 +40,10 @@ class PretrainCfg:
     "Backbone pretraining: a timm ViT multi-label classifier on a synthetic set."
     run_dir: str = "runs/pretrain"      # last.pt/best.pt, metrics.jsonl, backbone.safetensors, card.json, summary.json
     # --- data (defaults: SYNTH_PRETRAIN)
-    data_root: str = ""                 # a make_synthetic folder; "" = generate one from the fields below under runs/data/
+    data_root: str = ""              # a make_synthetic folder; "" = generate one from the fields below under runs/data/
     n_train: int = 8000                 # training images
     n_val: int = 400                    # validation images (same images for any n_train: seeded per index)
-    num_classes: int = 8                # C of the pretraining set (1..8 for "palette"/"distinct", 1..16 for "conjunction")
+    num_classes: int = 8             # C of the pretraining set (1..8 for "palette"/"distinct", 1..16 for "conjunction")
     design: str = "palette"             # make_synthetic class design (the demo's: "palette")
     size: int = 64                      # image side
     clutter: float = 0.5                # background distractors (0..1)
@@ -67,8 +67,8 @@ class PretrainCfg:
     # --- augmentation (batched, on the device)
     crop_scale_min: float = 0.3         # random-resized-crop area range (crop_scale_min, 1)
     hflip: float = 0.5                  # horizontal flip probability
-    channel_shuffle: bool = False       # permute RGB per image (only for designs whose colour carries no class information)
-    crop_labels: bool = True            # recompute the image label after cropping (a class counts if enough of it stays)
+    channel_shuffle: bool = False   # permute RGB per image (only for designs whose colour carries no class information)
+    crop_labels: bool = True           # recompute the image label after cropping (a class counts if enough of it stays)
     # --- optimisation
     epochs: int = 25
     batch_size: int = 32
@@ -81,20 +81,24 @@ class PretrainCfg:
     device: str = "auto"
     threads: int = 0                    # torch.set_num_threads (0 = leave as is)
     # --- output
-    asset: str = ""                     # if set: copy the exported weights + card to weaktr/assets/<asset>.{safetensors,json}
+    asset: str = ""               # if set: copy the exported weights + card to weaktr/assets/<asset>.{safetensors,json}
     smoke: bool = False                 # tiny run (64 images, D=32, depth 2, 2 epochs) for tests
 
     def __post_init__(self):
-        if self.loss not in ("bce", "mlsm"): raise ValueError(f"PretrainCfg.loss: expected 'bce' or 'mlsm', got {self.loss!r}")
-        if not 0 < self.crop_scale_min <= 1: raise ValueError(f"PretrainCfg.crop_scale_min: expected a value in (0, 1], got {self.crop_scale_min}")
+        if self.loss not in ("bce", "mlsm"):
+            raise ValueError(f"PretrainCfg.loss: expected 'bce' or 'mlsm', got {self.loss!r}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"PretrainCfg.crop_scale_min: expected a value in (0, 1], got {self.crop_scale_min}")
         if self.channel_shuffle and self.design == "palette":
-            raise ValueError("PretrainCfg.channel_shuffle=True would erase the class hue of design='palette'; set it False")
+            raise ValueError("PretrainCfg.channel_shuffle=True would erase the class hue of design='palette'; set it "
+                             "False")
         if self.group_weight < 0: raise ValueError(f"PretrainCfg.group_weight: expected >= 0, got {self.group_weight}")
         ok = 1 <= self.group_blocks <= self.depth and 1 <= self.group_heads <= self.num_heads
         if self.group_weight > 0 and not ok:
             raise ValueError(f"PretrainCfg.group_blocks={self.group_blocks}, group_heads={self.group_heads}: expected "
                              f"1..depth={self.depth} blocks and 1..num_heads={self.num_heads} heads")
-        if self.img_size % self.patch_size: raise ValueError(f"PretrainCfg.img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"PretrainCfg.img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
 
 SMOKE_PRETRAIN = dict(n_train=64, n_val=32, embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=16)
 
@@ -107,7 +111,8 @@ def resolved_cfg(cfg: PretrainCfg) -> PretrainCfg:
 
 def model_kwargs(cfg: PretrainCfg) -> dict:
     "The timm kwargs that define the architecture (what the card records)."
-    return dict(patch_size=cfg.patch_size, img_size=cfg.img_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    return dict(patch_size=cfg.patch_size, img_size=cfg.img_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=cfg.num_heads)
 
 def synth_params(cfg: PretrainCfg) -> dict:
     "make_synthetic arguments of the config's data fields."
@@ -119,7 +124,8 @@ def pretrain_data_root(cfg: PretrainCfg) -> Path:
     "The dataset folder: `cfg.data_root`, or a generated set under runs/data named by its parameters."
     if cfg.data_root: return Path(cfg.data_root)
     p = synth_params(cfg)
-    name = f"synth_c{p['num_classes']}_s{p['size']}_n{p['n_train']}-{p['n_val']}_o{cfg.max_objects}_cl{cfg.clutter:g}_seed{p['seed']}" + ("" if cfg.design == "conjunction" else f"_{cfg.design}")
+    name = (f"synth_c{p['num_classes']}_s{p['size']}_n{p['n_train']}-{p['n_val']}_o{cfg.max_objects}"
+            f"_cl{cfg.clutter:g}_seed{p['seed']}" + ("" if cfg.design == "conjunction" else f"_{cfg.design}"))
     return make_synthetic(runs_dir() / "data" / name, **p)
 
 def load_split_tensors(root, # make_synthetic folder
@@ -132,7 +138,8 @@ def load_split_tensors(root, # make_synthetic folder
     for i in range(len(ds)):
         s = ds[i]
         imgs.append(torch.from_numpy(np.array(s["image"], dtype=np.uint8)).permute(2, 0, 1))   # (S, S, 3) -> (3, S, S)
-        masks.append(torch.from_numpy(s["mask"])); labels.append(s["labels"])
+        masks.append(torch.from_numpy(s["mask"]))
+        labels.append(s["labels"])
     return torch.stack(imgs), torch.stack(masks), torch.stack(labels)
 
 # %% ../nbs/15_pretrain.ipynb #7f84e08d
@@ -146,8 +153,10 @@ def crop_affine(B: int, # batch size
     kw = dict(device=device, generator=generator)
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(B, **kw)
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(B, **kw)
-    w = (area * logr.exp()).sqrt().clamp(max=1.0); h = (area / logr.exp()).sqrt().clamp(max=1.0)   # fractions of the side
-    cx = (1 - w) * (2 * torch.rand(B, **kw) - 1); cy = (1 - h) * (2 * torch.rand(B, **kw) - 1)
+    w = (area * logr.exp()).sqrt().clamp(max=1.0)
+    h = (area / logr.exp()).sqrt().clamp(max=1.0)                                                # fractions of the side
+    cx = (1 - w) * (2 * torch.rand(B, **kw) - 1)
+    cy = (1 - h) * (2 * torch.rand(B, **kw) - 1)
     flip = torch.where(torch.rand(B, **kw) < hflip, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
@@ -167,7 +176,8 @@ def augment_batch(images: torch.Tensor, # (B, 3, S, S) uint8
                   scale: tuple[float, float] = (0.3, 1.0), # crop area range
                   ratio: tuple[float, float] = (3 / 4, 4 / 3), # crop aspect range
                   hflip: float = 0.5, channel_shuffle: bool = True, crop_labels: bool = True,
-                  min_pixels: int = 16, min_frac: float = 0.3, # a cropped class must keep max(min_pixels, min_frac * its pixels)
+                  # a cropped class must keep max(min_pixels, min_frac * its pixels)
+                  min_pixels: int = 16, min_frac: float = 0.3,
                   generator: torch.Generator | None = None,
                   return_mask: bool = False, # also return the cropped class map (B, S, S) long
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +198,8 @@ def augment_batch(images: torch.Tensor, # (B, 3, S, S) uint8
     if channel_shuffle:
         perm = torch.rand(B, 3, device=dev, generator=generator).argsort(1)  # (B, 3)
         x = x.gather(1, perm[:, :, None, None].expand_as(x))
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1); std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
     x = (x - mean) / std
     return (x, labels, m.round().long()) if return_mask else (x, labels)
 
@@ -208,7 +219,9 @@ def mimetic_init_(vit: nn.Module, # a timm VisionTransformer (its blocks' attn.q
     "Mimetic initialisation of every attention block, in place; returns the model."
     for blk in vit.blocks:
         attn = blk.attn
-        D = attn.qkv.in_features; nh = attn.num_heads; hd = D // nh
+        D = attn.qkv.in_features
+        nh = attn.num_heads
+        hd = D // nh
         W = attn.qkv.weight                                                  # (3D, D): rows q | k | v
         eye = torch.eye(D, device=W.device)
         for h in range(nh):
@@ -247,7 +260,8 @@ def classifier_scores(model: nn.Module, # timm classifier
                       images: torch.Tensor, # (N, 3, S, S) uint8
                       batch_size: int = 256) -> torch.Tensor:
     "Sigmoid scores (N, C) of un-augmented images (eval mode; the model's own device)."
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     dev = next(model.parameters()).device
     out = torch.cat([model(normalize_u8(images[i:i + batch_size].to(dev))).float().sigmoid().cpu()
                      for i in range(0, len(images), batch_size)])
@@ -265,8 +279,10 @@ def export_backbone(model: nn.Module, # the trained classifier
                     dtype: torch.dtype = torch.float16) -> Path:
     "Write the state dict as safetensors (atomically); returns the path."
     from safetensors.torch import save_file
-    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k,
+          v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp: save_file(sd, str(tmp), metadata={"format": "pt"})
     os.chmod(path, 0o644)
     return path
@@ -278,7 +294,8 @@ def load_classifier(path, # a file written by export_backbone
     import timm
     from safetensors.torch import load_file
     arch = card["architecture"]
-    model = timm.create_model(arch["backbone"], pretrained=False, num_classes=arch["num_classes"], global_pool="token", **arch["kwargs"])
+    model = timm.create_model(arch["backbone"], pretrained=False, num_classes=arch["num_classes"], global_pool="token",
+                              **arch["kwargs"])
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 
@@ -287,7 +304,9 @@ def cpu_info() -> dict:
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): model = line.split(":", 1)[1].strip(); break
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
     except OSError: pass
     return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads())
 
@@ -301,7 +320,8 @@ def reproduce_command(cfg: PretrainCfg) -> str:
     "The papermill command that reruns this config (non-default parameters only)."
     from weaktr.core import REPO_ROOT
     def rel(v):                                                         # repo paths relative to the repo root
-        if isinstance(v, str) and v.startswith("/") and Path(v).is_relative_to(REPO_ROOT): return str(Path(v).relative_to(REPO_ROOT))
+        if isinstance(v, str) and v.startswith("/") and Path(v).is_relative_to(REPO_ROOT):
+            return str(Path(v).relative_to(REPO_ROOT))
         return v
     default = PretrainCfg()
     ps = " ".join(f"-p {k} {json.dumps(rel(v)) if isinstance(v, str) else v}" for k, v in cfg_to_dict(cfg).items()
@@ -415,13 +435,15 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     "Pretrain the demo ViT as a multi-label classifier on synthetic data; export weights + card; -> summary dict."
     cfg = cfg_from_flat(PretrainCfg, cfg) if isinstance(cfg, dict) else cfg
     cfg = resolved_cfg(cfg)
-    run = Path(cfg.run_dir); run.mkdir(parents=True, exist_ok=True)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
     cdict = cfg_to_dict(cfg)
     sfile = run / "summary.json"
     if sfile.is_file():
         old = json.loads(sfile.read_text())
         if old.get("config") == cdict and (run / "backbone.safetensors").is_file():
-            print(f"pretrain_backbone: {run} already holds a finished run with this config (summary.json); not retraining")
+            print(f"pretrain_backbone: {run} already holds a finished run with this config (summary.json); not "
+                  "retraining")
             if cfg.asset: _install_asset(run, cfg.asset)
             return old
     atomic_save_json(cdict, run / "config.json")
@@ -442,10 +464,13 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     model = create_classifier(cfg, C)
     random_init = val_metrics(model, va_img, va_lab)
     tcfg = TrainCfg(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_scale_by_batch=False,
-                    weight_decay=cfg.weight_decay, decay_all=False, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.lr / 100,
-                    min_lr=cfg.min_lr, sched_unit="step", reference_lag=False, amp=cfg.amp, seed=cfg.seed, device=cfg.device,
+                    weight_decay=cfg.weight_decay, decay_all=False, warmup_epochs=cfg.warmup_epochs,
+                    warmup_lr=cfg.lr / 100,
+                    min_lr=cfg.min_lr, sched_unit="step", reference_lag=False, amp=cfg.amp, seed=cfg.seed,
+                    device=cfg.device,
                     num_workers=0, drop_last=True, log_every=10, select_metric="val_map", select_mode="max", plot=True)
-    aug = dict(scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, channel_shuffle=cfg.channel_shuffle, crop_labels=cfg.crop_labels)
+    aug = dict(scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, channel_shuffle=cfg.channel_shuffle,
+               crop_labels=cfg.crop_labels)
 
     gb = tuple(range(cfg.depth - cfg.group_blocks, cfg.depth))      # supervised blocks: the last group_blocks
 
@@ -472,7 +497,8 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     learner.fit(resume="auto")
     train_s = time.time() - t0
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"]); model.cpu().eval()
+    model.load_state_dict(best["model"])
+    model.cpu().eval()
     wfile = export_backbone(model, run / "backbone.safetensors")
     arch = dict(backbone=cfg.backbone, num_classes=C, kwargs=model_kwargs(cfg))
     shipped = val_metrics(load_classifier(wfile, dict(architecture=arch)), va_img, va_lab)   # metrics of the fp16 file
@@ -499,10 +525,13 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
                "timm.create_model(name, pretrained=True); create_weaktr(name, C, img_size=S, pretrained=path); "
                "load_segmenter_encoder(create_segmenter(name, K, img_size=S), path)"),
     )
-    wfile_sha = sha256(wfile); card["sha256"] = wfile_sha; card["size_bytes"] = wfile.stat().st_size
+    wfile_sha = sha256(wfile)
+    card["sha256"] = wfile_sha
+    card["size_bytes"] = wfile.stat().st_size
     atomic_save_json(card, run / "card.json")
     summary = dict(config=cdict, val_map=shipped["val_map"], val_sample_map=shipped["val_sample_map"],
-                   random_init_val_map=random_init["val_map"], best_epoch=best["best"]["epoch"], wall_time_s=round(train_s, 1),
+                   random_init_val_map=random_init["val_map"], best_epoch=best["best"]["epoch"],
+                   wall_time_s=round(train_s, 1),
                    weights=str(wfile), card=str(run / "card.json"))
     if cfg.asset: summary["asset"] = str(_install_asset(run, cfg.asset))
     atomic_save_json(summary, sfile)
@@ -510,11 +539,13 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
 
 def _install_asset(run: Path, name: str) -> Path:
     "Copy backbone.safetensors + card.json of a finished run to weaktr/assets/<name>.*"
-    d = assets_dir(); d.mkdir(parents=True, exist_ok=True)
+    d = assets_dir()
+    d.mkdir(parents=True, exist_ok=True)
     dst = d / f"{name}.safetensors"
     with atomic_path(dst) as tmp: shutil.copyfile(run / "backbone.safetensors", tmp)
     os.chmod(dst, 0o644)
-    card = json.loads((run / "card.json").read_text()); card.update(name=name, file=dst.name)
+    card = json.loads((run / "card.json").read_text())
+    card.update(name=name, file=dst.name)
     atomic_save_json(card, d / f"{name}.json")
     os.chmod(d / f"{name}.json", 0o644)
     register_asset(name)   # usable as timm.create_model(name, pretrained=True) right away

@@ -37,7 +37,8 @@ def synth_classes(num_classes: int, # C: at most 16 ("conjunction") or 8 (the ot
         return [(SYNTH_SHAPES[c], PARTS_BODIES[c % len(PARTS_BODIES)]) for c in range(num_classes)]
     if design != "conjunction":
         if not 1 <= num_classes <= min(len(SYNTH_SHAPES), len(SYNTH_TEXTURES)):
-            raise ValueError(f"num_classes={num_classes}: design={design!r} makes 1..8 classes (one shape and texture each)")
+            raise ValueError(f"num_classes={num_classes}: design={design!r} makes 1..8 classes (one shape and texture "
+                             "each)")
         return [(SYNTH_SHAPES[c], SYNTH_TEXTURES[c]) for c in range(num_classes)]
     g = math.ceil(num_classes / 2)
     if not 1 <= num_classes <= 2 * min(len(SYNTH_SHAPES), len(SYNTH_TEXTURES)):
@@ -65,20 +66,30 @@ def _shape_mask(shape, u, v):
 
 def _erode(m, k=2):
     for _ in range(k):
-        e = m.copy(); e[1:] &= m[:-1]; e[:-1] &= m[1:]; e[:, 1:] &= m[:, :-1]; e[:, :-1] &= m[:, 1:]; m = e
+        e = m.copy()
+        e[1:] &= m[:-1]
+        e[:-1] &= m[1:]
+        e[:, 1:] &= m[:, :-1]
+        e[:, :-1] &= m[:, 1:]
+        m = e
     return m
 
 def _texture(tex, x, y, p, phase, region=None):
     "Binary pattern in the object frame (x, y in pixels), period `p`, phase in [0, 1)."
     x0 = x + phase * p
     if tex == "stripes": return np.sin(2 * np.pi * x0 / p) > 0
-    if tex == "checker": s = 0.6 * p; return (np.floor(x0 / s) + np.floor((y + phase * p) / s)) % 2 == 0
+    if tex == "checker":
+        s = 0.6 * p
+        return (np.floor(x0 / s) + np.floor((y + phase * p) / s)) % 2 == 0
     if tex == "dots":
-        P = 1.6 * p; dx = (x0 % P) - P / 2; dy = ((y + phase * p) % P) - P / 2
+        P = 1.6 * p
+        dx = (x0 % P) - P / 2
+        dy = ((y + phase * p) % P) - P / 2
         return dx * dx + dy * dy <= (0.25 * P) ** 2
     if tex == "rings": return np.sin(2 * np.pi * (np.sqrt(x * x + y * y) / p + phase)) > 0
     if tex == "grid":
-        P = 1.5 * p; w = 0.16 * P
+        P = 1.5 * p
+        w = 0.16 * P
         return (np.abs(x0 % P - P / 2) < w) | (np.abs((y + phase * p) % P - P / 2) < w)
     if tex == "waves": return np.sin(2 * np.pi * (x0 + 0.45 * p * np.sin(2 * np.pi * y / (2.5 * p))) / p) > 0
     if tex == "pinwheel": return np.sin(6 * np.arctan2(y, x) + 2 * np.pi * phase) > 0
@@ -107,13 +118,16 @@ def _hue_colours(rng, hue, min_contrast, spread=0.04):
 def _smooth_noise(rng, S, cells, amp):
     "(S, S) bilinear upsample of a (cells+1)^2 normal grid, std `amp`."
     g = rng.normal(0, amp, (cells + 1, cells + 1))
-    t = np.linspace(0, cells, S); i = np.minimum(t.astype(int), cells - 1); f = t - i
+    t = np.linspace(0, cells, S)
+    i = np.minimum(t.astype(int), cells - 1)
+    f = t - i
     rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]                      # (S, cells+1)
     return rows[:, i] * (1 - f)[None] + rows[:, i + 1] * f[None]               # (S, S)
 
 def _frame(X, Y, cx, cy, theta):
     "Rotate pixel coordinates into an object frame centred at (cx, cy)."
-    c, s = math.cos(theta), math.sin(theta); dx, dy = X - cx, Y - cy
+    c, s = math.cos(theta), math.sin(theta)
+    dx, dy = X - cx, Y - cy
     return c * dx + s * dy, -s * dx + c * dy
 
 # %% ../nbs/01a_synth.ipynb #b6f44523
@@ -132,21 +146,26 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
     S, classes = size, synth_classes(num_classes, design)
     Y, X = np.mgrid[0:S, 0:S].astype(np.float64) + 0.5                          # pixel centres
     # background: two-colour ramp + low-frequency noise
-    c0, c1 = rng.uniform(25, 230, (2, 3)); th = rng.uniform(0, 2 * np.pi)
+    c0, c1 = rng.uniform(25, 230, (2, 3))
+    th = rng.uniform(0, 2 * np.pi)
     ramp = ((X - S / 2) * math.cos(th) + (Y - S / 2) * math.sin(th)) / S + 0.5  # (S, S) in ~[0, 1]
     img = c0 + (c1 - c0) * ramp[..., None] + _smooth_noise(rng, S, 4, 14)[..., None]
     # clutter: low-contrast texture patches, flat untextured shapes, lines
-    hi = int(round(8 * clutter)); n_clutter = int(rng.integers(hi // 2, hi + 1)) if hi > 0 else 0
+    hi = int(round(8 * clutter))
+    n_clutter = int(rng.integers(hi // 2, hi + 1)) if hi > 0 else 0
     for _ in range(n_clutter):
         kind = rng.choice(3, p=[0.45, 0.35, 0.2])
-        cx, cy = rng.uniform(0, S, 2); theta = rng.uniform(0, 2 * np.pi)
+        cx, cy = rng.uniform(0, S, 2)
+        theta = rng.uniform(0, 2 * np.pi)
         x, y = _frame(X, Y, cx, cy, theta)
         if kind == 0:                                                           # irregular low-contrast texture patch
             R = rng.uniform(0.12, 0.3) * S
             rad = R * (1 + 0.35 * _smooth_noise(rng, S, 3, 1.0))
             region = x * x + (y * rng.uniform(0.7, 1.4)) ** 2 <= rad ** 2
-            pat = _texture(SYNTH_TEXTURES[rng.integers(len(SYNTH_TEXTURES) - 1)], x, y, rng.uniform(3.2, 6.0), rng.uniform())
-            delta = rng.normal(0, 1, 3); delta *= rng.uniform(8, 22) / np.linalg.norm(delta)
+            pat = _texture(SYNTH_TEXTURES[rng.integers(len(SYNTH_TEXTURES) - 1)], x, y, rng.uniform(3.2, 6.0),
+                           rng.uniform())
+            delta = rng.normal(0, 1, 3)
+            delta *= rng.uniform(8, 22) / np.linalg.norm(delta)
             img[region] += np.where(pat[region, None], delta, -delta)
         elif kind == 1:                                                         # flat class shape, no texture
             R = rng.uniform(*obj_scale) * S * rng.uniform(0.7, 1.1)
@@ -164,34 +183,43 @@ def render_synthetic(rng: np.random.Generator, # per-image generator
     # objects
     n_obj = min(int(rng.integers(objects[0], objects[1] + 1)), num_classes)
     cls = rng.choice(num_classes, n_obj, replace=False)
-    inst = np.zeros((S, S), np.int16); areas = []
+    inst = np.zeros((S, S), np.int16)
+    areas = []
     for j, c in enumerate(cls):
         shape, tex = classes[c]
         for _ in range(30):
-            R = rng.uniform(*obj_scale) * S; theta = rng.uniform(0, 2 * np.pi); asp = math.exp(rng.uniform(-0.2, 0.2))
+            R = rng.uniform(*obj_scale) * S
+            theta = rng.uniform(0, 2 * np.pi)
+            asp = math.exp(rng.uniform(-0.2, 0.2))
             cx, cy = rng.uniform(0.6 * R, S - 0.6 * R, 2)
             x, y = _frame(X, Y, cx, cy, theta)
             region = _shape_mask(shape, x / (R * asp), y * asp / R)
             if region.sum() < 12: continue
-            trial = inst.copy(); trial[region] = j + 1
+            trial = inst.copy()
+            trial[region] = j + 1
             if all((trial == k + 1).sum() >= max(min_visible * a, 10) for k, a in enumerate(areas) if a):
                 break
         else:
-            areas.append(0); continue                                           # no valid placement: drop it
+            areas.append(0)
+            continue                                                            # no valid placement: drop it
         a_col, b_col = _hue_colours(rng, c / 8, 70) if design == "palette" else _two_colours(rng, 70)
         pat = _texture(tex, x, y, rng.uniform(3.2, 6.0), rng.uniform(), region)
         gd = rng.uniform(0, 2 * np.pi)
         shade = 1 + rng.uniform(0, 0.2) * ((x * math.cos(gd) + y * math.sin(gd)) / R)  # (S, S) lighting ramp
         obj = np.where(pat[..., None], a_col, b_col) * shade[..., None]
-        img[region] = obj[region]; inst = trial; areas.append(int(region.sum()))
+        img[region] = obj[region]
+        inst = trial
+        areas.append(int(region.sum()))
     img = img + rng.normal(0, noise, img.shape)
     lut = np.concatenate([[0], cls + 1]).astype(np.uint8)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), lut[inst]
 
 # %% ../nbs/01a_synth.ipynb #2450be45
 SYNTH_DEFAULT = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 2), clutter=0.3, seed=0,
-                     obj_scale=(0.2, 0.35), design="palette")      # the demo's set (see 20_pipeline for why it is this easy)
-SYNTH_PRETRAIN = dict(size=64, num_classes=8, n_train=8000, n_val=400, objects=(1, 3), clutter=0.5, seed=1, design="palette")
+                     # the demo's set (see 20_pipeline for why it is this easy)
+                     obj_scale=(0.2, 0.35), design="palette")
+SYNTH_PRETRAIN = dict(size=64, num_classes=8, n_train=8000, n_val=400, objects=(1, 3), clutter=0.5, seed=1,
+                      design="palette")
 SYNTH_PARTS = dict(size=64, num_classes=6, n_train=600, n_val=150, objects=(1, 2), clutter=0.3, seed=0,
                    obj_scale=(0.22, 0.34), design="parts")          # the "parts" world (see below), demo-sized
 SYNTH_PARTS_PRETRAIN = dict(SYNTH_PARTS, num_classes=8, n_train=4000, n_val=200, seed=1)   # its pretraining set
@@ -224,33 +252,39 @@ def make_synthetic(root, # output folder (created; reused if it holds the same s
     params = dict(n_train=n_train, n_val=n_val, size=size, num_classes=num_classes, objects=list(objects),
                   clutter=clutter, seed=seed, obj_scale=list(obj_scale), min_visible=min_visible, noise=noise)
     if design != "conjunction": params["design"] = design        # sets written before `design` existed stay valid
-    meta = dict(generator="weaktr.data.make_synthetic", version=SYNTH_VERSION,   # (its first home; kept: sets stay valid)
+    # (its first home; kept: sets stay valid)
+    meta = dict(generator="weaktr.data.make_synthetic", version=SYNTH_VERSION,
                 class_names=[f"{s}-{t}" for s, t in classes],
-                classes=[dict(name=f"{s}-{t}", shape=s, texture=t, mask_value=i + 1) for i, (s, t) in enumerate(classes)],
+                classes=[dict(name=f"{s}-{t}", shape=s, texture=t, mask_value=i + 1) for i,
+                         (s, t) in enumerate(classes)],
                 params=params, image_ext=".png", splits=dict(train=n_train, val=n_val))
     if root.exists():
         old = json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else None
         if old is None and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not a synthetic dataset (no meta.json); refusing to write into it")
+            raise FileExistsError(f"{root} exists and is not a synthetic dataset (no meta.json); refusing to write "
+                                  "into it")
         if old is not None and old.get("generator") != meta["generator"]:
             raise FileExistsError(f"{root}/meta.json was not written by make_synthetic; refusing to replace it")
         if old == meta: return root
         if old is not None and not overwrite:
-            diff = {k: (old.get("params", {}).get(k), v) for k, v in params.items() if old.get("params", {}).get(k) != v}
+            diff = {k: (old.get("params", {}).get(k), v) for k,
+                    v in params.items() if old.get("params", {}).get(k) != v}
             raise FileExistsError(f"{root} holds a synthetic set with other parameters {diff or '(other version)'}; "
                                   f"pass overwrite=True or choose another root")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp"))
     try:
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"): (tmp / sub).mkdir(parents=True)
-        pal = voc_palette().ravel().tolist(); labels, lists = {}, {}
+        pal = voc_palette().ravel().tolist()
+        labels, lists = {}, {}
         for si, (split, n) in enumerate((("train", n_train), ("val", n_val))):
             lists[split] = [f"{split}_{i:05d}" for i in range(n)]
             for i, id in enumerate(lists[split]):
                 img, mask = render_synthetic(np.random.default_rng([seed, si, i]), size, num_classes, tuple(objects),
                                              clutter, tuple(obj_scale), min_visible, noise, design)
                 Image.fromarray(img).save(tmp / "JPEGImages" / f"{id}.png", compress_level=6)
-                pm = Image.fromarray(mask, "L").convert("P"); pm.putpalette(pal)
+                pm = Image.fromarray(mask, "L").convert("P")
+                pm.putpalette(pal)
                 pm.save(tmp / "SegmentationClass" / f"{id}.png", compress_level=6)
                 labels[id] = [int(v) for v in np.unique(mask) if v != 0]
         lists["all"] = lists["train"] + lists["val"]

@@ -46,6 +46,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_explorer_notebook(page, base: str, token: str, name: str):
+    "Open notebook `name` in JupyterLab, wait for its kernel, run all cells; -> the explorer's main image, once drawn."
+    page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=60_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000)
+    # the notebook is open and its kernel is ready
+    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
+    page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
+        return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
+               && w.sessionContext.session.kernel.status === 'idle'; }""", timeout=60_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    main = page.locator("img.weaktr-main")
+    main.wait_for(state="visible", timeout=75_000)
+    page.wait_for_function("() => { const i = document.querySelector('img.weaktr-main'); "
+                           "return i && i.naturalWidth > 100; }", timeout=30_000)
+    return main
+
+
 def notebook_copy(dst: Path, train_steps: int) -> Path:
     "explore.ipynb with the fine-tuning steps of its parameters cell set to `train_steps`."
     nb = json.loads(NB.read_text())
@@ -130,18 +147,7 @@ def test_explorer_in_jupyterlab(lab, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})   # the issue's target screen
-            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000)
-            # the notebook is open and its kernel is ready
-            page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
-            page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
-                return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
-                       && w.sessionContext.session.kernel.status === 'idle'; }""", timeout=60_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            main = page.locator("img.weaktr-main")
-            main.wait_for(state="visible", timeout=75_000)
-            page.wait_for_function("() => { const i = document.querySelector('img.weaktr-main'); "
-                                   "return i && i.naturalWidth > 100; }", timeout=30_000)
+            main = run_explorer_notebook(page, base, token, name)
             status = page.locator(".weaktr-status").inner_text()
             assert "Error" not in status, status
 

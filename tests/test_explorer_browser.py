@@ -16,7 +16,8 @@ import os, re, shutil, time
 import pytest
 import torch
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, lab, non_blank  # noqa: F401  (lab: the JupyterLab fixture)
+from test_browser import (CHROMIUM, CHROMIUM_ARGS, lab, non_blank,  # noqa: F401  (lab: the JupyterLab fixture)
+                          run_explorer_notebook)
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium not found (checked $WEAKTR_CHROMIUM, chromium, chromium-browser, google-chrome, "
@@ -51,17 +52,7 @@ def test_hover_and_checkpoint_b(lab, tmp_path):  # noqa: F811  (lab: the fixture
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
-            page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
-                return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
-                       && w.sessionContext.session.kernel.status === 'idle'; }""", timeout=60_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            main = page.locator("img.weaktr-main")
-            main.wait_for(state="visible", timeout=75_000)
-            page.wait_for_function("() => { const i = document.querySelector('img.weaktr-main'); "
-                                   "return i && i.naturalWidth > 100; }", timeout=30_000)
+            main = run_explorer_notebook(page, base, token, name)
             page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
             page.locator(".weaktr-explorer").evaluate("e => e.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(500)

@@ -83,3 +83,17 @@ def test_grid_rejects_unknown_parameters():
     if not NB.is_file(): pytest.skip(f"run notebook not found: {NB}")
     with pytest.raises(ValueError, match=r"grid parameter\(s\) \['thresh'\] not in the parameters cell"):
         run_grid(NB, {"thresh": [0.4]}, out_dir="/nonexistent/never-created")
+
+
+def test_check_parameters_command(capsys, monkeypatch):
+    "`python -m weaktr.grid check-parameters`: 0 when every run notebook agrees with its config, 1 naming a drift."
+    from weaktr import grid
+    assert grid.main(["check-parameters"]) == 0
+    assert "parameters cells agree with their configs" in capsys.readouterr().out
+    monkeypatch.setitem(grid.REGISTRY, "train_cam",
+                        grid.dataclasses.replace(grid.REGISTRY["train_cam"], demo="weaktr.train_seg:SEG_TRAIN_DEMO"))
+    assert grid.main(["check-parameters", "train_cam"]) == 1
+    out = capsys.readouterr().out
+    assert "weaktr.train_seg:SEG_TRAIN_DEMO: 'crop_size' is not a CamTrainCfg field" in out, out
+    # a default the wrong preset does not explain: the cell's value against the class default
+    assert "train_cam.ipynb: cam_t_range = (0.05, 0.95, 0.01), expected (0.4, 0.6, 0.01) (CamTrainCfg's default)" in out

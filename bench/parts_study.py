@@ -203,7 +203,8 @@ def main():
     ap.add_argument("--pre-epochs", type=int, default=12)
     ap.add_argument("--cam-epochs", type=int, default=12)
     ap.add_argument("--cam-lr", type=float, default=1e-3,
-                    help="Phase-1 lr as written (scaled by batch/512, as the demo)")
+                    help="Phase-1 lr as written, scaled by batch/512 (CamTrainCfg's lr_scale_by_batch); the demo "
+                         "does not scale, so its lr 1e-3 is --cam-lr 0.016 here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--diagnose", action="store_true",
                     help="only: per-head own mass and row KL of the backbones in --runs")

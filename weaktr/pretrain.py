@@ -19,6 +19,7 @@ from .zoo import DEMO_ASSET, assets_dir, asset_path, asset_card, register_asset 
 from .core import atomic_path, atomic_save_json, cfg_from_flat, cfg_to_dict
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .synth import make_synthetic, synthetic_dataset
+from .backbone import _attn_probs
 from .data import runs_dir
 from .learner import Learner, TrainCfg
 from .metrics import class_map, sample_map
@@ -380,7 +381,7 @@ class AttentionTap:
             B, N, _ = qkv.shape
             q, k = qkv.reshape(B, N, 3, attn.num_heads, -1)[:, :, :2, :self.heads].permute(2, 0, 3, 1, 4)
             q, k = attn.q_norm(q), attn.k_norm(k)
-            self.maps[b] = (q * attn.scale @ k.transpose(-2, -1)).softmax(-1)    # (B, heads, N, N)
+            self.maps[b] = _attn_probs(q, k, attn.scale)                      # (B, heads, N, N)
         return f
     def __enter__(self):
         self.maps = {}

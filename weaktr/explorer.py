@@ -169,6 +169,15 @@ def notebook_model(dataset,               # SegDataset to fine-tune on (the trai
 # %% ../nbs/18_explorer.ipynb #3889c9ca
 def _hex(rgb) -> str: return "#%02x%02x%02x" % tuple(int(v) for v in rgb)
 
+def _lru(cache: OrderedDict, key, make, size: int):
+    "cache[key], made by `make()` on a miss; the least recently used entries beyond `size` are dropped."
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = value = make()
+    while len(cache) > size: cache.popitem(last=False)
+    return value
+
 _REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 def readable_error(e: BaseException) -> str:
@@ -639,9 +648,11 @@ def _cell(self: HeadExplorer, an) -> int:
 @patch
 def analyze(self: HeadExplorer, key) -> ImageAnalysis:
     "The computed-once analysis of an image menu entry (cached with its display image)."
-    if key in self.cache:
-        self.cache.move_to_end(key)
-        return self.cache[key][0]
+    return _lru(self.cache, key, lambda: self._analyse(key), self.cache_size)[0]
+
+@patch
+def _analyse(self: HeadExplorer, key) -> tuple:
+    "(analysis, display image) of an image menu entry: the model runs here, once per entry."
     item = self._load(key)
     full, _, notes = prepare_image(item["image"], 1, None)         # RGB at full resolution (kept for display only)
     mask = item["mask"]
@@ -651,10 +662,7 @@ def analyze(self: HeadExplorer, key) -> ImageAnalysis:
     (h, w), cell = an.grid, self._cell(an)
     base = np.asarray(full.resize((w * cell, h * cell),
                                   Image.BILINEAR if max(full.size) < w * cell else Image.LANCZOS))
-    del full
-    self.cache[key] = (an, base)
-    while len(self.cache) > self.cache_size: self.cache.popitem(last=False)
-    return an
+    return an, base
 
 @patch
 def _show_item(self: HeadExplorer, key):
@@ -751,17 +759,12 @@ def load_compare_checkpoint(self: HeadExplorer, path):
 @patch
 def analyze_b(self: HeadExplorer, key) -> ImageAnalysis:
     "Checkpoint B's analysis of an image menu entry (same image, labels and mask as the main view; cached)."
-    if key in self.cache2:
-        self.cache2.move_to_end(key)
-        return self.cache2[key]
-    item = self._load(key)
-    side = working_side(self.model2) if self.max_side_opt == "auto" else self.max_side_opt
-    an = analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(), id=item["id"],
-                       max_side=side, device=self.device)
-    self.cache2[key] = an
-    while len(self.cache2) > self.cache_size:
-        self.cache2.popitem(last=False)
-    return an
+    def make():
+        item = self._load(key)
+        side = working_side(self.model2) if self.max_side_opt == "auto" else self.max_side_opt
+        return analyze_image(self.model2, item["image"], item["labels"], item["mask"], self.class_names(),
+                             id=item["id"], max_side=side, device=self.device)
+    return _lru(self.cache2, key, make, self.cache_size)
 
 @patch
 def _view_b(self: HeadExplorer):

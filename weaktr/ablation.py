@@ -5,6 +5,7 @@
 # %% ../nbs/19_ablation.ipynb #8d3f2a03
 from __future__ import annotations
 import dataclasses, json, math, time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from .metrics import miou, threshold_confusions, threshold_range
 from .model import load_cam_model
 from .pseudo import sweep_threshold
 from .train_seg import subset
+from .transforms import ms_flip_views
 
 # %% auto #0
-__all__ = ['DEMO_THRESHOLD', 'AblationCfg', 'cam_curve', 'run_ablation', 'ablation_markdown']
+__all__ = ['DEMO_THRESHOLD', 'ABLATION_TARGETS', 'uniform_head_weights', 'head_weight_stats', 'ablation_metrics', 'check_targets',
+           'targets_markdown', 'AblationCfg', 'cam_curve', 'run_ablation', 'ablation_markdown']
 
 # %% ../nbs/19_ablation.ipynb #8d3f2a05
 # the fixed background threshold of the ablation table: the reference's documented `--t 43` (§bg-threshold)
@@ -30,6 +33,90 @@ def _read(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 def _pct(v, nd=1): return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{nd}f}"
+
+# %% ../nbs/19_ablation.ipynb #dd9bfac0
+@contextmanager
+def uniform_head_weights(model):      # a WeakTr
+    "Inside the block every AAF weight of an image is that image's mean weight (the choice between heads removed)."
+    aaf = model.adaptive_attention_fusion
+    learned = aaf.forward
+    def uniform(summary):
+        w = learned(summary)                                    # (B, nm) learned weights
+        return w.mean(1, keepdim=True).expand_as(w)             # (B, 1) -> (B, nm): the image's mean for every head
+    aaf.forward = uniform                                       # an instance attribute shadows the class method
+    try: yield model
+    finally: del aaf.forward
+
+@torch.no_grad()
+def head_weight_stats(model,          # a WeakTr in eval mode
+                      ds,             # dataset of PIL images (`ds[i]["image"]`)
+                      indices,        # the images to average over
+                      batch_size: int = 32,
+                     ) -> dict:
+    "AAF weights of each image at scale 1: std over the L·nh heads averaged over images, and mean / min / max."
+    dev, ws = next(model.parameters()).device, []
+    for k in range(0, len(indices), batch_size):
+        by_size = {}
+        for i in indices[k:k + batch_size]:
+            x = ms_flip_views(ds[i]["image"], (1.0,))[0]               # (3, H, W) the unflipped view
+            by_size.setdefault(tuple(x.shape), []).append(x)
+        for xs in by_size.values():
+            ws.append(model.head_weights(torch.stack(xs).to(dev)).float().cpu())   # (b, 3, H, W) -> (b, nm)
+    w = torch.cat(ws)                                                  # (n, nm)
+    return dict(head_weight_std=float(w.std(1).mean()), head_weight_mean=float(w.mean()),
+                head_weight_min=float(w.min()), head_weight_max=float(w.max()), n_images=len(w))
+
+# %% ../nbs/19_ablation.ipynb #73e7aabd
+ABLATION_TARGETS = (   # (name, rule, the metrics it reads, check)
+    ("AAF spreads its weights", "head_weight_std ≥ 0.10", ("head_weight_std",), lambda m: m[0] >= 0.10),
+    ("AAF's choice helps", "miou_learned_weights ≥ miou_uniform_weights + 0.03",
+     ("miou_learned_weights", "miou_uniform_weights"), lambda m: m[0] >= m[1] + 0.03),
+    ("refinement helps", "miou_refined ≥ miou_unrefined + 0.05", ("miou_refined", "miou_unrefined"),
+     lambda m: m[0] >= m[1] + 0.05),
+    ("fused is the best attention type", "miou_fused ≥ miou_patchcam and ≥ miou_cross",
+     ("miou_fused", "miou_patchcam", "miou_cross"), lambda m: m[0] >= m[1] and m[0] >= m[2]),
+    ("gradient clipping helps", "final_miou_gc ≥ final_miou_ce", ("final_miou_gc", "final_miou_ce"),
+     lambda m: m[0] >= m[1]),
+    ("pseudo labels are good", "pseudo_miou ≥ 0.55", ("pseudo_miou",), lambda m: m[0] >= 0.55),
+    ("Phase 2 improves on its labels", "final_miou_gc ≥ pseudo_miou", ("final_miou_gc", "pseudo_miou"),
+     lambda m: m[0] >= m[1]),
+)
+_METRIC_ROWS = dict(miou_refined="fused, refinement on", miou_unrefined="fused, refinement off",
+                    miou_fused="fused, refinement on", miou_patchcam="patchcam, refinement on",
+                    miou_cross="cross, refinement on", miou_learned_weights="learned weights",
+                    miou_uniform_weights="uniform weights")
+
+def ablation_metrics(rows: list[dict],        # the ablation rows (variant names as `run_ablation` writes them)
+                     weight_stats: dict,      # `head_weight_stats` of the Phase-1 model
+                     pseudo_miou: float | None = None,   # the pseudo_labels stage's mIoU (None: not scored)
+                     final_miou_gc: float | None = None, # Phase-2 val headline mIoU with GC
+                     final_miou_ce: float | None = None, # the same without GC
+                    ) -> dict:
+    "The issue-17 metrics (fractions; CAM rows at each variant's best threshold, no CRF); None where not measured."
+    best = {r["variant"]: r["miou_best"] for r in rows if r.get("t_best") is not None}
+    m = {k: best.get(v) for k, v in _METRIC_ROWS.items()}
+    m.update(head_weight_std=weight_stats.get("head_weight_std"), head_weight_mean=weight_stats.get("head_weight_mean"),
+             pseudo_miou=pseudo_miou, final_miou_gc=final_miou_gc, final_miou_ce=final_miou_ce)
+    return m
+
+def check_targets(metrics: dict) -> list[dict]:
+    "Each target with its values and `met` (True / False; None when a value is missing)."
+    out = []
+    for name, rule, keys, ok in ABLATION_TARGETS:
+        vals = [metrics.get(k) for k in keys]
+        missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in vals)
+        out.append(dict(name=name, rule=rule, values=dict(zip(keys, vals)), met=None if missing else bool(ok(vals))))
+    return out
+
+def targets_markdown(targets: list[dict]) -> str:
+    "The targets as a markdown table (values in %, the AAF std as a number)."
+    fmt = lambda k, v: "–" if v is None else f"{v:.3f}" if k == "head_weight_std" else f"{100 * v:.1f} %"
+    L = ["| target | rule | values | met |", "|---|---|---|---|"]
+    for t in targets:
+        vals = ", ".join(f"{k} {fmt(k, v)}" for k, v in t["values"].items())
+        met = {True: "yes", False: "**no**"}.get(t["met"], "not measured")
+        L.append(f"| {t['name']} | `{t['rule']}` | {vals} | {met} |")
+    return "\n".join(L)
 
 # %% ../nbs/19_ablation.ipynb #98f41342
 @dataclass
@@ -124,13 +211,28 @@ def run_ablation(cfg: AblationCfg | dict) -> dict:
                              f"{at}, refinement {'on' if ref else 'off'}", c, tf,
                              "demo setting" if (at, ref) == ("fused", True) else ""))
     times["attention"] = time.time() - t1
+    # -- AAF: the learned head weights vs each image's mean weight for every head (fused + refinement, no CRF)
+    t1 = time.time()
+    G = "AAF head weights (fused, refinement on, CRF off)"
+    rows.append(_row(G, "learned weights", main_curve, tf, "= fused, refinement on"))
+    with uniform_head_weights(model):
+        rows.append(_row(G, "uniform weights", cam_curve(model, ds, idx, ths, cfg.scales, "fused", True,
+                                                         cfg.batch_size), tf, "each image's mean weight"))
+    stats = head_weight_stats(model, ds, idx, cfg.batch_size)
+    times["aaf"] = time.time() - t1
     # -- gradient clipping (Phase 2 val mIoU)
+    seg = {}
     for name, p in (("GC on (demo)", cfg.seg_eval), ("GC off (plain CE)", cfg.seg_eval_nogc)):
-        s = _read(Path(p) / "summary.json") if p else {}
+        s = seg[name] = _read(Path(p) / "summary.json") if p else {}
         if s: rows.append(dict(group="Phase 2 gradient clipping (val)", variant=name, miou_fixed=s.get("miou"),
                                t_fixed=None, miou_best=s.get("headline_miou"), t_best=None, note="val, MS + flip"))
-    md = ablation_markdown(rows, tf, len(idx), cfg)
-    summary = dict(rows=rows, table_md=md, n_images=len(idx), fixed_threshold=tf, seconds=round(time.time() - t0, 1),
+    pseudo = _read(Path(cfg.pseudo_run) / "summary.json") if cfg.pseudo_run else {}
+    metrics = ablation_metrics(rows, stats, pseudo.get("miou"), seg["GC on (demo)"].get("headline_miou"),
+                               seg["GC off (plain CE)"].get("headline_miou"))
+    targets = check_targets(metrics)
+    md = ablation_markdown(rows, tf, len(idx), cfg) + "\n\n" + targets_markdown(targets)
+    summary = dict(rows=rows, table_md=md, metrics=metrics, targets=targets, head_weights=stats, n_images=len(idx),
+                   split=cfg.split, fixed_threshold=tf, seconds=round(time.time() - t0, 1),
                    seconds_by_group={k: round(v, 1) for k, v in times.items()})
     atomic_write_text(md, run / "ablation.md")
     atomic_save_json(summary, run / "summary.json")

@@ -57,6 +57,8 @@ VARIANTS = dict(
                             note="labels + grouping loss (weight 3) on 2 heads of every block"),
     parts_group_heavy=dict(pretrain=dict(body_labels=True, group_weight=3.0, group_blocks=4, group_heads=3),
                            note="labels + grouping loss (weight 3) on 3 of 4 heads of every block"),
+    parts_group_every=dict(pretrain=dict(body_labels=True, group_weight=3.0, group_blocks=4, group_heads=4),
+                           note="labels + grouping loss (weight 3) on every head of every block"),
 )
 GROUP_BLOCKS, GROUP_HEADS = (2, 3), 2        # the heads reported as "grouping heads" for every backbone
 THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.951, 0.05)]

@@ -184,3 +184,15 @@ def test_dagger_segmenter_builds():
     cfg = cfg_from_flat(SegTrainCfg, load_preset(REPO_ROOT / "configs/voc_vit_s_dagger.yaml", "train_seg"))
     m = create_segmenter(**segmenter_kwargs(cfg, 21))
     assert m.encoder.pos_embed.shape[1] == 1 + 30 * 30 and m.encoder.patch_embed.proj.kernel_size == (16, 16)
+
+
+def test_resolved_configs_unchanged():
+    """Every pipeline (demo, quick) and configs/*.yaml stage resolves to the committed snapshot, config and Learner
+    config alike (tools/resolved_configs.py; after a deliberate change: `python tools/resolved_configs.py --write`)."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("resolved_configs", REPO_ROOT / "tools" / "resolved_configs.py")
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    old = json.loads((REPO_ROOT / "tests" / "resolved_configs.json").read_text())
+    assert rc.diff(old, rc.resolved()) == []

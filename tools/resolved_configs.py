@@ -3,6 +3,7 @@
     python tools/resolved_configs.py            # print the JSON
     python tools/resolved_configs.py --check    # exit 1 (and list the differences) if it differs from the snapshot
     python tools/resolved_configs.py --write    # rewrite the snapshot tests/resolved_configs.json (a deliberate change)
+    python tools/resolved_configs.py --against OLD.json   # compare with an older dump, modulo the DELIBERATE changes
 
 What is resolved:
 * `pipeline:<demo|quick>:<stage>`: the pipeline's stages (`weaktr.pipeline.build_stages`) as papermill runs them: the
@@ -77,6 +78,34 @@ def resolved() -> dict:
     return out
 
 
+# Deliberate changes of the composed-configs refactor (issue 11), for `--against` a dump of the code before it:
+# SegTrainCfg.val_every was renamed eval_every (the LoopPart field); TrainCfg's "off" sentinels of clip_grad and
+# max_steps became 0 (None still means off); fields a stage config gained from a shared part hold that part's default.
+DELIBERATE = dict(renamed={"val_every": "eval_every"}, sentinels={"clip_grad": (None, 0.0), "max_steps": (None, 0)})
+
+
+def legacy(old: dict, new: dict) -> dict:
+    "`old` (a dump before the refactor) with the DELIBERATE changes applied: renames, sentinels, fields gained."
+    out = {}
+    for key, cfg in old.items():
+        c = {DELIBERATE["renamed"].get(k, k): v for k, v in cfg.items()}
+        for k, (was, now) in DELIBERATE["sentinels"].items():
+            if k in c and c[k] == was: c[k] = now
+        gained = set(new.get(key, {})) - set(c)
+        c.update({k: new[key][k] for k in gained})
+        out[key] = dict(sorted(c.items()))
+    return out
+
+
+def gained_fields(old: dict, new: dict) -> dict:
+    "{field: sorted set of its values} over the fields the new dump has and the old one lacks (for the report)."
+    out = {}
+    for key in old:
+        for k in set(new.get(key, {})) - {DELIBERATE["renamed"].get(f, f) for f in old[key]}:
+            out.setdefault(k, set()).add(repr(new[key][k]))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def diff(old: dict, new: dict) -> list[str]:
     "Readable differences between two resolved dumps ([] = identical)."
     lines = [f"{k}: only in the snapshot" for k in old if k not in new]
@@ -98,6 +127,12 @@ def main(argv=None) -> int:
         SNAPSHOT.write_text(json.dumps(new, indent=1) + "\n")
         print(f"wrote {SNAPSHOT} ({len(new)} configs)")
         return 0
+    if "--against" in argv:
+        old = json.loads(Path(argv[argv.index("--against") + 1]).read_text())
+        d = diff(legacy(old, new), new)
+        print("\n".join(d) if d else f"{len(new)} resolved configs: identical to the old dump modulo DELIBERATE")
+        for k, v in gained_fields(old, new).items(): print(f"  gained {k}: {', '.join(v)}")
+        return 1 if d else 0
     if "--check" in argv:
         d = diff(json.loads(SNAPSHOT.read_text()), new)
         print("\n".join(d) if d else f"{len(new)} resolved configs: identical to {SNAPSHOT.name}")

@@ -24,8 +24,8 @@ __all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POI
            'flatten_summary', 'default_metric', 'runs_notebook_dir', 'StageSpec', 'stage_spec', 'spec_of',
            'notebook_defaults', 'check_value', 'validate_params', 'parameter_drift', 'kernel_env', 'quiet_papermill',
            'kernel_config', 'run_notebook', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row',
-           'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset',
-           'check_preset', 'grid_main', 'main']
+           'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'stage_defaults', 'load_preset',
+           'export_preset', 'check_preset', 'grid_main', 'main']
 
 # %% ../nbs/16_grid.ipynb #7c8c447f
 def grid_points(grid: dict[str, Sequence], # parameter -> values; first axis varies slowest
@@ -738,12 +738,26 @@ def _read_preset(path, _seen=()) -> dict:
         out[stage] = {**out.get(stage, {}), **params}
     return out
 
+def stage_defaults(stage: str) -> dict:
+    """The paper recipe of a method stage as run-notebook parameters: its config class's defaults, as a parameters
+    cell or a YAML file writes them (tuples as lists, the None of a `dict | None` field as {})."""
+    cls = stage_spec(stage).config_class()
+    if cls is None: return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = _field_default(f)
+        out[f.name] = _jsonable({} if v is None and "dict" in _ann_names(f.type) else v)
+    return out
+
 def load_preset(path,                      # a configs/*.yaml preset
                 stage: str | None = None,  # one stage's parameters only
                 overrides: dict | None = None, # with `stage`: parameters replacing the preset's
+                defaults: bool = True,     # fill what a section omits from the config defaults (False: as written)
                ) -> dict:
-    "Read a preset: {stage: {parameter: value}} (or one stage's dict); `~` paths expanded, `extends` followed."
-    pre = {k: _expand(v) for k, v in _read_preset(path).items()}
+    """Read a preset: {stage: {parameter: value}} (or one stage's dict). A section holds only what differs from the
+    paper recipe: every parameter it omits is the stage config's default (`stage_defaults`), not the run notebook's
+    (the CPU demo's). `~` paths expanded, `extends` followed."""
+    pre = {k: _expand({**(stage_defaults(k) if defaults else {}), **v}) for k, v in _read_preset(path).items()}
     if stage is None:
         if overrides: raise ValueError("load_preset: overrides need a stage")
         return pre
@@ -752,7 +766,7 @@ def load_preset(path,                      # a configs/*.yaml preset
     return {**pre[stage], **_expand(dict(overrides or {}))}
 
 def export_preset(path, stage: str, overrides: dict | None = None) -> str:
-    "One stage of a preset as flat YAML text for `papermill -f` (paths expanded)."
+    "One stage of a preset as flat YAML text for `papermill -f`: every parameter (omitted ones: config defaults)."
     params = load_preset(path, stage, overrides)
     head = f"# {stage} parameters from {path} (weaktr.grid export-preset); run notebook: {stage_notebook(stage)}\n"
     return head + yaml.safe_dump(_jsonable(params), sort_keys=False, default_flow_style=None, width=120)
@@ -760,7 +774,7 @@ def export_preset(path, stage: str, overrides: dict | None = None) -> str:
 def check_preset(path, missing_ok: bool = True) -> dict[str, list[str]]:
     "Names in each stage of a preset that are not parameters of that stage's run notebook ({} = all good)."
     problems = {}
-    for stage, params in load_preset(path).items():
+    for stage, params in load_preset(path, defaults=False).items():
         nb = stage_notebook(stage)
         if not nb.is_file():
             if missing_ok: continue

@@ -9,6 +9,7 @@ What is resolved:
 * `pipeline:<demo|quick>:<stage>`: the pipeline's stages (`weaktr.pipeline.build_stages`) as papermill runs them: the
   run notebook's defaults (= `config(**stage demo dict)`, checked by `python -m weaktr.grid check-parameters`), then
   the pipeline preset's parameters;
+* `notebook:<stage>`: every registered run notebook with its own defaults (pretrain_backbone included);
 * `preset:<file>:<stage>`: each stage of each `configs/*.yaml` preset as `export_preset` writes it for `papermill -f`,
   again over the run notebook's defaults;
 each as the stage's config dataclass (`cfg_to_dict`, keys sorted) and, for the two training stages, the Learner's
@@ -44,6 +45,10 @@ def _learner(stage: str, cfg) -> dict:
     if stage == "train_seg":
         from weaktr.train_seg import learner_cfg
         return {"any": cfg_to_dict(learner_cfg(cfg))}
+    if stage == "pretrain_backbone":
+        try: from weaktr.pretrain import pretrain_train_cfg
+        except ImportError: return {}                             # a checkout from before the function
+        return {"any": cfg_to_dict(pretrain_train_cfg(cfg))}
     return {}
 
 
@@ -69,6 +74,9 @@ def resolved() -> dict:
         for dev, tc in _learner(kind, cfg).items():
             out[f"{key}:learner:{dev}"] = _rel(dict(sorted(tc.items())), subs)
 
+    from weaktr.grid import REGISTRY
+    for name in REGISTRY:                                         # each run notebook as it stands (the demo's values)
+        add(f"notebook:{name}", name, {})
     for pname, preset in PRESETS.items():
         for s in build_stages(tmp / "run", preset, data_root=str(tmp / "data")):
             add(f"pipeline:{pname}:{s.name}", s.kind, s.params)
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
         return 0
     if "--against" in argv:
         old = json.loads(Path(argv[argv.index("--against") + 1]).read_text())
-        d = diff(legacy(old, new), new)
+        d = diff(legacy(old, new), {k: v for k, v in new.items() if k in old})   # keys new since: not compared
         print("\n".join(d) if d else f"{len(new)} resolved configs: identical to the old dump modulo DELIBERATE")
         for k, v in gained_fields(old, new).items(): print(f"  gained {k}: {', '.join(v)}")
         return 1 if d else 0

@@ -173,8 +173,8 @@ def test_seg_cfg_ranges(field, value, msg):
 
 
 def test_seg_cfg_reference_values_accepted():
-    from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_DEMO, SEG_TRAIN_VOC
-    for preset in (SEG_TRAIN_VOC, SEG_TRAIN_COCO, SEG_TRAIN_DEMO, SEG_SMOKE):
+    from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_DEMO
+    for preset in ({}, SEG_TRAIN_COCO, SEG_TRAIN_DEMO, SEG_SMOKE):      # {}: the defaults, the reference VOC run
         SegTrainCfg(**preset)
     SegTrainCfg(min_lr=0.0, weight_decay=0.0, momentum=0.0, drop_path_rate=0.0, decoder_dropout=0.0, norm_eps=0.0,
                 cat_max_ratio=1.0)

@@ -54,40 +54,51 @@ def test_preset_parses_and_names_only_parameters(path):
     assert "~" not in yaml.safe_dump(pre), "~ paths are expanded"
 
 
-RUN_CONTROL = ("smoke", "progress", "resume")
-
-
 @pytest.mark.parametrize("path", PRESETS)
-def test_preset_sets_every_non_reference_notebook_default(path):
-    """A run notebook's defaults are the CPU demo's: every parameter the preset leaves out must default to the reference
-    value."""
-    import ast
+def test_preset_fills_omitted_parameters_from_the_config_defaults(path):
+    """A preset holds only what differs from the paper recipe (the config defaults); load_preset fills the rest, so
+    every loaded section names every run-notebook parameter, and never the notebook's defaults (the CPU demo's)."""
     import dataclasses
-    pre, classes = load_preset(REPO_ROOT / path), _cfg_classes()
+    from weaktr.grid import stage_defaults
+    raw, pre, classes = load_preset(REPO_ROOT / path, defaults=False), load_preset(REPO_ROOT / path), _cfg_classes()
     for stage, cls in classes.items():
-        nb = stage_notebook(stage)
-        if not nb.is_file(): continue
         ref = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                for f in dataclasses.fields(cls)}
-        for k, info in notebook_parameters(nb).items():
-            if k in pre[stage] or k in RUN_CONTROL: continue
-            nb_default = ast.literal_eval(info["default"])
-            assert k in ref, f"{nb.name}: parameter {k} is not a {cls.__name__} field"
-            assert _norm(nb_default or None) == _norm(ref[k] or None), \
-                f"{path} [{stage}] must set {k}: the notebook default {nb_default!r} is not the reference {ref[k]!r}"
+        assert set(pre[stage]) == set(ref) == set(stage_defaults(stage))
+        for k, v in pre[stage].items():
+            want = raw[stage][k] if k in raw[stage] else ref[k]
+            assert _norm(v or None) == _norm(want or None), f"{path} [{stage}] {k}: {v!r}, expected {want!r}"
+        nb = stage_notebook(stage)
+        if nb.is_file(): assert set(notebook_parameters(nb)) == set(pre[stage]), f"{path} [{stage}]"
+
+
+def test_preset_files_hold_only_differences():
+    "A key written in configs/voc.yaml either differs from the config default or is a path / placeholder to edit."
+    import dataclasses
+    raw, classes = load_preset(REPO_ROOT / "configs/voc.yaml", defaults=False), _cfg_classes()
+    keep = {"run_dir", "data_root", "checkpoint", "cams_dir", "pseudo_dir", "pretrained", "init_path"}
+    for stage, cls in classes.items():
+        ref = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+               for f in dataclasses.fields(cls)}
+        same = [k for k, v in raw[stage].items() if k not in keep and _norm(v or None) == _norm(ref[k] or None)]
+        assert not same, f"configs/voc.yaml [{stage}] repeats config defaults: {same}"
 
 
 def test_presets_agree_with_stage_constants():
-    """The presets restate the stage modules' reference constants (§phase1, §phase2-recipe) and the documented
-    per-dataset flags."""
+    """The presets restate the stage modules' reference constants (§phase1, §phase2-recipe: the config defaults and
+    the COCO overrides) and the documented per-dataset flags."""
+    import dataclasses
     from weaktr.evaluate import MS_RATIOS
-    from weaktr.train_cam import CAM_TRAIN_COCO, CAM_TRAIN_VOC
-    from weaktr.train_seg import SEG_TRAIN_COCO, SEG_TRAIN_VOC
+    from weaktr.train_cam import CAM_TRAIN_COCO, CamTrainCfg
+    from weaktr.train_seg import SEG_TRAIN_COCO, SegTrainCfg
     voc, coco, dagger = (load_preset(REPO_ROOT / p) for p in PRESETS)
-    for pre, cam, seg in ((voc, CAM_TRAIN_VOC, SEG_TRAIN_VOC), (coco, CAM_TRAIN_COCO, SEG_TRAIN_COCO)):
-        for k, v in cam.items():
+    skip = {"run_dir", "data_root", "pseudo_dir", "pretrained", "init_path", "data_kw", "cam_batch_size"}
+    for pre, cam, seg in ((voc, {}, {}), (coco, CAM_TRAIN_COCO, SEG_TRAIN_COCO)):
+        for k, v in dataclasses.asdict(CamTrainCfg(**cam)).items():
+            if k in skip: continue
             assert _norm(pre["train_cam"][k]) == _norm(v), f"train_cam.{k}: {pre['train_cam'][k]} != {v}"
-        for k, v in seg.items():
+        for k, v in dataclasses.asdict(SegTrainCfg(**seg)).items():
+            if k in skip: continue
             assert _norm(pre["train_seg"][k]) == _norm(v), f"train_seg.{k}: {pre['train_seg'][k]} != {v}"
         assert pre["train_cam"]["pretrained"].endswith("weights/deit_small_patch16_224-cd65a155.pth")
         assert pre["train_cam"]["embed_dim"] == pre["train_cam"]["depth"] == 0      # the backbone's own, not the demo's
@@ -184,3 +195,15 @@ def test_dagger_segmenter_builds():
     cfg = cfg_from_flat(SegTrainCfg, load_preset(REPO_ROOT / "configs/voc_vit_s_dagger.yaml", "train_seg"))
     m = create_segmenter(**segmenter_kwargs(cfg, 21))
     assert m.encoder.pos_embed.shape[1] == 1 + 30 * 30 and m.encoder.patch_embed.proj.kernel_size == (16, 16)
+
+
+def test_resolved_configs_unchanged():
+    """Every pipeline (demo, quick) and configs/*.yaml stage resolves to the committed snapshot, config and Learner
+    config alike (tools/resolved_configs.py; after a deliberate change: `python tools/resolved_configs.py --write`)."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("resolved_configs", REPO_ROOT / "tools" / "resolved_configs.py")
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    old = json.loads((REPO_ROOT / "tests" / "resolved_configs.json").read_text())
+    assert rc.diff(old, rc.resolved()) == []

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_grid.ipynb #480dc028
 from __future__ import annotations
-import ast, csv, hashlib, io, itertools, json, math, multiprocessing as mp, os, re, sys, time, warnings
+import ast, csv, hashlib, inspect, io, itertools, json, math, multiprocessing as mp, os, re, sys, time, warnings
 import concurrent.futures as cf
 from contextlib import contextmanager
 import dataclasses
@@ -22,10 +22,10 @@ if TYPE_CHECKING: from traitlets.config import Config   # kernel_config's return
 __all__ = ['METRIC_PREFERENCE', 'REGISTRY', 'METHOD_STAGES', 'STAGES', 'GRID_POINT', 'SETUP_CELL', 'grid_points', 'point_name',
            'point_names', 'parse_value', 'split_values', 'parse_assignment', 'notebook_parameters', 'check_parameters',
            'flatten_summary', 'default_metric', 'runs_notebook_dir', 'StageSpec', 'stage_spec', 'spec_of',
-           'notebook_defaults', 'check_value', 'validate_params', 'parameter_drift', 'kernel_env', 'quiet_papermill',
-           'kernel_config', 'run_notebook', 'point_finished', 'error_cell', 'run_point', 'GridResults', 'collect_row',
-           'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of', 'load_preset', 'export_preset',
-           'check_preset', 'grid_main', 'main']
+           'notebook_defaults', 'check_value', 'validate_params', 'parameter_drift', 'fix_parameters', 'kernel_env',
+           'quiet_papermill', 'kernel_config', 'run_notebook', 'point_finished', 'error_cell', 'run_point',
+           'GridResults', 'collect_row', 'plot_grid', 'run_grid', 'write_results', 'stage_notebook', 'stage_of',
+           'stage_defaults', 'load_preset', 'export_preset', 'check_preset', 'grid_main', 'main']
 
 # %% ../nbs/16_grid.ipynb #7c8c447f
 def grid_points(grid: dict[str, Sequence], # parameter -> values; first axis varies slowest
@@ -381,6 +381,70 @@ def parameter_drift(stage: str | StageSpec) -> list[str]:
         want, src = (demo[k], spec.demo) if k in demo else (_field_default(fields[k]), f"{name}'s default")
         if not _same_value(defaults[k], want, t): out.append(f"{nb}: {k} = {defaults[k]!r}, expected {want!r} ({src})")
     return out
+
+def _field_comments(cls) -> dict[str, str]:
+    "The trailing comment of each field declaration of a config class and its parts (the help of a parameter line)."
+    out = {}
+    for k in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(k): continue
+        try: src = inspect.getsource(k)
+        except (OSError, TypeError): continue
+        for line in src.splitlines():
+            m = re.match(r"    (\w+)\s*:[^#=]+=[^#]*#\s?(.*)$", line)
+            if m: out[m.group(1)] = m.group(2).strip()
+    return out
+
+def _literal(v, type_name: str) -> str:
+    "A parameter value as cell text (a dict parameter's None as {}, a tuple as a tuple, strings in double quotes)."
+    if type_name == "dict" and v is None: v = {}
+    if type_name == "tuple" and isinstance(v, list): v = tuple(v)
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+_PARAM_LINE = re.compile(r"^(\w+)\s*:\s*(\w+)\s*=\s*(.*?)(\s+#.*)?$")
+
+def fix_parameters(stage: str | StageSpec) -> list[str]:
+    """Make a run notebook's parameters cell agree with `config(**demo)` (what `parameter_drift` checks): a drifting
+    default or declared type is rewritten in place (its help kept), a missing field is appended with the field's
+    comment as help, a name that is no field is removed. -> the lines changed ([] = nothing to do)."""
+    spec = stage_spec(stage)
+    cls = spec.config_class()
+    if cls is None or not parameter_drift(spec): return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    want = {**{k: _field_default(f) for k, f in fields.items()}, **(_import(spec.demo) if spec.demo else {})}
+    tname = lambda k: next((t for t in ("bool", "int", "float", "str", "tuple", "dict", "list")
+                            if t in _ann_names(fields[k].type)), "str")
+    nb = json.loads(spec.path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    out, changed, seen = [], [], set()
+    for line in src.split("\n"):
+        m = _PARAM_LINE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        k, t, val, helptext = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+        if k not in fields:
+            changed.append(f"- {line}")
+            continue
+        seen.add(k)
+        try: ok = t in _ann_names(fields[k].type) and _same_value(ast.literal_eval(val), want[k], t)
+        except (ValueError, SyntaxError): ok = False
+        if ok:
+            out.append(line)
+            continue
+        new = f"{k}: {tname(k)} = {_literal(want[k], tname(k))}"
+        out.append(f"{new:<40} {helptext.strip()}" if helptext else new)
+        changed.append(f"~ {out[-1]}")
+    while out and not out[-1].strip(): out.pop()
+    notes = _field_comments(cls)
+    for k in (k for k in fields if k not in seen):
+        help_ = notes.get(k, "").replace(" = ", " is ").replace("=", ":")     # papermill cannot parse '=' in a help
+        new = f"{k}: {tname(k)} = {_literal(want[k], tname(k))}"
+        out.append(f"{new:<40} # {help_}" if help_ else new)
+        changed.append(f"+ {out[-1]}")
+    cell["source"] = "\n".join(out).splitlines(keepends=True)
+    atomic_write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", spec.path)
+    return changed
 
 # %% ../nbs/16_grid.ipynb #6b321ca9
 GRID_POINT = "grid_point.json"   # the point's notebook + parameters + status, next to its executed notebook
@@ -738,12 +802,26 @@ def _read_preset(path, _seen=()) -> dict:
         out[stage] = {**out.get(stage, {}), **params}
     return out
 
+def stage_defaults(stage: str) -> dict:
+    """The paper recipe of a method stage as run-notebook parameters: its config class's defaults, as a parameters
+    cell or a YAML file writes them (tuples as lists, the None of a `dict | None` field as {})."""
+    cls = stage_spec(stage).config_class()
+    if cls is None: return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = _field_default(f)
+        out[f.name] = _jsonable({} if v is None and "dict" in _ann_names(f.type) else v)
+    return out
+
 def load_preset(path,                      # a configs/*.yaml preset
                 stage: str | None = None,  # one stage's parameters only
                 overrides: dict | None = None, # with `stage`: parameters replacing the preset's
+                defaults: bool = True,     # fill what a section omits from the config defaults (False: as written)
                ) -> dict:
-    "Read a preset: {stage: {parameter: value}} (or one stage's dict); `~` paths expanded, `extends` followed."
-    pre = {k: _expand(v) for k, v in _read_preset(path).items()}
+    """Read a preset: {stage: {parameter: value}} (or one stage's dict). A section holds only what differs from the
+    paper recipe: every parameter it omits is the stage config's default (`stage_defaults`), not the run notebook's
+    (the CPU demo's). `~` paths expanded, `extends` followed."""
+    pre = {k: _expand({**(stage_defaults(k) if defaults else {}), **v}) for k, v in _read_preset(path).items()}
     if stage is None:
         if overrides: raise ValueError("load_preset: overrides need a stage")
         return pre
@@ -752,7 +830,7 @@ def load_preset(path,                      # a configs/*.yaml preset
     return {**pre[stage], **_expand(dict(overrides or {}))}
 
 def export_preset(path, stage: str, overrides: dict | None = None) -> str:
-    "One stage of a preset as flat YAML text for `papermill -f` (paths expanded)."
+    "One stage of a preset as flat YAML text for `papermill -f`: every parameter (omitted ones: config defaults)."
     params = load_preset(path, stage, overrides)
     head = f"# {stage} parameters from {path} (weaktr.grid export-preset); run notebook: {stage_notebook(stage)}\n"
     return head + yaml.safe_dump(_jsonable(params), sort_keys=False, default_flow_style=None, width=120)
@@ -760,7 +838,7 @@ def export_preset(path, stage: str, overrides: dict | None = None) -> str:
 def check_preset(path, missing_ok: bool = True) -> dict[str, list[str]]:
     "Names in each stage of a preset that are not parameters of that stage's run notebook ({} = all good)."
     problems = {}
-    for stage, params in load_preset(path).items():
+    for stage, params in load_preset(path, defaults=False).items():
         nb = stage_notebook(stage)
         if not nb.is_file():
             if missing_ok: continue
@@ -777,7 +855,7 @@ def _grid_parser():
                                 description="Run a papermill run notebook over a parameter grid "
                                 "(one run folder per point; finished points are skipped). Other commands: "
                                 "`export-preset PRESET STAGE [--set NAME=V ...]`, `check-preset PRESET ...`, "
-                                "`check-parameters [STAGE ...]`.")
+                                "`check-parameters [STAGE ...] [--fix]`.")
     p.add_argument("notebook", help="run notebook, e.g. nbs/runs/pseudo_labels.ipynb")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2", help="a grid axis (repeatable)")
     p.add_argument("--base", action="append", default=[], metavar="NAME=V",
@@ -836,7 +914,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     description="Check every registered stage's run notebook parameters cell against "
                                     "its config dataclass and demo preset (names, types, defaults).")
         p.add_argument("stages", nargs="*", help=f"stages (default: all of {list(REGISTRY)})")
+        p.add_argument("--fix", action="store_true", help="rewrite the cells to agree (fix_parameters), then check")
         a = p.parse_args(argv[1:])
+        for s in (a.stages or REGISTRY) if a.fix else ():
+            for line in fix_parameters(s): print(f"{stage_spec(s).path.name}: {line}")
         problems = [d for s in (a.stages or REGISTRY) for d in parameter_drift(s)]
         print("\n".join(problems) if problems else "parameters cells agree with their configs: "
                                                    f"{list(a.stages or REGISTRY)}")

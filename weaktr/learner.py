@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, math, os, random, time, warnings
 from collections import defaultdict
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,18 +27,21 @@ from .core import (get_device, seed_everything, seed_worker, atomic_path, atomic
                          atomic_write_text, atomic_save_json, cfg_from_flat, cfg_to_dict)
 
 # %% auto #0
-__all__ = ['PHASE1_VOC', 'PHASE1_VOC_V1', 'PHASE1_COCO', 'PHASE2_VOC', 'NO_DECAY', 'TrainCfg', 'check_range', 'effective_lr',
-           'cosine_lr', 'poly_lr', 'lr_at', 'plot_lr_schedule', 'param_groups', 'build_optimizer', 'set_lr',
-           'rng_state', 'set_rng_state', 'DistInfo', 'init_distributed', 'cleanup_distributed', 'to_device',
-           'read_metrics', 'plot_metrics', 'save_figure', 'Learner', 'fit']
+__all__ = ['PHASE1_VOC', 'PHASE1_VOC_V1', 'PHASE1_COCO', 'PHASE2_FIXED', 'PHASE2_VOC', 'NO_DECAY', 'OptimPart', 'LoopPart',
+           'TrainCfg', 'check_parts', 'check_range', 'effective_lr', 'Phase2OptimPart', 'Phase2LoopPart',
+           'part_overrides', 'train_cfg_of', 'DataPart', 'VitPart', 'RunPart', 'cosine_lr', 'poly_lr', 'lr_at',
+           'plot_lr_schedule', 'param_groups', 'build_optimizer', 'set_lr', 'rng_state', 'set_rng_state', 'DistInfo',
+           'init_distributed', 'cleanup_distributed', 'to_device', 'read_metrics', 'plot_metrics', 'save_figure',
+           'Learner', 'fit']
 
 # %% ../nbs/09_learner.ipynb #15954363
 _CHOICES = dict(optimizer=("adamw", "sgd"), schedule=("cosine", "poly", "constant"), sched_unit=("epoch", "step"),
                 amp=("bf16", "fp16", "off"), select_mode=("max", "min"))
 
 @dataclass
-class TrainCfg:
-    "One training run (either phase). Defaults: reference Phase-1 VOC at HEAD (method notes §phase1-optim)."
+class OptimPart:
+    """How the weights move: optimiser, lr schedule, batch. Defaults: the reference Phase-1 VOC recipe at HEAD (method
+    notes §phase1-optim). A part of `TrainCfg` and of the training stages' configs, declared here once."""
     epochs: int = 60                    # §phase1-optim: 60 (timm's 10 cooldown epochs are never run)
     batch_size: int = 64    # GLOBAL batch of one micro-step over all ranks (reference Phase 1: 64 per GPU × world_size)
     lr: float = 6e-4                # lr as written on the reference command line (HEAD docs VOC); see lr_scale_by_batch
@@ -45,13 +49,8 @@ class TrainCfg:
     lr_scale_by_batch: bool = True
     weight_decay: float = 0.03          # HEAD docs (code default 0.05)
     decay_all: bool = True    # True: decay every parameter (HEAD); False: not 1-D params, biases, pos_embed, cls tokens
-    # {name prefix: lr multiplier}, longest prefix wins, e.g. {"encoder.": 0.1} (§phase2-optim)
-    lr_scales: dict | None = None
-    optimizer: str = "adamw"            # "adamw" | "sgd"
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (§phase1-optim)
-    eps: float = 1e-8                   # AdamW eps (§phase1-optim)
+    optimizer: str = "adamw"            # "adamw" | "sgd" (timm's "sgd": Nesterov, §phase2-optim)
     momentum: float = 0.9               # SGD momentum (§phase2-optim)
-    nesterov: bool = True               # timm's "sgd" is Nesterov SGD (§phase2-optim)
     schedule: str = "cosine"            # "cosine" (timm CosineLRScheduler) | "poly" | "constant"
     # evaluate the schedule once per "epoch" (reference cosine) or per "step" (reference poly)
     sched_unit: str = "epoch"
@@ -60,45 +59,72 @@ class TrainCfg:
     min_lr: float = 1e-5                # floor of cosine and poly (§phase1-optim, §phase2-optim)
     poly_power: float = 0.9             # poly exponent (§phase2-optim)
     reference_lag: bool = True  # epoch e trains at sched(e - 1 unit), as the reference's scheduler does (§phase1-optim)
-    amp: str = "fp16"                   # "fp16" (autocast + GradScaler, the reference Phase 1) | "bf16" | "off"
-    clip_grad: float | None = None      # max grad norm, None = no clipping (both phases)
+    clip_grad: float | None = 0.0       # max grad norm; 0 (or None) = no clipping (both phases of the reference)
     grad_accum: int = 1                 # micro-steps per optimizer update
+
+@dataclass
+class LoopPart:
+    "How the loop runs: seed, device, workers, logging and evaluation cadence, limits (TrainCfg and the stages)."
     seed: int = 504                     # §phase1-optim; rank r seeds with seed + r
     device: str = "auto"               # "auto" | "cpu" | "cuda" | ...; under DDP on CUDA each rank uses cuda:LOCAL_RANK
     num_workers: int = 10               # DataLoader workers per rank (§phase1-data)
+    log_every: int = 50                 # optimizer updates between step lines in metrics.jsonl
+    eval_every: int = 1                 # epochs between evaluations (the final epoch is always evaluated)
+    max_steps: int | None = 0  # stop after this many updates; 0 (or None) = no limit; the schedule still spans `epochs`
+    # divergence guard: stop when |loss| > this × the median |loss| of the run's first 20 batches (0 = off)
+    diverge_factor: float = 1000.0
+    progress: bool = True               # tqdm bars (rank 0)
+
+@dataclass
+class TrainCfg(LoopPart, OptimPart):
+    """One training run (either phase): `OptimPart`, `LoopPart` and the fields below. Defaults: reference Phase-1 VOC at
+    HEAD (method notes §phase1-optim)."""
+    amp: str = "fp16"                   # "fp16" (autocast + GradScaler, the reference Phase 1) | "bf16" | "off"
+    # {name prefix: lr multiplier}, longest prefix wins, e.g. {"encoder.": 0.1} (§phase2-optim)
+    lr_scales: dict | None = None
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (§phase1-optim)
+    eps: float = 1e-8                   # AdamW eps (§phase1-optim)
+    nesterov: bool = True               # timm's "sgd" is Nesterov SGD (§phase2-optim)
     shuffle: bool = True                # shuffle the training set (seeded, seed + epoch)
     drop_last: bool = True        # Phase 1 drops the last partial batch (§phase1-data), Phase 2 keeps it (§phase2-data)
-    log_every: int = 50                 # optimizer updates between step lines in metrics.jsonl
     ckpt_every: int = 1                 # epochs between last.pt writes (the final epoch is always saved)
-    eval_every: int = 1                 # epochs between eval_fn calls (the final epoch is always evaluated)
     # eval metric that selects best.pt (Phase 1 reference: CAM mIoU, §phase1-select); None: no best.pt
     select_metric: str | None = "cam_miou"
     select_mode: str = "max"            # "max" | "min"
-    max_steps: int | None = None    # stop after this many optimizer updates (smoke runs); schedules still span `epochs`
     ddp_find_unused: bool = True        # DDP find_unused_parameters: both models hold parameters that get no gradient
-    progress: bool = True               # tqdm bars (rank 0)
     plot: bool = True                   # write run_dir/metrics.png at every checkpoint
-    # divergence guard: stop when |loss| > this × the median |loss| of the run's first 20 batches (0 = off)
-    diverge_factor: float = 1000.0
 
     def __post_init__(self):
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainCfg.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every"):
-            if getattr(self, name) < 1: raise ValueError(f"TrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"TrainCfg.max_steps: expected None or >= 1, got {self.max_steps}")
-        check_range("TrainCfg", "lr", self.lr, 0, None, lo_incl=False)
-        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs"):
-            check_range("TrainCfg", name, getattr(self, name), 0)
+        check_parts(self)
+        for name in ("amp", "select_mode"):
+            if getattr(self, name) not in _CHOICES[name]:
+                raise ValueError(f"TrainCfg.{name}: expected one of {_CHOICES[name]}, got {getattr(self, name)!r}")
+        if self.ckpt_every < 1: raise ValueError(f"TrainCfg.ckpt_every: expected >= 1, got {self.ckpt_every}")
         check_range("TrainCfg", "eps", self.eps, 0, None, lo_incl=False)
-        check_range("TrainCfg", "poly_power", self.poly_power, 0, None, lo_incl=False)
-        check_range("TrainCfg", "momentum", self.momentum, 0, 1, hi_incl=False)
         for i, b in enumerate(self.betas): check_range("TrainCfg", f"betas[{i}]", b, 0, 1, hi_incl=False)
-        if self.clip_grad is not None: check_range("TrainCfg", "clip_grad", self.clip_grad, 0, None, lo_incl=False)
-        if self.diverge_factor != 0:
-            check_range("TrainCfg", "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
+
+def check_parts(cfg):
+    "The checks of the `OptimPart` and `LoopPart` fields a config has (ValueError naming `<its class>.<field>`)."
+    C, names = type(cfg).__name__, {f.name for f in dataclasses.fields(cfg)}
+    has = lambda part: all(f.name in names for f in dataclasses.fields(part))
+    if has(OptimPart):
+        for name in ("optimizer", "schedule", "sched_unit"):
+            if getattr(cfg, name) not in _CHOICES[name]:
+                raise ValueError(f"{C}.{name}: expected one of {_CHOICES[name]}, got {getattr(cfg, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(cfg, name) < 1: raise ValueError(f"{C}.{name}: expected >= 1, got {getattr(cfg, name)}")
+        check_range(C, "lr", cfg.lr, 0, None, lo_incl=False)
+        for name in ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs"):
+            check_range(C, name, getattr(cfg, name), 0)
+        check_range(C, "poly_power", cfg.poly_power, 0, None, lo_incl=False)
+        check_range(C, "momentum", cfg.momentum, 0, 1, hi_incl=False)
+        if cfg.clip_grad: check_range(C, "clip_grad", cfg.clip_grad, 0, None, lo_incl=False)
+    if has(LoopPart):
+        for name in ("log_every", "eval_every"):
+            if getattr(cfg, name) < 1: raise ValueError(f"{C}.{name}: expected >= 1, got {getattr(cfg, name)}")
+        for name in ("max_steps", "num_workers"):
+            if (getattr(cfg, name) or 0) < 0: raise ValueError(f"{C}.{name}: expected >= 0, got {getattr(cfg, name)}")
+        if cfg.diverge_factor != 0: check_range(C, "diverge_factor", cfg.diverge_factor, 1, None, lo_incl=False)
 
 def check_range(owner: str, # the config class, for the message
                 name: str,  # the field
@@ -120,18 +146,76 @@ def effective_lr(cfg: TrainCfg) -> float:
     return cfg.lr * cfg.batch_size * cfg.grad_accum / 512 if cfg.lr_scale_by_batch else cfg.lr
 
 # %% ../nbs/09_learner.ipynb #abb0343d
-PHASE1_VOC = dict(epochs=60, batch_size=64, lr=6e-4, lr_scale_by_batch=True, weight_decay=0.03, decay_all=True,
-                  optimizer="adamw", schedule="cosine", sched_unit="epoch", warmup_epochs=5, warmup_lr=1e-6,
-                  min_lr=1e-5,
-                  reference_lag=True, amp="fp16", clip_grad=None, seed=504, num_workers=10, drop_last=True,
-                  eval_every=1, select_metric="cam_miou", select_mode="max")
-PHASE1_VOC_V1 = {**PHASE1_VOC, "lr": 4e-4, "weight_decay": 0.05, "decay_all": False}
-PHASE1_COCO = {**PHASE1_VOC, "lr": 2e-4}
-PHASE2_VOC = dict(epochs=100, batch_size=4, lr=1e-4, lr_scale_by_batch=False, weight_decay=0.0, decay_all=False,
-                  lr_scales={"encoder.": 0.1}, optimizer="sgd", momentum=0.9, nesterov=True, schedule="poly",
-                  sched_unit="step", warmup_epochs=0, min_lr=1e-5, poly_power=0.9, reference_lag=False, amp="off",
-                  clip_grad=None, seed=504, num_workers=2, drop_last=False, eval_every=1, select_metric="miou",
-                  select_mode="max")
+PHASE1_VOC = {}                          # the defaults: TrainCfg() is the reference Phase-1 VOC recipe
+PHASE1_VOC_V1 = dict(lr=4e-4, weight_decay=0.05, decay_all=False)   # the seed README (V1)
+PHASE1_COCO = dict(lr=2e-4)              # V3 HEAD docs, COCO
+
+@dataclass
+class Phase2OptimPart(OptimPart):
+    "`OptimPart` with the reference Phase-2 values where they differ from Phase 1's (§phase2-data, §phase2-optim)."
+    epochs: int = 100
+    batch_size: int = 4                 # global (§phase2-data)
+    lr: float = 1e-4                    # decoder lr, not batch-scaled; the encoder's is lr × its lr scale
+    lr_scale_by_batch: bool = False
+    weight_decay: float = 0.0
+    decay_all: bool = False             # no decay on 1-D params, biases, pos_embed, cls_emb (weight_decay 0 anyway)
+    optimizer: str = "sgd"              # timm "sgd": Nesterov SGD, momentum 0.9
+    schedule: str = "poly"              # power 0.9 to min_lr 1e-5
+    sched_unit: str = "step"            # poly evaluated per update
+    warmup_epochs: int = 0
+    reference_lag: bool = False
+
+@dataclass
+class Phase2LoopPart(LoopPart):
+    "`LoopPart` with the reference Phase-2 values where they differ from Phase 1's."
+    num_workers: int = 2
+
+PHASE2_FIXED = dict(drop_last=False, select_metric="miou")   # TrainCfg fields Phase 2 fixes (§phase2-data, §phase2-val)
+
+def part_overrides(part) -> dict:
+    "{field: default} of the fields whose default a part subclass changes (e.g. `Phase2OptimPart` over `OptimPart`)."
+    base = {f.name: _default(f) for f in dataclasses.fields(part.__mro__[1])}
+    return {f.name: d for f in dataclasses.fields(part) if (d := _default(f)) != base[f.name]}
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+PHASE2_VOC = {**part_overrides(Phase2OptimPart), **part_overrides(Phase2LoopPart), **PHASE2_FIXED, "amp": "off",
+              "lr_scales": {"encoder.": 0.1}}
+
+def train_cfg_of(cfg,      # a stage config built from `OptimPart` and `LoopPart` (CamTrainCfg, SegTrainCfg)
+                 **fixed,  # TrainCfg values the stage sets itself (amp, select_metric, ...)
+                ) -> TrainCfg:
+    "The Learner's `TrainCfg` of a stage config: its `OptimPart` and `LoopPart` fields as they are, then `fixed`."
+    names = [f.name for part in (OptimPart, LoopPart) for f in dataclasses.fields(part)]
+    return cfg_from_flat(TrainCfg, {**{k: getattr(cfg, k) for k in names}, **fixed})
+
+# %% ../nbs/09_learner.ipynb #c0f1a2b4
+@dataclass
+class DataPart:
+    "Which images: the dataset and its splits. Defaults: PASCAL VOC 2012 as the reference uses it (set `data_root`)."
+    data: str = "voc"                   # "synthetic" | "voc" | "coco" (90 classes, §coco) | "coco80" | "folder"
+    data_root: str = ""       # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>
+    data_kw: dict | None = None         # extra keyword arguments for the dataset builder, e.g. {"mask_space": "coco80"}
+    train_split: str = "train_aug"      # training ids (VOC train_aug: 10,582, §phase1-data, §phase2-data; COCO train)
+    val_split: str = "val"              # per-epoch evaluation ids (VOC val: 1,449)
+    max_train_images: int = 0           # first n training images only (0 = all)
+    max_val_images: int = 0             # first n val images only (0 = all)
+
+@dataclass
+class VitPart:
+    "The ViT encoder: a timm name and optional size overrides for tiny models. Default: DeiT-S/16 (§backbone)."
+    backbone: str = "deit_small_patch16_224" # timm ViT name
+    embed_dim: int = 0                  # timm overrides for tiny models (0 = the backbone's own)
+    depth: int = 0
+    num_heads: int = 0
+    patch_size: int = 0
+
+@dataclass
+class RunPart:
+    "Run control of a stage (its `run_dir` default is the stage's own)."
+    resume: bool = True                 # continue from run_dir/last.pt if there is one (a finished run is a no-op)
+    smoke: bool = False                 # tiny run for CI (the stage's SMOKE overrides)
 
 # %% ../nbs/09_learner.ipynb #9b077675
 def cosine_lr(t: float,                # schedule time in epochs
@@ -480,14 +564,14 @@ class Learner:
         if self.is_main and self.config_name: atomic_save_json(cfg_to_dict(cfg), self.run_dir / self.config_name)
         self._trigger("on_fit_begin")
         for epoch in range(self.epoch, cfg.epochs):
-            if cfg.max_steps is not None and self.step >= cfg.max_steps: break
+            if cfg.max_steps and self.step >= cfg.max_steps: break
             t0 = time.time()
             train = self._train_epoch(epoch)
             self._check_params(epoch)                  # a diverged state is never evaluated nor saved
             rec = dict(kind="epoch", epoch=epoch, step=self.step, lr=self.lr,
                        **{f"train_{k}": v for k, v in train.items()},
                        epoch_time_s=round(time.time() - t0, 3))
-            last_epoch = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and self.step >= cfg.max_steps)
+            last_epoch = epoch + 1 == cfg.epochs or (bool(cfg.max_steps) and self.step >= cfg.max_steps)
             improved = False
             if self.eval_fn is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
                 t1 = time.time()
@@ -613,7 +697,8 @@ def load_checkpoint(self: Learner, path):
     if ck.get("format") != "weaktr.learner/1":
         raise ValueError(f"{path} is not a Learner checkpoint (format {ck.get('format')!r}; best.pt holds weights "
                          "only)")
-    diff = sorted(k for k, v in cfg_to_dict(self.cfg).items() if ck["config"].get(k) != v)
+    off = lambda k, v: 0 if v is None and k in ("clip_grad", "max_steps") else v   # None was "off" before 0 was
+    diff = sorted(k for k, v in cfg_to_dict(self.cfg).items() if off(k, ck["config"].get(k)) != off(k, v))
     if diff:
         warnings.warn(f"resuming {path} with a changed config: "
                       + ", ".join(f"{k}: {ck['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in diff))
@@ -666,7 +751,7 @@ def _train_epoch(self: Learner, epoch: int) -> dict:
                 self._check_loss(loss_v, epoch, i, n)
                 self.scaler.scale(loss / group).backward()
             if updates:
-                if cfg.clip_grad is not None:
+                if cfg.clip_grad:
                     self.scaler.unscale_(self.optimizer)
                     self.grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
                 self.scaler.step(self.optimizer)
@@ -688,7 +773,7 @@ def _train_epoch(self: Learner, epoch: int) -> dict:
                 win_sums, win_n = defaultdict(float), 0
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{self.lr:.3g}")
             self._trigger("on_batch_end")
-            if updates and cfg.max_steps is not None and self.step >= cfg.max_steps: break
+            if updates and cfg.max_steps and self.step >= cfg.max_steps: break
     finally:
         bar.close()
     return self._reduce_means(ep_sums, ep_n)

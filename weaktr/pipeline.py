@@ -36,7 +36,7 @@ DEMO = dict(
     train_seg=dict(train_split="train", val_split="val", init="imagenet", crop_size=64, base_size=64,
                    ratio_range=(0.5, 2.0),
                    gc=True, gc_window=16, epochs=15, batch_size=8, lr=1e-3, enc_lr_scale=0.1, window_size=64,
-                   window_stride=43, num_workers=0, val_every=5),
+                   window_stride=43, num_workers=0, eval_every=5),
     evaluate=dict(split="val", ratios=(1.0, 0.75, 1.25), flip=True, two_output=True, crf=True, n_fig=6),
     ablation=dict(split="train", max_images=0, fixed_threshold=DEMO_THRESHOLD, scales=(1.0, 0.8, 1.2),
                   sweep=(0.05, 0.95, 0.01), crf_sweep=(0.10, 0.90, 0.05), workers=2),

@@ -25,12 +25,12 @@ from .learner import Learner, TrainCfg
 from .metrics import class_map, sample_map
 
 # %% auto #0
-__all__ = ['DEMO_BACKBONE', 'SMOKE_PRETRAIN', 'PretrainCfg', 'resolved_cfg', 'model_kwargs', 'synth_params', 'pretrain_data_root',
-           'load_split_tensors', 'crop_affine', 'labels_from_masks', 'augment_batch', 'normalize_u8', 'mimetic_init_',
-           'create_classifier', 'multilabel_loss', 'classifier_scores', 'val_metrics', 'export_backbone',
-           'load_classifier', 'cpu_info', 'sha256', 'reproduce_command', 'body_label_matrix', 'with_body_labels',
-           'grid_groups', 'grouping_targets', 'grouping_kl', 'AttentionTap', 'own_object_mass', 'own_object_mass_of',
-           'pretrain_backbone']
+__all__ = ['DEMO_BACKBONE', 'SMOKE_PRETRAIN', 'PRETRAIN_FIXED', 'PretrainCfg', 'resolved_cfg', 'model_kwargs', 'synth_params',
+           'pretrain_data_root', 'load_split_tensors', 'crop_affine', 'labels_from_masks', 'augment_batch',
+           'normalize_u8', 'mimetic_init_', 'create_classifier', 'multilabel_loss', 'classifier_scores', 'val_metrics',
+           'export_backbone', 'load_classifier', 'cpu_info', 'sha256', 'reproduce_command', 'body_label_matrix',
+           'with_body_labels', 'grid_groups', 'grouping_targets', 'grouping_kl', 'AttentionTap', 'own_object_mass',
+           'own_object_mass_of', 'pretrain_train_cfg', 'pretrain_backbone']
 
 # %% ../nbs/15_pretrain.ipynb #3c5a8783
 DEMO_BACKBONE = dict(backbone="vit_tiny_patch16_224", patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4)
@@ -432,6 +432,16 @@ def own_object_mass_of(vit: nn.Module, # timm ViT
     return {key: v / max(n, 1) for key, v in tot.items()}
 
 # %% ../nbs/15_pretrain.ipynb #8df2d911
+# the TrainCfg values of every pretraining run (see "Configuration"); the rest comes from PretrainCfg
+PRETRAIN_FIXED = dict(lr_scale_by_batch=False, decay_all=False, sched_unit="step", reference_lag=False, num_workers=0,
+                      log_every=10, select_metric="val_map")
+
+def pretrain_train_cfg(cfg: PretrainCfg) -> TrainCfg:
+    "The Learner's TrainCfg: the PretrainCfg fields TrainCfg has too (by name), warmup from lr / 100, PRETRAIN_FIXED."
+    shared = {f.name for f in dataclasses.fields(TrainCfg)} & {f.name for f in dataclasses.fields(PretrainCfg)}
+    return cfg_from_flat(TrainCfg, {**{k: getattr(cfg, k) for k in sorted(shared)}, "warmup_lr": cfg.lr / 100,
+                                    **PRETRAIN_FIXED})
+
 def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     "Pretrain the demo ViT as a multi-label classifier on synthetic data; export weights + card; -> summary dict."
     cfg = cfg_from_flat(PretrainCfg, cfg) if isinstance(cfg, dict) else cfg
@@ -464,12 +474,7 @@ def pretrain_backbone(cfg: PretrainCfg | dict) -> dict:
     torch.manual_seed(cfg.seed)
     model = create_classifier(cfg, C)
     random_init = val_metrics(model, va_img, va_lab)
-    tcfg = TrainCfg(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_scale_by_batch=False,
-                    weight_decay=cfg.weight_decay, decay_all=False, warmup_epochs=cfg.warmup_epochs,
-                    warmup_lr=cfg.lr / 100,
-                    min_lr=cfg.min_lr, sched_unit="step", reference_lag=False, amp=cfg.amp, seed=cfg.seed,
-                    device=cfg.device,
-                    num_workers=0, drop_last=True, log_every=10, select_metric="val_map", select_mode="max", plot=True)
+    tcfg = pretrain_train_cfg(cfg)
     aug = dict(scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, channel_shuffle=cfg.channel_shuffle,
                crop_labels=cfg.crop_labels)
 

@@ -23,15 +23,15 @@ from .synth import SYNTH_DEFAULT, make_default_synthetic, make_synthetic
 from .transforms import (on_image, phase1_collate, phase1_eval_transform, phase1_train_transform,
                                posterize_zero_bits_black)  # noqa: F401 (re-exported on purpose, see below)
 from .fusion import FUSIONS
-from .learner import (PHASE1_COCO, PHASE1_VOC, Learner, TrainCfg, check_range, effective_lr, read_metrics,
-                            save_figure)
+from .learner import (PHASE1_COCO, DataPart, Learner, LoopPart, OptimPart, RunPart, TrainCfg, VitPart,
+                            check_parts, check_range, effective_lr, read_metrics, save_figure, train_cfg_of)
 from .metrics import class_map, sample_map, threshold_range
 from .model import WeakTr, create_weaktr, load_official_checkpoint, load_pretrained, weaktr_loss
 
 # %% auto #0
-__all__ = ['DATA_KINDS', 'HEADS', 'CAM_TRAIN_VOC', 'CAM_TRAIN_COCO', 'CAM_TRAIN_DEMO', 'SMOKE', 'CamTrainCfg', 'check_cam_cfg',
-           'smoke_cfg', 'resolve_data_root', 'first_n', 'build_datasets', 'build_cam_model', 'cam_loss',
-           'classification_metrics', 'make_eval_fn', 'plot_cam_training', 'train_cam']
+__all__ = ['DATA_KINDS', 'HEADS', 'CAM_TRAIN_COCO', 'CAM_TRAIN_DEMO', 'SMOKE', 'CamTrainCfg', 'check_cam_cfg', 'smoke_cfg',
+           'resolve_data_root', 'first_n', 'build_datasets', 'build_cam_model', 'cam_loss', 'classification_metrics',
+           'make_eval_fn', 'plot_cam_training', 'train_cam']
 
 # %% ../nbs/11_train_cam.ipynb #fe4c84a2
 DATA_KINDS = DATASETS                  # "synthetic", "voc", "coco", "coco80", "folder" (weaktr.data.open_dataset)
@@ -40,77 +40,43 @@ _CHOICES = dict(data=DATA_KINDS, fusion=tuple(FUSIONS), pool=("avg", "max"), att
                 amp=("auto", "fp16", "bf16", "off"))
 
 @dataclass
-class CamTrainCfg:
-    "Phase-1 training run (method notes §phase1). Defaults: the reference V3 VOC recipe; set `data_root`."
+class CamTrainCfg(RunPart, LoopPart, OptimPart, VitPart, DataPart):
+    """Phase-1 training run (method notes §phase1): the parts of `weaktr.learner` (data, ViT, optimisation, loop, run
+    control) and the fields below. Defaults: the reference V3 VOC recipe; set `data_root`."""
     # -- where ---------------------------------------------------------------------------------------------------
     # config.json, train_config.json, last.pt, best.pt, best_map.pt, metrics.jsonl, curves.png, summary.json
     run_dir: str = "runs/train_cam"
-    # -- data ----------------------------------------------------------------------------------------------------
-    data: str = "voc"                        # "synthetic" | "voc" | "coco" (90 classes, §coco) | "coco80" | "folder"
-    data_root: str = ""       # dataset folder; "" with data="synthetic": SYNTH_DEFAULT under runs/data/synthetic_<hash>
-    data_kw: dict | None = None         # extra keyword arguments for the dataset builder, e.g. {"mask_space": "coco80"}
-    train_split: str = "train_aug"           # training list (§phase1-data: VOC train_aug, COCO train)
-    val_split: str = "val"                   # mAP list (§phase1-data)
+    # -- data (DataPart, and) --------------------------------------------------------------------------------------
     cam_split: str = "train"     # labelled list for the per-epoch CAM mIoU (§phase1-select: VOC train, COCO train_1250)
-    max_train_images: int = 0                # first n training images only (0 = all)
-    max_val_images: int = 0                  # first n val images only (0 = all)
     cam_eval_max_images: int = 0             # first n cam_split images only (0 = all)
     # -- transforms (§phase1-data) -----------------------------------------------------------------------------------
-    img_size: int = 224                      # training crop side
+    img_size: int = 224                      # training crop side (RandomResizedCrop, bicubic)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    auto_augment: str = "rand-m9-mstd0.5-inc1"     # timm RandAugment policy ("" = none)
-    re_prob: float = 0.25                    # RandomErasing probability
+    auto_augment: str = "rand-m9-mstd0.5-inc1"     # timm RandAugment policy ("" = none); no colour jitter, no mixup
+    re_prob: float = 0.25                    # RandomErasing probability (pixel mode)
     eval_crop_pct: float = 0.875   # val: resize the short side to img_size / crop_pct, centre crop (0.875 = 256 -> 224)
-    # -- model (§cam-net) ----------------------------------------------------------------------------------------------
-    backbone: str = "deit_small_patch16_224" # timm ViT name
-    embed_dim: int = 0                       # timm overrides for tiny models (0 = the backbone's)
-    depth: int = 0
-    num_heads: int = 0
-    patch_size: int = 0
+    # -- model (VitPart, and §cam-net) -------------------------------------------------------------------------------
     num_classes: int = 0                     # 0 = from the dataset; otherwise must match it
     fusion: str = "v3"                       # AAF variant: "v3" (HEAD), "v2", "v1" (seed README), "randweight"
-    reduction: float = 8                     # AAF head-MLP reduction (V3 docs: 8; code default 4)
-    pool: str = "max"                        # AAF token pooling (V3 docs: max; code default avg)
+    reduction: float = 8                     # AAF head-MLP reduction (V3 docs: 8; code default and V1: 4)
+    pool: str = "max"                        # AAF token pooling (V3 docs: max; code default and V1: avg)
     feat_reduction: float = 8                # AAF per-head feature MLP reduction
     attn_impl: str = "fast"                  # "fast" (SDPA) or "reference" (explicit attention)
     drop_path: float = 0.1                   # stochastic depth rate (§backbone)
     pretrained: str = ""           # local ImageNet ViT weights ("" = random init), see load_pretrained (§imagenet-init)
     init_checkpoint: str = ""               # official WeakTr Phase-1 checkpoint to start from ("" = none), §ckpt-phase1
-    # -- optimisation (§phase1-optim, TrainCfg fields) ---------------------------------------------------------------
-    epochs: int = 60
-    batch_size: int = 64                     # global batch
-    lr: float = 6e-4             # as written on the reference command line (scaled by batch/512, see lr_scale_by_batch)
-    lr_scale_by_batch: bool = True           # effective lr = lr * batch_size * grad_accum / 512 (§phase1-optim)
-    weight_decay: float = 0.03
-    decay_all: bool = True                 # HEAD decays every parameter; False: not biases, norms, pos_embed, cls_token
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    reference_lag: bool = True               # epoch e trains at sched(e - 1), as the reference (§phase1-optim)
-    amp: str = "auto"                        # "auto" (fp16 on CUDA, off elsewhere) | "fp16" | "bf16" | "off"
-    clip_grad: float = 0.0                   # max gradient norm (0 = no clipping, the reference)
-    grad_accum: int = 1
-    seed: int = 504
-    device: str = "auto"
-    num_workers: int = 10                    # DataLoader workers (train and val)
-    log_every: int = 50                      # optimizer updates between step lines in metrics.jsonl
-    eval_every: int = 1                      # epochs between evaluations (the last epoch is always evaluated)
-    max_steps: int = 0                  # stop after this many updates (0 = no limit; the schedule still spans `epochs`)
-    # divergence guard: stop when |loss| > this × the median |loss| of the first 20 batches (0 = off)
-    diverge_factor: float = 1000.0
+    # -- optimisation (OptimPart, LoopPart: §phase1-optim) and -------------------------------------------------------
+    amp: str = "auto"        # "auto" (fp16 autocast + GradScaler on CUDA, as the reference; else off) | "fp16" | ...
     # -- per-epoch evaluation (§phase1-select) -----------------------------------------------------------------------
-    eval_cam_miou: bool = True               # CAM mIoU on cam_split every evaluation (selects best.pt)
+    eval_cam_miou: bool = True      # CAM mIoU on cam_split every evaluation (--if_eval_miou: selects best.pt)
     cam_scales: tuple[float, ...] = (1.0,)   # CAM-check scales, each with its flip; the first must be 1.0
     cam_t_range: tuple[float, float, float] = (0.40, 0.60, 0.01)  # background thresholds: start, stop (excluded), step
     cam_greedy: bool = False                 # True: the reference's walk that stops at the first drop (pitfall 23)
     cam_batch_size: int = 8                  # images per CAM-check batch (images of one size are batched together)
     select_metric: str = "auto"              # best.pt metric; "auto": cam_miou if eval_cam_miou else sample_map_tok
-    # -- run control ---------------------------------------------------------------------------------------------
-    smoke: bool = False                      # tiny run for CI: few images, 2 updates, tiny model (see SMOKE)
-    resume: bool = True                      # continue from run_dir/last.pt if there is one (a finished run is a no-op)
-    progress: bool = True                    # tqdm bars
 
     def __post_init__(self):
+        check_parts(self)
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CamTrainCfg.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -119,20 +85,17 @@ class CamTrainCfg:
                                              cutoff=0.5) or timm.list_models("deit_*")
             raise ValueError(f"CamTrainCfg.backbone: {self.backbone!r} is not a timm model name; "
                              f"some that are: {near} (timm.list_models() lists all)")
-        for name in ("img_size", "epochs", "batch_size", "grad_accum", "log_every", "eval_every", "cam_batch_size"):
+        for name in ("img_size", "cam_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CamTrainCfg.{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("embed_dim", "depth", "num_heads", "patch_size", "max_steps", "clip_grad", "max_train_images",
-                     "max_val_images", "cam_eval_max_images", "num_classes", "num_workers", "warmup_epochs"):
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "max_train_images", "max_val_images",
+                     "cam_eval_max_images", "num_classes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CamTrainCfg.{name}: expected >= 0, got {getattr(self, name)}")
         C = "CamTrainCfg"
-        check_range(C, "lr", self.lr, 0, None, lo_incl=False)
-        for name in ("min_lr", "warmup_lr", "weight_decay"): check_range(C, name, getattr(self, name), 0)
         check_range(C, "drop_path", self.drop_path, 0, 1, hi_incl=False)       # a rate: 1 would drop every block
         check_range(C, "re_prob", self.re_prob, 0, 1)                          # a probability
         for name in ("reduction", "feat_reduction"): check_range(C, name, getattr(self, name), 0, None, lo_incl=False)
-        if self.diverge_factor != 0: check_range(C, "diverge_factor", self.diverge_factor, 1, None, lo_incl=False)
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"CamTrainCfg.crop_scale: expected 0 < min <= max <= 1, got {self.crop_scale}")
@@ -178,24 +141,12 @@ def check_cam_cfg(cfg: CamTrainCfg,            # a config (types and choices alr
     return cfg
 
 # %% ../nbs/11_train_cam.ipynb #ffd74fb2
-_FROM_LEARNER = ("epochs", "batch_size", "lr", "lr_scale_by_batch", "weight_decay", "decay_all", "warmup_epochs",
-                 "warmup_lr", "min_lr", "reference_lag", "seed", "num_workers")
-CAM_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", cam_split="train",
-                     backbone="deit_small_patch16_224", img_size=224, fusion="v3", reduction=8, pool="max",
-                     feat_reduction=8,
-                     drop_path=0.1, crop_scale=(0.08, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
-                     eval_crop_pct=0.875, eval_cam_miou=True, cam_scales=(1.0,), cam_t_range=(0.40, 0.60, 0.01),
-                     **{k: PHASE1_VOC[k] for k in _FROM_LEARNER})
-CAM_TRAIN_COCO = {**CAM_TRAIN_VOC, "data": "coco", "train_split": "train", "val_split": "val",
-                  "cam_split": "train_1250",
-                  "lr": PHASE1_COCO["lr"]}
-CAM_TRAIN_DEMO = dict(data="synthetic", data_root="", train_split="train", val_split="val", cam_split="train",
-                      cam_eval_max_images=150, backbone="vit_tiny_patch16_224", embed_dim=128, depth=4, num_heads=4,
-                      patch_size=8, img_size=64, fusion="v3", reduction=4, pool="max", feat_reduction=8, drop_path=0.05,
+CAM_TRAIN_COCO = dict(data="coco", train_split="train", cam_split="train_1250", **PHASE1_COCO)   # over the defaults
+CAM_TRAIN_DEMO = dict(data="synthetic", train_split="train", cam_eval_max_images=150, backbone="vit_tiny_patch16_224",
+                      embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=64, reduction=4, drop_path=0.05,
                       crop_scale=(0.5, 1.0), auto_augment="", re_prob=0.0, eval_crop_pct=1.0,
-                      epochs=20, batch_size=16, lr=1e-3, lr_scale_by_batch=False, weight_decay=0.05, decay_all=True,
-                      warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5, reference_lag=False, seed=504, num_workers=0,
-                      log_every=10, eval_cam_miou=True, cam_scales=(1.0,), cam_t_range=(0.05, 0.95, 0.01),
+                      epochs=20, batch_size=16, lr=1e-3, lr_scale_by_batch=False, weight_decay=0.05, warmup_epochs=2,
+                      reference_lag=False, num_workers=0, log_every=10, cam_t_range=(0.05, 0.95, 0.01),
                       cam_batch_size=32)
 SMOKE = dict(epochs=1, max_steps=2, batch_size=4, max_train_images=8, max_val_images=8, cam_eval_max_images=4,
              embed_dim=64, depth=2, num_heads=2, reduction=2, img_size=64, num_workers=0, log_every=1,
@@ -390,15 +341,13 @@ _EVAL_KEYS = ("val_loss", *(f"{k}_map_{h}" for k in ("sample", "class") for h in
               "cam_miou_greedy", "cam_threshold_greedy")
 
 def _train_cfg(cfg: CamTrainCfg, device: torch.device) -> TrainCfg:
+    "The Learner's TrainCfg: the OptimPart and LoopPart fields (train_cfg_of), amp and best.pt's metric resolved."
     # auto: the reference's fp16 on CUDA, fp32 elsewhere
     amp = amp_name(amp_dtype(cfg.amp, device)).replace("fp32", "off")
     auto_metric = "cam_miou" if cfg.eval_cam_miou else "sample_map_tok"
     select = cfg.select_metric if cfg.select_metric != "auto" else auto_metric
-    shared = {f.name for f in dataclasses.fields(TrainCfg)} & {f.name for f in dataclasses.fields(CamTrainCfg)}
-    return cfg_from_flat(TrainCfg, {**PHASE1_VOC, **{k: getattr(cfg, k) for k in shared}, "amp": amp,
-                                    "max_steps": cfg.max_steps or None, "clip_grad": cfg.clip_grad or None,
-                                    "select_metric": select, "select_mode": "min" if select == "val_loss" else "max",
-                                    "plot": False})
+    return train_cfg_of(cfg, amp=amp, select_metric=select, select_mode="min" if select == "val_loss" else "max",
+                        plot=False)
 
 def _check_resume(cfg: CamTrainCfg, run_dir: Path):
     "Refuse to resume a run whose model or training data differ (its last.pt would not fit or mean something else)."

@@ -18,13 +18,14 @@ from .decoder import ClipCfg, seg_loss
 from .segmenter import (Segmenter, create_segmenter, load_segmenter_encoder, norm_stats, resolve_norm,
                               backbone_norm)
 from .model import load_torch_file, WeightFileError
-from .learner import Learner, TrainCfg, PHASE2_VOC
+from .learner import (PHASE2_FIXED, DataPart, Learner, Phase2LoopPart, Phase2OptimPart, RunPart, TrainCfg,
+                            VitPart, check_parts, train_cfg_of)
 from .evaluate import InferCfg, evaluate_model, save_model_spec, MODEL_JSON
 
 # %% auto #0
-__all__ = ['SEG_TRAIN_VOC', 'SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'auto_norm', 'check_seg_cfg',
-           'pseudo_label_dataset', 'subset', 'seg_collate', 'SegLoss', 'segmenter_kwargs', 'init_encoder',
-           'learner_cfg', 'check_resume', 'train_seg']
+__all__ = ['SEG_TRAIN_COCO', 'SEG_TRAIN_DEMO', 'SEG_SMOKE', 'SegTrainCfg', 'auto_norm', 'check_seg_cfg', 'pseudo_label_dataset',
+           'subset', 'seg_collate', 'SegLoss', 'segmenter_kwargs', 'init_encoder', 'learner_cfg', 'check_resume',
+           'train_seg']
 
 # %% ../nbs/14_train_seg.ipynb #fc53e211
 _RANGES = (  # (field, low, high, low excluded, high excluded): checked in SegTrainCfg.__post_init__
@@ -37,25 +38,15 @@ _RANGES = (  # (field, low, high, low excluded, high excluded): checked in SegTr
     ("cat_max_ratio", 0, 1, True, False), ("norm_eps", 0, math.inf, False, False))
 
 @dataclass
-class SegTrainCfg:
-    """Phase-2 training run (defaults: the reference VOC run, §phase2-data, §phase2-optim, §gc-loss, §phase2-val,
-    §phase2-recipe)."""
+class SegTrainCfg(RunPart, Phase2LoopPart, Phase2OptimPart, VitPart, DataPart):
+    """Phase-2 training run: the parts of `weaktr.learner` with Phase 2's optimisation (`Phase2OptimPart`,
+    `Phase2LoopPart`: SGD Nesterov, lr 1e-4, poly per update, batch 4, 100 epochs) and the fields below. Defaults: the
+    reference VOC run (§phase2-data, §phase2-optim, §gc-loss, §phase2-val, §phase2-recipe); set `data_root`."""
     # config.json, model.json, last.pt, best.pt, metrics.jsonl, metrics.png, summary.json
     run_dir: str = "runs/train_seg"
-    data: str = "voc"                  # "synthetic" | "voc" | "coco" | "coco80" | "folder"
-    data_root: str = ""                # dataset folder ("" only for synthetic: the default set)
-    train_split: str = "train_aug"     # training ids (10,582 for VOC)
-    val_split: str = "val"             # per-epoch validation ids (needs GT masks)
-    data_kw: dict | None = None        # extra dataset-builder arguments, e.g. {"mask_space": "coco80"}
     pseudo_dir: str = ""               # folder of <id>.png pseudo labels (0..C, 255 ignore); "" = the dataset's masks
-    max_train_images: int = 0          # use the first n training ids (0 = all)
-    max_val_images: int = 0            # validate on the first n val ids (0 = all)
-    backbone: str = "deit_small_patch16_224" # timm VisionTransformer name (method notes §segmenter, §phase2-backbones)
-    embed_dim: int = 0                 # encoder overrides, 0 = the backbone's own
-    depth: int = 0
-    num_heads: int = 0
-    patch_size: int = 0
-    init: str = "imagenet"             # "imagenet" | "phase1" | "random"
+    # -- model (VitPart, and) --------------------------------------------------------------------------------------
+    init: str = "imagenet"        # "imagenet" (ImageNet DeiT-S, not the Phase-1 model, §phase2) | "phase1" | "random"
     init_path: str = ""                # local weights file for init "imagenet" / "phase1"
     # input statistics: "auto" (the backbone family's) | "imagenet" | "vit" | "clip" | "m0,m1,m2/s0,s1,s2"
     norm: str = "auto"
@@ -63,51 +54,35 @@ class SegTrainCfg:
     drop_path_rate: float = 0.1        # encoder stochastic depth (method notes §segmenter)
     decoder_layers: int = 2            # mask-transformer blocks
     decoder_dropout: float = 0.1       # decoder dropout
-    crop_size: int = 480               # training crop; also the pos_embed grid (method notes §phase2-data)
+    # -- augmentation (§phase2-data) ---------------------------------------------------------------------------------
+    crop_size: int = 480               # training crop (im_size 520, crop 480); also the pos_embed grid
     base_size: int = 520               # short side at ratio 1 (train resize and val)
     ratio_range: tuple[float, float] = (0.5, 2.0) # train resize ratio range
     cat_max_ratio: float = 0.75        # crop redraw rule (1.0 = off)
     photometric: bool = True           # PhotoMetricDistortion
+    # -- loss (§gc-loss) ---------------------------------------------------------------------------------------------
     gc: bool = True                    # gradient-clipping loss; False = plain CE (`--no-gc`)
     gc_start: float = 1.2              # `--start-value`
     gc_window: int = 120               # `--patch-size`, must divide crop_size
-    gc_group: int = 0                  # images per GC statistic (0 = whole batch; 1 = the 4-GPU COCO run)
-    epochs: int = 100
-    batch_size: int = 4                # global batch (method notes §phase2-data)
-    lr: float = 1e-4                   # decoder lr (method notes §phase2-optim)
+    gc_group: int = 0   # images per GC statistic (0 = whole batch: the 1-GPU VOC run of 4; 1 = the 4-GPU COCO run)
+    # -- optimisation (Phase2OptimPart, Phase2LoopPart: §phase2-optim) and -------------------------------------------
     enc_lr_scale: float = 0.1          # encoder lr multiplier (`--enc-lr`)
-    min_lr: float = 1e-5               # poly floor
-    poly_power: float = 0.9
-    momentum: float = 0.9              # Nesterov SGD
-    optimizer: str = "sgd"     # "sgd" (the reference, Nesterov) | "adamw" (departure: the CPU demo, see SEG_TRAIN_DEMO)
-    weight_decay: float = 0.0
     amp: str = "off"                   # "off" (the reference) | "fp16" | "bf16"
-    seed: int = 504
-    num_workers: int = 2
-    max_steps: int = 0                 # stop after n updates (0 = no limit; the schedule still spans `epochs`)
-    log_every: int = 50                # updates between step records in metrics.jsonl
-    window_size: int = 480             # validation sliding window (method notes §phase2-val)
+    # -- validation (§phase2-val) ------------------------------------------------------------------------------------
+    window_size: int = 480             # sliding window 480 / 320, final output only
     window_stride: int = 320
-    val_every: int = 1                 # epochs between validations (the last epoch is always validated)
-    resume: bool = True                # continue from run_dir/last.pt when it exists
-    device: str = "auto"
-    progress: bool = True
-    smoke: bool = False                # tiny run: 8 images, tiny model, 2 epochs
 
     def __post_init__(self):
         if self.init not in ("imagenet", "phase1", "random"):
             raise ValueError(f"SegTrainCfg.init: expected 'imagenet', 'phase1' or 'random', got {self.init!r}")
         if self.data not in DATASETS:
             raise ValueError(f"SegTrainCfg.data: expected one of {DATASETS}, got {self.data!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"SegTrainCfg.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.amp not in ("off", "fp16", "bf16"):
             raise ValueError(f"SegTrainCfg.amp: expected 'off', 'fp16' or 'bf16', got {self.amp!r}")
         for name in ("crop_size", "base_size", "gc_window", "epochs", "batch_size", "window_size", "window_stride",
-                     "val_every", "decoder_layers", "log_every"):
+                     "eval_every", "decoder_layers", "log_every"):
             if getattr(self, name) < 1: raise ValueError(f"SegTrainCfg.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_images", "max_val_images", "max_steps", "gc_group", "num_workers", "embed_dim", "depth",
-                     "num_heads", "patch_size"):
+        for name in ("max_train_images", "max_val_images", "gc_group", "embed_dim", "depth", "num_heads", "patch_size"):
             if getattr(self, name) < 0: raise ValueError(f"SegTrainCfg.{name} must be >= 0, got {getattr(self, name)}")
         for name, lo, hi, lo_open, hi_open in _RANGES:
             v = getattr(self, name)
@@ -116,6 +91,7 @@ class SegTrainCfg:
                 want = f"{'>' if lo_open else '>='} {lo:g}"
                 if hi != math.inf: want += f" and {'<' if hi_open else '<='} {hi:g}"
                 raise ValueError(f"SegTrainCfg.{name} must be {want}, got {v}")
+        check_parts(self)                                               # the rest of the optimisation and loop fields
         if self.min_lr > self.lr:
             raise ValueError(f"SegTrainCfg.min_lr={self.min_lr:g} is above lr={self.lr:g}: the poly schedule would "
                              "raise the lr")
@@ -123,19 +99,14 @@ class SegTrainCfg:
             try: norm_stats(self.norm)
             except ValueError as e: raise ValueError(f"SegTrainCfg.{e}") from None
 
-SEG_TRAIN_VOC = dict(data="voc", train_split="train_aug", val_split="val", backbone="deit_small_patch16_224",
-                     init="imagenet",
-                     crop_size=480, base_size=520, ratio_range=(0.5, 2.0), gc=True, gc_start=1.2, gc_window=120,
-                     gc_group=0,
-                     epochs=100, batch_size=4, lr=1e-4, enc_lr_scale=0.1, min_lr=1e-5, poly_power=0.9, momentum=0.9,
-                     weight_decay=0.0, amp="off", window_size=480, window_stride=320, val_every=1)   # §phase2-recipe
-SEG_TRAIN_COCO = {**SEG_TRAIN_VOC, "data": "coco", "train_split": "train", "val_split": "val_5000",
-                  "gc_group": 1}  # 4 GPUs x 1 image: per-image GC statistics; val_5000 = the reference's per-epoch list
-SEG_TRAIN_DEMO = dict(data="synthetic", train_split="train", val_split="val", backbone="deit_tiny_patch16_224",
+# presets: only what differs from the defaults (the reference VOC run)
+# COCO: 4 GPUs x 1 image, so per-image GC statistics; val_5000 = the reference's per-epoch list
+SEG_TRAIN_COCO = dict(data="coco", train_split="train", val_split="val_5000", gc_group=1)
+SEG_TRAIN_DEMO = dict(data="synthetic", train_split="train", backbone="deit_tiny_patch16_224",
                       embed_dim=128, depth=4, num_heads=4, patch_size=8,   # = weaktr.train_cam.CAM_TRAIN_DEMO's encoder
-                      init="random", crop_size=64, base_size=64, ratio_range=(0.5, 2.0), gc=True,
+                      init="random", crop_size=64, base_size=64,
                       gc_start=0.5, gc_window=16, optimizer="adamw", lr=1e-3,   # departures, see the note below
-                      epochs=20, batch_size=8, window_size=64, window_stride=43, val_every=5,
+                      epochs=20, batch_size=8, window_size=64, window_stride=43, eval_every=5,
                       num_workers=0)   # 64-px synthetic set; init="imagenet"/"phase1" with init_path for a real start
 SEG_SMOKE = dict(max_train_images=8, max_val_images=4, backbone="deit_tiny_patch16_224", embed_dim=64, depth=2,
                  num_heads=2, patch_size=0, init="random", init_path="", crop_size=32, base_size=32, gc_window=8,
@@ -280,16 +251,8 @@ def init_encoder(model: Segmenter, init: str, path) -> str:
     return str(load_segmenter_encoder(model, path))
 
 def learner_cfg(cfg: SegTrainCfg) -> TrainCfg:
-    "The Learner's TrainCfg for this run: PHASE2_VOC with the run's numbers."
-    return cfg_from_flat(TrainCfg, {**PHASE2_VOC, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                                    "lr_scales": {"encoder.": cfg.enc_lr_scale}, "min_lr": cfg.min_lr,
-                                    "poly_power": cfg.poly_power, "momentum": cfg.momentum,
-                                    "weight_decay": cfg.weight_decay,
-                                    "optimizer": cfg.optimizer,
-                                    "amp": cfg.amp, "seed": cfg.seed, "num_workers": cfg.num_workers,
-                                    "max_steps": cfg.max_steps or None, "eval_every": cfg.val_every,
-                                    "device": cfg.device,
-                                    "progress": cfg.progress, "log_every": cfg.log_every, "select_metric": "miou"})
+    "The Learner's TrainCfg for this run: its OptimPart and LoopPart fields, amp, the encoder lr scale, PHASE2_FIXED."
+    return train_cfg_of(cfg, amp=cfg.amp, lr_scales={"encoder.": cfg.enc_lr_scale}, **PHASE2_FIXED)
 
 # %% ../nbs/14_train_seg.ipynb #26aedb61
 def _open_train_base(cfg: SegTrainCfg) -> SegDataset:
@@ -381,7 +344,7 @@ def train_seg(cfg: SegTrainCfg) -> dict:
     last = hist[-1] if hist else {}
     evals = [r for r in hist if r.get("miou") is not None]
     summary = dict(stage="train_seg", finished=learner.epoch >= cfg.epochs
-                   or (cfg.max_steps > 0 and learner.step >= cfg.max_steps),
+                   or (bool(cfg.max_steps) and learner.step >= cfg.max_steps),
                    epochs_done=learner.epoch, steps=learner.step,
                    miou=evals[-1]["miou"] if evals else None, miou_epoch=evals[-1]["epoch"] if evals else None,
                    miou_note="val mIoU (fraction) of the LAST validated epoch, single-scale sliding window, final "

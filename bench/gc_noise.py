@@ -114,7 +114,7 @@ def main(argv=None):
                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                command="python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
                data=dict(SYNTH_DEFAULT, split_train="train", split_val="val"),
-               recipe={k: v for k, v in cfg.items() if k not in ("data_root", "init_path")} | dict(
+               recipe={k: v for k, v in cfg.items() if k not in ("data_root", "init_path", "gc")} | dict(
                    init_asset=Path(cfg["init_path"]).name, gc_window=cfg["gc_window"],
                    note="weaktr.pipeline.DEMO['train_seg'] + gc_start 0.5 (SEG_TRAIN_DEMO); epochs / val_every as "
                         "given; identical for the GC and CE arms except `gc`"),
@@ -122,6 +122,8 @@ def main(argv=None):
                           note="weaktr.noise.write_noisy_labels: per object, `rate` of its area dilated, eroded or "
                                "relabelled as a connected blob (mode 'mixed': one of the three at random per object); "
                                "measured_rate = changed pixels / object pixels over the train split"),
+               timing_note="seconds: wall clock of one run (training + two validations), 1 torch thread; on a shared "
+                           "machine they vary with its load",
                metric="final val mIoU (fraction, last epoch, single-scale sliding window, clean val GT)",
                runs=[])
     out_path = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)

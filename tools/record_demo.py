@@ -14,9 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def commit() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+def commit(where: Path) -> str:
+    "The commit of the checkout that holds `where` (the run folder's own clone), else of this one."
+    for d in (where, ROOT):
+        r = subprocess.run(["git", "-C", str(d), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip(): return r.stdout.strip()
+    return "unknown"
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +38,7 @@ def main(argv: list[str]) -> int:
     if "metrics" not in a:
         print(f"record_demo: no ablation metrics under {run} (*_ablation/summary.json)", file=sys.stderr)
         return 1
-    c = commit()
+    c = commit(run)
     s["commit"] = c
     out = dict(date=s.get("date"), machine=s.get("machine"), commit=c, command="./kit demo",
                run_dir=str(ab.parent), split=a.get("split"), n_images=a.get("n_images"),

@@ -32,6 +32,7 @@ from weaktr.ablation import cam_curve, head_weight_stats, uniform_head_weights  
 from weaktr.core import atomic_save_json  # noqa: E402
 from weaktr.model import load_cam_model  # noqa: E402
 from weaktr.pretrain import cpu_info  # noqa: E402
+from weaktr.pseudo import best_threshold  # noqa: E402
 from weaktr.synth import SYNTH_DEFAULT, SYNTH_PARTS, make_synthetic_keyed, synthetic_dataset  # noqa: E402
 from weaktr.train_cam import CAM_TRAIN_DEMO, train_cam  # noqa: E402
 from weaktr.zoo import DEMO_ASSET, asset_path  # noqa: E402
@@ -44,7 +45,7 @@ DESIGNS = dict(palette=SYNTH_DEFAULT, parts=SYNTH_PARTS)
 
 
 def best(curve):
-    r = max(curve, key=lambda r: (r["miou"], -r["threshold"]))
+    r = best_threshold(curve)
     return r["miou"], r["threshold"]
 
 

@@ -17,7 +17,7 @@ from .core import atomic_save_json, atomic_write_text, cfg_from_flat, cfg_to_dic
 from .data import open_dataset
 from .metrics import miou, threshold_confusions, threshold_range
 from .model import load_cam_model
-from .pseudo import sweep_threshold
+from .pseudo import best_threshold, sweep_threshold
 from .train_seg import subset
 from .transforms import ms_flip_views
 
@@ -148,7 +148,7 @@ def _at(curve: list[dict], t: float) -> float:
     return min(curve, key=lambda r: abs(r["threshold"] - t))["miou"]
 
 def _row(group, variant, curve, t_fixed, note=""):
-    best = max(curve, key=lambda r: (r["miou"], -r["threshold"]))
+    best = best_threshold(curve)
     return dict(group=group, variant=variant, miou_fixed=_at(curve, t_fixed), t_fixed=t_fixed, miou_best=best["miou"],
                 t_best=best["threshold"], note=note)
 

@@ -15,9 +15,9 @@ import torch
 # %% auto #0
 __all__ = ['AMP_MODES', 'REPO_ROOT', 'get_device', 'seed_everything', 'seed_worker', 'atomic_path', 'atomic_torch_save',
            'atomic_write_text', 'atomic_save_json', 'atomic_save_npz', 'file_sha256', 'fingerprint', 'ResumeMismatch',
-           'resume_check', 'resume_commit', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths', 'amp_dtype', 'amp_name',
-           'autocast_ctx', 'eval_mode', 'shared_data_dir', 'shared_data', 'CheckoutWarning', 'checkout_root',
-           'checkout_mismatch', 'LoadReport']
+           'resume_check', 'resume_commit', 'field_default', 'cfg_from_flat', 'cfg_to_dict', 'resolve_paths',
+           'amp_dtype', 'amp_name', 'autocast_ctx', 'eval_mode', 'shared_data_dir', 'shared_data', 'CheckoutWarning',
+           'checkout_root', 'checkout_mismatch', 'LoadReport']
 
 # %% ../nbs/00_core.ipynb #3fd950f3
 def get_device(device: str = "auto", # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -146,6 +146,12 @@ def resume_commit(record_path,             # the stage's resume record
     atomic_save_json(record, record_path)
 
 # %% ../nbs/00_core.ipynb #9dbd9ecf
+def field_default(f: dataclasses.Field):
+    "A dataclass field's default value (its factory called), or `dataclasses.MISSING` when it has none."
+    if f.default is not dataclasses.MISSING: return f.default
+    if f.default_factory is not dataclasses.MISSING: return f.default_factory()
+    return dataclasses.MISSING
+
 def _check_type(name, value, tp, owner):
     "Raise a clear TypeError if `value` does not fit the annotation `tp` (simple types, Optional, tuples, lists)."
     if isinstance(tp, str): tp = eval(tp, vars(typing) | {"Path": Path})

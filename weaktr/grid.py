@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat
+from .core import REPO_ROOT, atomic_save_json, atomic_write_text, cfg_from_flat, field_default
 
 if TYPE_CHECKING: from traitlets.config import Config   # kernel_config's return type (imported there when called)
 
@@ -346,10 +346,6 @@ def _ann_names(ann) -> set[str]:
     "The type names in a field annotation (a string under `from __future__ import annotations`): {'tuple', 'float'}."
     return set(re.findall(r"[A-Za-z_]\w*", ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))))
 
-def _field_default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING: return f.default
-    if f.default_factory is not dataclasses.MISSING: return f.default_factory()
-    return dataclasses.MISSING
 
 def _same_value(a, b, type_name: str) -> bool:
     """Equal as parameter values: tuples and lists alike; None and {} alike for a `dict` parameter (a cell cannot hold
@@ -378,7 +374,7 @@ def parameter_drift(stage: str | StageSpec) -> list[str]:
         if k not in defaults:
             out.append(f"{nb}: {k}'s default {params[k]['default']!r} is not a literal")
             continue
-        want, src = (demo[k], spec.demo) if k in demo else (_field_default(fields[k]), f"{name}'s default")
+        want, src = (demo[k], spec.demo) if k in demo else (field_default(fields[k]), f"{name}'s default")
         if not _same_value(defaults[k], want, t): out.append(f"{nb}: {k} = {defaults[k]!r}, expected {want!r} ({src})")
     return out
 
@@ -410,7 +406,7 @@ def fix_parameters(stage: str | StageSpec) -> list[str]:
     cls = spec.config_class()
     if cls is None or not parameter_drift(spec): return []
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    want = {**{k: _field_default(f) for k, f in fields.items()}, **(_import(spec.demo) if spec.demo else {})}
+    want = {**{k: field_default(f) for k, f in fields.items()}, **(_import(spec.demo) if spec.demo else {})}
     tname = lambda k: next((t for t in ("bool", "int", "float", "str", "tuple", "dict", "list")
                             if t in _ann_names(fields[k].type)), "str")
     nb = json.loads(spec.path.read_text())
@@ -809,7 +805,7 @@ def stage_defaults(stage: str) -> dict:
     if cls is None: return {}
     out = {}
     for f in dataclasses.fields(cls):
-        v = _field_default(f)
+        v = field_default(f)
         out[f.name] = _jsonable({} if v is None and "dict" in _ann_names(f.type) else v)
     return out
 

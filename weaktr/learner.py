@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 
-from .core import (get_device, seed_everything, seed_worker, atomic_path, atomic_torch_save,
+from .core import (field_default, get_device, seed_everything, seed_worker, atomic_path, atomic_torch_save,
                          atomic_write_text, atomic_save_json, cfg_from_flat, cfg_to_dict)
 
 # %% auto #0
@@ -174,11 +174,8 @@ PHASE2_FIXED = dict(drop_last=False, select_metric="miou")   # TrainCfg fields P
 
 def part_overrides(part) -> dict:
     "{field: default} of the fields whose default a part subclass changes (e.g. `Phase2OptimPart` over `OptimPart`)."
-    base = {f.name: _default(f) for f in dataclasses.fields(part.__mro__[1])}
-    return {f.name: d for f in dataclasses.fields(part) if (d := _default(f)) != base[f.name]}
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    base = {f.name: field_default(f) for f in dataclasses.fields(part.__mro__[1])}
+    return {f.name: d for f in dataclasses.fields(part) if (d := field_default(f)) != base[f.name]}
 
 PHASE2_VOC = {**part_overrides(Phase2OptimPart), **part_overrides(Phase2LoopPart), **PHASE2_FIXED, "amp": "off",
               "lr_scales": {"encoder.": 0.1}}
